@@ -1,0 +1,125 @@
+"""Token negative log-likelihood and perplexity of a causal LM on fixed windows.
+
+For a window x_1..x_T the model predicts x_2..x_T, so it contributes T-1 predicted
+tokens (padding, where an attention mask marks it, is not predicted and not counted):
+
+    NLL(window) = - sum_{t=2..T} log p(x_t | x_<t)
+    loss        = sum_windows NLL / sum_windows (T-1)        (mean token NLL)
+    PPL         = exp(loss)
+
+The logits of a large vocabulary at batch x seq_len are gigabytes, so the LM head and the
+cross-entropy run over chunks of positions; under autograd each chunk is checkpointed so
+its logits are recomputed in backward instead of kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+DEFAULT_CHUNK = 256
+
+
+def _head_nll(head: torch.nn.Module, softcap: float | None, hidden: torch.Tensor,
+              targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Summed NLL per window of one chunk of positions; logits in fp32."""
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return (nll * valid).sum(dim=1)
+
+
+def window_nll(model: torch.nn.Module, input_ids: torch.Tensor,
+               attention_mask: torch.Tensor | None = None,
+               chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL (fp32, differentiable) and predicted-token count of each window.
+
+    Returns ``(nll[B], tokens[B])``. Position t's hidden state predicts token t+1; a target
+    counts only when both it and its context position are unmasked.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    targets = input_ids[:, 1:]
+    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(torch.float32)
+    n_pred = targets.shape[1]
+    total = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    for start in range(0, n_pred, chunk_size):
+        end = min(start + chunk_size, n_pred)
+        args = (hidden[:, start:end], targets[:, start:end], valid[:, start:end])
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            part = checkpoint(_head_nll, head, softcap, *args, use_reentrant=False)
+        else:
+            part = _head_nll(head, softcap, *args)
+        total = total + part
+    return total, valid.sum(dim=1)
+
+
+def mean_token_loss(model: torch.nn.Module, input_ids: torch.Tensor,
+                    chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """``L_b``: mean token NLL of one batch of windows (differentiable scalar)."""
+    nll, tokens = window_nll(model, input_ids, chunk_size=chunk_size)
+    return nll.sum() / tokens.sum()
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Per-window NLL sums and token counts, and the aggregate metrics they define."""
+
+    nll: np.ndarray  # float64 [W], summed NLL of each window
+    tokens: np.ndarray  # int64 [W], predicted tokens of each window
+
+    @property
+    def loss(self) -> float:
+        return float(self.nll.sum() / self.tokens.sum())
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.loss) if math.isfinite(self.loss) else float("inf")
+
+    @property
+    def finite(self) -> bool:
+        return bool(np.isfinite(self.nll).all())
+
+    @property
+    def window_loss(self) -> np.ndarray:
+        return self.nll / self.tokens
+
+    @property
+    def stderr(self) -> float:
+        """Standard error of the mean per-window loss."""
+        per = self.window_loss
+        return float(per.std(ddof=1) / math.sqrt(len(per))) if len(per) > 1 else 0.0
+
+    def metrics(self) -> dict:
+        return {"loss": self.loss, "ppl": self.ppl, "tokens": int(self.tokens.sum()),
+                "windows": int(len(self.nll)), "finite": self.finite,
+                "loss_stderr": self.stderr}
+
+
+def batches(windows: torch.Tensor, batch_size: int):
+    """Consecutive batches of rows of a [W, T] window tensor."""
+    for start in range(0, windows.shape[0], batch_size):
+        yield windows[start:start + batch_size]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int,
+             chunk_size: int = DEFAULT_CHUNK, progress: bool = False, desc: str = "eval") -> Evaluation:
+    """Evaluate ``model`` on a [W, T] tensor of token windows (on the model's device)."""
+    device = next(model.parameters()).device
+    nll, tokens = [], []
+    for batch in tqdm(list(batches(windows, batch_size)), desc=desc, disable=not progress, leave=False):
+        n, t = window_nll(model, batch.to(device), chunk_size=chunk_size)
+        nll.append(n.double().cpu())
+        tokens.append(t.long().cpu())
+    return Evaluation(torch.cat(nll).numpy(), torch.cat(tokens).numpy())

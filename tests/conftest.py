@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny random Llama models built from a config (no hub access)."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def make_tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 16, intermediate: int = 32,
+                    vocab: int = 64, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A deterministic random Llama small enough for brute-force reference computations."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=128, attn_implementation="eager")
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_windows() -> torch.Tensor:
+    """Six windows of 12 tokens from the tiny vocabulary."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, 64, (6, 12), generator=generator)
