@@ -84,7 +84,14 @@ class Evaluation:
 
     @property
     def ppl(self) -> float:
-        return math.exp(self.loss) if math.isfinite(self.loss) else float("inf")
+        """exp(loss); inf when that overflows or the loss is NaN (a destroyed model is a
+        result, not a crash, and ranks as maximal damage)."""
+        if math.isnan(self.loss):
+            return float("inf")
+        try:
+            return math.exp(self.loss)
+        except OverflowError:
+            return float("inf")
 
     @property
     def finite(self) -> bool:

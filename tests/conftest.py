@@ -25,3 +25,32 @@ def tiny_windows() -> torch.Tensor:
     """Six windows of 12 tokens from the tiny vocabulary."""
     generator = torch.Generator().manual_seed(1)
     return torch.randint(0, 64, (6, 12), generator=generator)
+
+
+BUNDLED = "builtin:smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def bundled_checkpoint(tmp_path_factory):
+    """The bundled SmolLM2-135M, materialised once per test session (GGUF -> safetensors)."""
+    from esa.models import materialize, source_from_ref
+
+    out = tmp_path_factory.mktemp("bundled")
+    materialize(BUNDLED, out)
+    return source_from_ref(out / "model.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, bundled_checkpoint):
+    """A tiny random Llama saved as a checkpoint directory with the bundled model's tokenizer."""
+    from esa.models import load_tokenizer
+
+    tokenizer = load_tokenizer(bundled_checkpoint)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=128, tie_word_embeddings=False)
+    out = tmp_path_factory.mktemp("tiny_model")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

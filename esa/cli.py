@@ -1,0 +1,56 @@
+"""The ``esa`` command: ``esa run STEP --spec JSON name=path ...`` runs one workflow step.
+
+Snakemake rules call this; bad input ends with a one-line ``esa: error: ...`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import ESAError
+from . import steps
+
+STEPS = {"model": steps.step_model, "data": steps.step_data, "baseline": steps.step_baseline}
+
+
+def _paths(items: list[str]) -> dict[str, str]:
+    paths = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ESAError(f"expected name=path, got {item!r}")
+        paths[name] = path
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esa", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one workflow step")
+    run.add_argument("step", choices=sorted(STEPS))
+    run.add_argument("--spec", required=True, help="JSON object of the step's parameters")
+    run.add_argument("paths", nargs="*", metavar="name=path", help="the step's inputs and outputs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # name=path items may come before or after --spec; argparse alone only takes one run of them
+    args, extra = parser.parse_known_args(argv)
+    if any("=" not in item or item.startswith("-") for item in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "run":
+            STEPS[args.step](json.loads(args.spec), **_paths(args.paths + extra))
+    except (ESAError, json.JSONDecodeError) as err:
+        print(f"esa: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

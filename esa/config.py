@@ -1,0 +1,62 @@
+"""Loading and validating the workflow configuration against ``config/schema.yaml``."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from .errors import ESAError
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "config" / "schema.yaml"
+DEFAULT_CONFIG = REPO / "config" / "config.yaml"
+
+
+def validate_config(config: dict) -> dict:
+    """Validate ``config`` in place with Snakemake's validator (filling schema defaults).
+
+    A violation becomes a one-line :class:`ESAError` naming the offending key and value.
+    """
+    from snakemake.utils import validate
+    from snakemake_interface_common.exceptions import WorkflowError
+
+    try:
+        validate(config, str(SCHEMA))
+    except WorkflowError as err:
+        text = str(err)
+        reason = re.search(r"ValidationError: (.*)", text)
+        where = re.search(r"On instance((?:\[[^\]]*\])*)", text)
+        path = ".".join(re.findall(r"\['?([^'\]]*)'?\]", where.group(1))) if where else ""
+        raise ESAError(f"invalid config{' at ' + path if path else ''}: "
+                       f"{reason.group(1) if reason else text.splitlines()[0]}") from None
+    return config
+
+
+def deep_update(base: dict, overrides: dict) -> dict:
+    """Recursively merge ``overrides`` into a copy of ``base`` (lists are replaced)."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_update(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """Read a YAML config (default: the embedded one), apply overrides, validate."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ESAError(f"config file {str(path)!r} does not exist")
+    config = yaml.safe_load(path.read_text()) or {}
+    return validate_config(deep_update(config, overrides or {}))
+
+
+def config_hash(config: dict) -> str:
+    """Stable short hash of a (sub)config, for manifests and cache keys."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,60 @@
+"""Atomic file writes: an output path either holds a complete file or does not exist.
+
+Snakemake treats an existing output as finished, so a crash halfway through a write must not
+leave a truncated file under the final name. Each writer writes a temporary file in the same
+directory (so the rename stays on one filesystem), flushes it to disk and then renames it over
+the target with ``os.replace``, which is atomic on POSIX and Windows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def _write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)``, then move the result to ``path``; on error remove the tmp."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_parquet_atomic(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write ``df`` (without its index) as Parquet to ``path`` atomically; dtypes round-trip."""
+    return _write_atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def _json_default(value):
+    """Let numpy scalars/arrays and paths, which metrics dicts often carry, serialise as JSON."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_json_atomic(obj, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(obj, handle, indent=2, default=_json_default)
+            handle.write("\n")
+    return _write_atomic(path, write)

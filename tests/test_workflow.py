@@ -1,0 +1,118 @@
+"""The Snakemake DAG end to end on a tiny model: baseline numbers, caching, bad config."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from esa.data import read_windows
+from esa.evaluation import evaluate
+from esa.models import load_model, source_from_ref
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def snakemake(workdir, config, *args, timeout=600):
+    cfg = workdir / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+                           "--directory", str(workdir), "--configfile", str(cfg), "--cores", "2", *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir):
+    return {"model": {"name": "tiny", "source": str(tiny_model_dir)}, "device": "cpu",
+            "data": {"source": "builtin:pydoc", "seq_len": 32, "eval_windows": 6},
+            "baseline": {"batch_size": 4}}
+
+
+def test_baseline_dag_runs_caches_and_reproduces(tmp_path, tiny_config):
+    first = snakemake(tmp_path, tiny_config, "results/tiny/baseline/metrics.json")
+    assert first.returncode == 0, first.stdout[-3000:]
+    base = tmp_path / "results/tiny/baseline"
+    metrics = json.loads((base / "metrics.json").read_text())
+    # independent check: evaluate the stored evaluation windows directly
+    model = load_model(source_from_ref(tmp_path / "results/tiny/model/model.json"), "cpu", "fp32", "eager")
+    windows = torch.from_numpy(read_windows(tmp_path / "results/tiny/data/eval.parquet"))
+    assert windows.shape == (6, 32)
+    reference = evaluate(model, windows, batch_size=1)
+    assert abs(metrics["ppl"] - reference.ppl) / reference.ppl < 1e-5
+    assert metrics["tokens"] == 6 * 31 and metrics["windows"] == 6 and metrics["finite"]
+    manifest = json.loads((base / "experiment_manifest.json").read_text())
+    assert {"python", "versions", "device_name", "dtype", "git_commit", "config_hash", "start", "end",
+            "wall_seconds", "peak_host_rss_mb"} <= manifest.keys()
+    assert json.loads((base / "config.json").read_text())["batch_size"] == 4
+    assert (tmp_path / "logs/tiny/baseline.log").exists()
+
+    dry = snakemake(tmp_path, tiny_config, "-n", "results/tiny/baseline/metrics.json")
+    assert "Nothing to be done" in dry.stdout
+
+    (base / "metrics.json").unlink()
+    again = snakemake(tmp_path, tiny_config, "results/tiny/baseline/metrics.json")
+    assert again.returncode == 0
+    assert json.loads((base / "metrics.json").read_text())["ppl"] == metrics["ppl"]
+
+    calib = read_windows(tmp_path / "results/tiny/data/calib.parquet")
+    assert not {tuple(w) for w in calib} & {tuple(w) for w in windows.numpy()}
+
+
+def test_unknown_config_key_is_a_schema_error(tmp_path, tiny_config):
+    tiny_config["data"]["seqlen"] = 64
+    result = snakemake(tmp_path, tiny_config, "-n")
+    assert result.returncode != 0
+    assert "invalid config at data: Additional properties are not allowed ('seqlen' was unexpected)" in result.stdout
+
+
+def test_bad_value_is_a_schema_error(tmp_path, tiny_config):
+    tiny_config["dtype"] = "float8"
+    result = snakemake(tmp_path, tiny_config, "-n")
+    assert result.returncode != 0 and "invalid config at dtype: 'float8' is not one of" in result.stdout
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"seq_len": 4096}, "seq_len 4096 exceeds the model's context of 128 tokens"),
+    ({"eval_windows": 100000}, "eval_windows 100000 is more than the"),
+])
+def test_data_errors_leave_no_output(tmp_path, tiny_config, data, message):
+    tiny_config["data"].update(data)
+    result = snakemake(tmp_path, tiny_config, "results/tiny/data/eval.parquet")
+    assert result.returncode != 0
+    log = (tmp_path / "logs/tiny/data.log").read_text().strip().splitlines()
+    assert log[-1].startswith("esa: error: ") and message in log[-1]
+    assert not list((tmp_path / "results/tiny/data").glob("*"))
+
+
+def test_runbook_phase1_command(tmp_path, tiny_model_dir):
+    """`scripts/run_baseline.py` with the runbook's flags writes the four files via the DAG."""
+    out = tmp_path / "outputs/p1_baseline/tiny"
+    cmd = [sys.executable, str(REPO / "scripts/run_baseline.py"), "--model", str(tiny_model_dir),
+           "--device", "cpu", "--max-samples", "3", "--batch-size", "2", "--out-dir", str(out),
+           "--workdir", str(tmp_path / "work")]
+    too_long = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert too_long.returncode == 2
+    assert ("run_baseline: error: the workflow failed: seq_len 256 exceeds the model's context of 128 tokens"
+            in too_long.stdout)
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"model": {"name": "x", "source": "x"},
+                                    "data": {"source": "builtin:pydoc", "seq_len": 32}}))
+    cmd += ["--config", str(base)]
+    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert {"metrics.json", "windows.parquet", "experiment_manifest.json", "config.json"} <= {
+        p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["windows"] == 3 and metrics["finite"]
+    assert json.loads((out / "config.json").read_text())["batch_size"] == 2
+
+    bad = subprocess.run([*cmd[:4], "--device", "cuda:7", "--out-dir", str(tmp_path / "bad")],
+                         capture_output=True, text=True, timeout=120)
+    if not torch.cuda.is_available():
+        assert bad.returncode == 2 and "device 'cuda:7' requested" in bad.stderr
+        assert bad.stderr.strip().count("\n") == 0 and not (tmp_path / "bad").exists()
