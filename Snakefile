@@ -13,6 +13,9 @@ configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/baseline.smk"
+include: "rules/scores.smk"
+include: "rules/topk.smk"
+include: "rules/perturb.smk"
 
 
 rule all:

@@ -13,7 +13,10 @@ import sys
 from .errors import ESAError
 from . import steps
 
-STEPS = {"model": steps.step_model, "data": steps.step_data, "baseline": steps.step_baseline}
+STEPS = {"model": steps.step_model, "data": steps.step_data, "baseline": steps.step_baseline,
+         "scores": steps.step_scores, "topk": steps.step_topk,
+         "plots": steps.step_plots, "activation_plot": steps.step_activation_plot,
+         "perturb": steps.step_perturb, "stability": steps.step_stability, "agreement": steps.step_agreement}
 
 
 def _paths(items: list[str]) -> dict[str, str]:

@@ -18,6 +18,7 @@ import yaml
 
 from .config import REPO, load_config
 from .errors import ESAError
+from .layout import Layout
 from .models import resolve_device
 
 
@@ -64,3 +65,128 @@ def copy_outputs(files: dict[str, str], workdir: Path, out_dir: Path) -> None:
     """Copy workflow outputs (paths relative to ``workdir``) into ``out_dir`` under new names."""
     for name, source in files.items():
         shutil.copyfile(workdir / source, out_dir / name)
+
+
+def phase_parser() -> "argparse.ArgumentParser":
+    """Flags of the runbook's ``phase1_runner_enhanced.py`` (Phases 2 and 3)."""
+    import argparse
+
+    from .layout import AGREEMENT_METRICS
+    from .perturb import PERTURBATIONS
+    from .selection import CONTROLS, MODES
+
+    parser = argparse.ArgumentParser(
+        prog="phase1_runner_enhanced.py",
+        description="Runbook Phases 2-3: score weights, select the top-k, optionally perturb them "
+                    "against controls, through the ESA Snakemake DAG (cached, shared with every run).")
+    parser.add_argument("--model", required=True, help="hub id, local directory, .gguf file or builtin:smollm2-135m")
+    parser.add_argument("--metric", required=True, choices=AGREEMENT_METRICS, help="sensitivity metric")
+    parser.add_argument("--mode", required=True, choices=MODES, help="top-k over all targets, per decoder layer, or per tensor")
+    parser.add_argument("--topk", required=True, type=int, help="k of the top-k (and of each control)")
+    parser.add_argument("--max-samples", type=int, default=None,
+                        help="calibration windows each seed draws (default: the config's)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--save-plots", action="store_true", help="write the distribution/hotspot plots")
+    parser.add_argument("--out-dir", required=True, type=Path, help="where the run's files are gathered")
+    parser.add_argument("--perturb", choices=PERTURBATIONS, default=None, help="Phase 3 perturbation of the top-k")
+    parser.add_argument("--perturb-scale", type=float, default=1.0, help="sign_flip factor or gaussian noise scale")
+    parser.add_argument("--controls", default=",".join(CONTROLS),
+                        help=f"comma-separated controls, from: {', '.join(CONTROLS)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    parser.add_argument("--stability-check", action="store_true", help="Jaccard/Spearman of the top-k across seeds")
+    parser.add_argument("--config", default=None, help="base config (default: config/config.yaml)")
+    parser.add_argument("--cores", type=int, default=1, help="Snakemake --cores")
+    parser.add_argument("--workdir", type=Path, default=REPO, help="Snakemake working directory (default: the project)")
+    return parser
+
+
+def _csv(text: str, allowed: tuple[str, ...] | None, what: str, cast=str) -> list:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    for item in items:
+        if allowed is not None and item not in allowed:
+            raise ESAError(f"unknown {what} {item!r}; allowed: {', '.join(allowed)}")
+    try:
+        return [cast(item) for item in items]
+    except ValueError:
+        raise ESAError(f"{what}s must be integers, got {text!r}") from None
+
+
+def phase_config(args) -> tuple[dict, str]:
+    """The resolved config and experiment name of a ``phase1_runner_enhanced.py`` command."""
+    from .selection import CONTROLS
+
+    seeds = _csv(args.seeds, None, "seed", int)
+    if not seeds:
+        raise ESAError("--seeds needs at least one seed")
+    if args.stability_check and len(seeds) < 2:
+        raise ESAError(f"--stability-check compares seeds and needs at least two, got --seeds {args.seeds}")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", args.out_dir.name).strip("-.") or "experiment"
+    experiment = {"name": name, "metric": args.metric, "mode": args.mode, "topk": args.topk, "seeds": seeds,
+                  "perturb": args.perturb, "scale": args.perturb_scale,
+                  "controls": _csv(args.controls, CONTROLS, "control"), "stability_check": args.stability_check}
+    overrides = {"model": {"name": model_name(args.model), "source": args.model}, "device": args.device,
+                 "plots": args.save_plots, "experiments": [experiment]}
+    if args.max_samples is not None:
+        key = {"hutchinson": {"max_samples": args.max_samples}} if args.metric == "hutchinson_diag" \
+            else {"max_samples": args.max_samples}
+        overrides["scoring"] = key
+    config = resolve(overrides, args.config)
+    config["scoring"]["candidates"] = max(config["scoring"]["candidates"], args.topk)
+    return config, name
+
+
+def gather_phase_outputs(config: dict, name: str, workdir: Path, out_dir: Path, argv: list[str]) -> None:
+    """Lay out ``out_dir``: config, manifest, the Parquet files, top_weights.csv and plots."""
+    import json
+
+    import pandas as pd
+
+    from .io import write_json_atomic
+
+    layout = Layout(config)
+    e = layout.experiments[name]
+    files = layout.experiment_files(name)
+    manifests = {}
+    for seed, scores in zip(e["seeds"], files["scores"]):
+        for part in ("candidates", "stats"):
+            shutil.copyfile(workdir / scores / f"{part}.parquet", out_dir / f"{part}_seed{seed}.parquet")
+        manifests[f"scores_seed{seed}"] = json.loads((workdir / scores / "manifest.json").read_text())
+    for seed, mask in zip(e["seeds"], files["masks"]):
+        shutil.copyfile(workdir / mask, out_dir / f"mask_seed{seed}.parquet")
+    if "perturb" in files:
+        shutil.copyfile(workdir / files["perturb"], out_dir / "perturb_results.parquet")
+        manifests["perturb"] = json.loads(
+            (workdir / files["perturb"]).with_name("experiment_manifest.json").read_text())
+    if "stability" in files:
+        summary = workdir / files["stability"]
+        shutil.copyfile(summary.with_name("pairs.parquet"), out_dir / "stability_pairs.parquet")
+        shutil.copyfile(summary, out_dir / "stability.json")
+    for plot in files.get("plots", []):
+        (out_dir / "plots").mkdir(exist_ok=True)
+        shutil.copyfile(workdir / plot, out_dir / "plots" / Path(plot).name)
+    first = e["seeds"][0]
+    mask = pd.read_parquet(workdir / files["masks"][0])
+    candidates = pd.read_parquet(workdir / files["scores"][0] / "candidates.parquet")
+    top = mask[mask["set"] == "top"].drop(columns=["set"]).merge(
+        candidates[candidates["end"] == "top"][["tensor", "flat_index", "weight", "stat"]],
+        on=["tensor", "flat_index"], how="left")
+    top.sort_values("score", ascending=False, kind="stable").assign(seed=first).to_csv(
+        out_dir / "top_weights.csv", index=False)
+    write_json_atomic(config, out_dir / "config.json")
+    write_json_atomic({"command": ["phase1_runner_enhanced.py", *argv], "experiment": e,
+                       "baseline": json.loads((workdir / layout.baseline / "metrics.json").read_text()),
+                       "steps": manifests}, out_dir / "experiment_manifest.json")
+
+
+def phase_main(argv: list[str] | None = None) -> int:
+    args = phase_parser().parse_args(argv)
+    try:
+        config, name = phase_config(args)
+        files = Layout(config).experiment_targets(name)
+        run_workflow(config, files, args.out_dir, args.cores, args.workdir)
+        gather_phase_outputs(config, name, args.workdir, args.out_dir, list(argv if argv is not None else sys.argv[1:]))
+    except ESAError as err:
+        print(f"phase1_runner_enhanced: error: {err}", file=sys.stderr)
+        return 2
+    print(f"experiment {name} written to {args.out_dir}")
+    return 0

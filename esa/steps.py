@@ -7,6 +7,7 @@ its inputs and outputs. Every file is written atomically.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -15,9 +16,16 @@ import torch
 
 from . import data, models
 from .errors import ESAError
+from .candidates import build_candidates
 from .evaluation import evaluate
 from .io import write_json_atomic, write_parquet_atomic
 from .manifest import RunRecord
+from .score_stats import build_stats
+from .scores import compute_scores
+from .selection import build_mask
+from .stability import metric_agreement, seed_stability
+from .perturb import run_perturbations
+from .targets import find_targets
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +35,14 @@ def step_model(spec: dict, *, ref: str) -> None:
     models.materialize(spec["source"], Path(ref).parent)
 
 
-def step_data(spec: dict, *, model: str, calib: str, eval: str, summary: str) -> None:
-    """Tokenise the text source into the calibration pool and the evaluation windows."""
+def step_data(spec: dict, *, model: str, windows: str, summary: str) -> None:
+    """Tokenise one part (``spec["part"]``: calib or eval) of the text source into windows.
+
+    The calibration pool and the evaluation windows are separate steps, so a change to the
+    evaluation text never touches the pool (and never re-scores).
+    """
     source = models.source_from_ref(model)
-    seq_len = spec["seq_len"]
+    seq_len, part = spec["seq_len"], spec["part"]
     context = models.context_length(models.load_config(source))
     if context is not None and seq_len > context:
         raise ESAError(f"seq_len {seq_len} exceeds the model's context of {context} tokens")
@@ -39,24 +51,22 @@ def step_data(spec: dict, *, model: str, calib: str, eval: str, summary: str) ->
         spec["source"], text_field=spec["text_field"], hf_config=spec["hf_config"],
         calib_split=spec["calib_split"], eval_split=spec["eval_split"],
         eval_fraction=spec["eval_fraction"])
-    pool = data.make_windows(tokenizer, calib_docs, seq_len)
-    evaluation = data.make_windows(tokenizer, eval_docs, seq_len)
-    for part, windows in (("calibration", pool), ("evaluation", evaluation)):
-        if len(windows) == 0:
-            raise ESAError(f"the {part} text of {spec['source']!r} is shorter than one window "
-                           f"of seq_len {seq_len} tokens")
-    wanted = spec["eval_windows"]
+    docs = calib_docs if part == "calib" else eval_docs
+    cut = data.make_windows(tokenizer, docs, seq_len)
+    name = {"calib": "calibration", "eval": "evaluation"}[part]
+    if len(cut) == 0:
+        raise ESAError(f"the {name} text of {spec['source']!r} is shorter than one window "
+                       f"of seq_len {seq_len} tokens")
+    wanted = spec.get("eval_windows")
     if wanted is not None:
-        if wanted > len(evaluation):
-            raise ESAError(f"eval_windows {wanted} is more than the {len(evaluation)} evaluation "
+        if wanted > len(cut):
+            raise ESAError(f"eval_windows {wanted} is more than the {len(cut)} evaluation "
                            f"windows of seq_len {seq_len} the text holds")
-        evaluation = evaluation[:wanted]
-    write_parquet_atomic(data.windows_frame(pool), calib)
-    write_parquet_atomic(data.windows_frame(evaluation), eval)
-    write_json_atomic({"source": spec["source"], "seq_len": seq_len, "bos_id": data.bos_id(tokenizer),
-                       "calib_documents": len(calib_docs), "eval_documents": len(eval_docs),
-                       "calib_pool_windows": int(len(pool)), "eval_windows": int(len(evaluation))},
-                      summary)
+        cut = cut[:wanted]
+    write_parquet_atomic(data.windows_frame(cut), windows)
+    write_json_atomic({"part": name, "source": spec["source"], "seq_len": seq_len,
+                       "bos_id": data.bos_id(tokenizer), "documents": len(docs),
+                       "windows": int(len(cut))}, summary)
 
 
 def step_baseline(spec: dict, *, model: str, eval: str, metrics: str, windows: str,
@@ -78,3 +88,119 @@ def step_baseline(spec: dict, *, model: str, eval: str, metrics: str, windows: s
     write_json_atomic(result.metrics(), metrics)
     log.info("baseline: loss %.6f ppl %.4f over %d tokens", result.loss, result.ppl,
              int(result.tokens.sum()))
+
+
+def _load(spec: dict, model: str):
+    return models.load_model(models.source_from_ref(model), spec["device"], spec["dtype"],
+                             spec["attn_implementation"])
+
+
+def step_scores(spec: dict, *, model: str, calib: str, **out_dirs: str) -> None:
+    """Score every target weight by the metrics in ``out_dirs`` on seed ``spec["seed"]``'s sample.
+
+    Writes per metric: candidates.parquet (top-M / bottom-M per tensor), stats.parquet (per
+    tensor distribution), manifest.json, and for activation_magnitude activations.parquet
+    (the massive-activation trace of every mlp.down_proj).
+    """
+    device = models.resolve_device(spec["device"])
+    record = RunRecord(spec, device, spec["dtype"], "scores")
+    pool = data.read_windows(calib)
+    sample = data.draw_calibration(len(pool), spec["max_samples"], spec["seed"])
+    lm = _load(spec, model)
+    targets = find_targets(lm, spec["targets"]["include"], spec["targets"]["exclude"])
+    results = compute_scores(lm, targets, torch.from_numpy(pool[sample]), list(out_dirs),
+                             spec["batch_size"], spec["seed"], probes=spec["probes"],
+                             weighting=spec["weighting"], chunk_size=spec["loss_chunk"])
+    for metric, result in results.items():
+        out = Path(out_dirs[metric])
+        scores = result.score
+        write_parquet_atomic(build_stats(targets, scores), out / "stats.parquet")
+        write_parquet_atomic(build_candidates(targets, result.weights, result.stat, scores,
+                                              spec["candidates"]), out / "candidates.parquet")
+        if "massive_activations" in result.extra:
+            write_parquet_atomic(result.extra["massive_activations"], out / "activations.parquet")
+        if spec["save_full_scores"]:
+            from safetensors.torch import save_file
+
+            save_file({name: scores[name].cpu().contiguous() for name in result.stat},
+                      str(out / "scores.safetensors"))
+        write_json_atomic(record.finish(metric=metric, calibration_windows=sample.tolist(),
+                                        targets=len(targets)), out / "manifest.json")
+
+
+def step_topk(spec: dict, *, candidates: str, stats: str, mask: str) -> None:
+    """The top-k set of a mode and its random_k / bottom_k controls, from the candidates alone."""
+    table = pd.read_parquet(stats, columns=["tensor", "layer", "module", "rows", "cols", "numel"])
+    chosen = build_mask(pd.read_parquet(candidates), table, spec["mode"], spec["k"], spec["seed"])
+    write_parquet_atomic(chosen, mask)
+
+
+def step_plots(spec: dict, *, stats: str, mask: str, distribution: str, hotspots: str) -> None:
+    """The score distribution and hotspot heatmaps of one (metric, mode, k, seed)."""
+    from . import plots
+
+    table = pd.read_parquet(stats)
+    plots.plot_score_distribution(table, distribution, f"score distribution: {spec['metric']} seed {spec['seed']}")
+    plots.plot_hotspots(table, pd.read_parquet(mask), hotspots,
+                        f"{spec['metric']} {spec['mode']} k={spec['k']} seed {spec['seed']}")
+
+
+def step_activation_plot(spec: dict, *, activations: str, plot: str) -> None:
+    """Max |input| / |output| of every mlp.down_proj per layer: the massive-activation picture."""
+    from . import plots
+
+    plots.plot_massive_activations(pd.read_parquet(activations), plot,
+                                   f"mlp.down_proj massive activations, seed {spec['seed']}")
+
+
+def _by_seed(items: list[str], seeds: list[int]) -> dict[int, str]:
+    if len(items) != len(seeds):
+        raise ESAError(f"expected one file per seed {seeds}, got {len(items)}")
+    return dict(zip(seeds, items))
+
+
+def step_perturb(spec: dict, *, model: str, eval: str, baseline: str, masks: str, results: str,
+                 manifest: str) -> None:
+    """Perturb the top-k and each control of every seed in place, evaluate, restore bit-exactly.
+
+    ``masks`` is a comma-separated list, one mask per seed of ``spec["seeds"]``.
+    """
+    device = models.resolve_device(spec["device"])
+    record = RunRecord(spec, device, spec["dtype"], "perturb")
+    masks_by_seed = {seed: pd.read_parquet(path)
+                     for seed, path in _by_seed(masks.split(","), spec["seeds"]).items()}
+    reference = json.loads(Path(baseline).read_text())
+    lm = _load(spec, model)
+    table = run_perturbations(lm, masks_by_seed, torch.from_numpy(data.read_windows(eval)),
+                              spec["batch_size"], reference, spec["perturb"], spec["scale"],
+                              spec["noise"], sets=("top", *spec["controls"]), chunk_size=spec["loss_chunk"])
+    write_parquet_atomic(table, results)
+    write_json_atomic(record.finish(baseline_ppl=reference["ppl"]), manifest)
+
+
+def step_stability(spec: dict, *, masks: str, candidates: str, pairs: str, summary: str) -> None:
+    """Pairwise Jaccard of the top-k across seeds and Spearman of scores on their union."""
+    seeds = spec["seeds"]
+    table, stats = seed_stability(
+        {s: pd.read_parquet(p) for s, p in _by_seed(masks.split(","), seeds).items()},
+        {s: pd.read_parquet(p, columns=["tensor", "flat_index", "score", "end"])
+         for s, p in _by_seed(candidates.split(","), seeds).items()})
+    write_parquet_atomic(table, pairs)
+    write_json_atomic({**spec, **stats}, summary)
+
+
+def step_agreement(spec: dict, *, masks: str, agreement: str) -> None:
+    """Jaccard between the metrics' top-k sets for each seed at one (mode, k).
+
+    ``masks`` lists the masks metric-major: for each metric of ``spec["metrics"]``, each seed.
+    """
+    paths = masks.split(",")
+    metrics, seeds = spec["metrics"], spec["seeds"]
+    if len(paths) != len(metrics) * len(seeds):
+        raise ESAError(f"expected {len(metrics) * len(seeds)} masks, got {len(paths)}")
+    frames = []
+    for j, seed in enumerate(seeds):
+        by_metric = {m: pd.read_parquet(paths[i * len(seeds) + j]) for i, m in enumerate(metrics)}
+        frames.append(metric_agreement(by_metric).assign(seed=seed, mode=spec["mode"], k=spec["k"]))
+    table = pd.concat(frames, ignore_index=True)
+    write_parquet_atomic(table[["seed", "mode", "k", "metric_a", "metric_b", "jaccard"]], agreement)

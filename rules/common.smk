@@ -10,6 +10,8 @@ shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH
 
 from esa.config import validate_config
 from esa.errors import ESAError
+from esa.layout import Layout, perturb_tag
+from esa.provenance import code_version
 
 try:
     validate_config(config)
@@ -21,6 +23,17 @@ MODEL = config["model"]["name"]
 RESULTS = f"results/{MODEL}"
 
 
+GPU_RULES = ("baseline", "scores", "perturb", "confirm")
+BASE_RESOURCES = {"threads": 2, "mem_mb": 8000, "runtime": 60}
+
+
+def res(rule):
+    """A rule's resources: built-in base, then `resources.default`, then `resources.<rule>`."""
+    merged = {**BASE_RESOURCES, "gpu": 1 if rule in GPU_RULES else 0,
+              **config["resources"]["default"], **config["resources"].get(rule, {})}
+    return merged
+
+
 def spec(**params):
     """A step's parameters as the JSON string handed to `esa run` (and tracked by Snakemake)."""
     return json.dumps(params, sort_keys=True)
@@ -30,8 +43,18 @@ def model_spec():
     return spec(source=config["model"]["source"])
 
 
-def data_spec():
-    return spec(model=config["model"]["source"], **config["data"])
+DATA_KEYS = {
+    "calib": ("source", "hf_config", "calib_split", "text_field", "eval_fraction", "seq_len"),
+    "eval": ("source", "hf_config", "eval_split", "text_field", "eval_fraction", "seq_len", "eval_windows"),
+}
+
+
+def data_spec(part):
+    """What one part's windows depend on: the evaluation settings never touch the pool."""
+    data = {key: config["data"][key] for key in DATA_KEYS[part]}
+    data.setdefault("calib_split", None)
+    data.setdefault("eval_split", None)
+    return spec(model=config["model"]["source"], part=part, **data)
 
 
 def runtime_spec(**params):
@@ -40,5 +63,64 @@ def runtime_spec(**params):
     return spec(model=config["model"]["source"], **{k: config[k] for k in keys}, **params)
 
 
+GRADIENT_METRICS = ("grad_x_weight", "grad_squared")  # one gradient pass serves both
+LAYOUT = Layout(config)
+EXPERIMENTS = LAYOUT.experiments
+SCORES = LAYOUT.scores
+MASK = LAYOUT.mask
+PLOTS = LAYOUT.plots
+PERTURB = LAYOUT.perturb
+
+
+def check_experiments():
+    if len(EXPERIMENTS) != len(config["experiments"]):
+        raise WorkflowError("experiment names must be unique")
+    largest = max((e["topk"] for e in EXPERIMENTS.values()), default=0)
+    if largest > config["scoring"]["candidates"]:
+        raise WorkflowError(
+            f"scoring.candidates {config['scoring']['candidates']} is smaller than the largest "
+            f"topk {largest}; candidates must be >= every experiment's topk")
+
+
+check_experiments()
+
+
+def scores_spec(metrics, seed):
+    """What a scores job depends on: the model, the calibration pool, the metric(s), the seed."""
+    scoring = config["scoring"]
+    hutchinson = metrics == ["hutchinson_diag"]
+    max_samples = scoring["hutchinson"]["max_samples"] if hutchinson else None
+    return runtime_spec(
+        data=json.loads(data_spec("calib")),
+        metrics=metrics,
+        seed=int(seed),
+        max_samples=max_samples or scoring["max_samples"],
+        batch_size=scoring["batch_size"],
+        probes=scoring["hutchinson"]["probes"] if hutchinson else None,
+        weighting=scoring["weighting"],
+        candidates=scoring["candidates"],
+        targets=scoring["targets"],
+        save_full_scores=scoring["save_full_scores"],
+    )
+
+
+def perturb_params(wildcards):
+    """The experiment settings a perturb job runs with."""
+    return LAYOUT.perturb_experiment(wildcards.metric, wildcards.mode, int(wildcards.k), wildcards.tag)
+
+
+def perturb_masks(wildcards):
+    e = perturb_params(wildcards)
+    return [MASK.format(metric=e["metric"], mode=e["mode"], k=e["topk"], seed=s) for s in e["seeds"]]
+
+
+def stability_inputs(wildcards):
+    seeds = LAYOUT.seeds_of(wildcards.metric, wildcards.mode, int(wildcards.k))
+    return {
+        "masks": [MASK.format(**wildcards, seed=s) for s in seeds],
+        "candidates": [f"{SCORES.format(metric=wildcards.metric, seed=s)}/candidates.parquet" for s in seeds],
+    }
+
+
 def all_targets():
-    return [f"{RESULTS}/baseline/metrics.json"]
+    return LAYOUT.all_files()

