@@ -19,7 +19,7 @@ from esa.scores import compute_scores
 from esa.targets import find_targets
 
 REPO = Path(__file__).resolve().parents[1]
-RUNBOOK = (REPO.parent / "shared" / "runbook.md")
+RUNBOOK = REPO / "docs" / "runbook.md"  # a copy of ../shared/runbook.md
 
 
 def snakemake(workdir, config, *args, timeout=900):
