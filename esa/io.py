@@ -18,8 +18,10 @@ import numpy as np
 import pandas as pd
 
 
-def _write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)``, then move the result to ``path``; on error remove the tmp."""
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)``, then move the result to ``path``; on error remove the tmp.
+
+    For any file format: ``write`` writes the whole file to the temporary path it is given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -37,7 +39,7 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path
 
 def write_parquet_atomic(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write ``df`` (without its index) as Parquet to ``path`` atomically; dtypes round-trip."""
-    return _write_atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
+    return write_atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def _json_default(value):
@@ -57,4 +59,4 @@ def write_json_atomic(obj, path: str | os.PathLike) -> Path:
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(obj, handle, indent=2, default=_json_default)
             handle.write("\n")
-    return _write_atomic(path, write)
+    return write_atomic(path, write)

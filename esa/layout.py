@@ -31,6 +31,8 @@ class Layout:
         self.stability = f"{self.root}/stability/{{metric}}/{{mode}}_k{{k}}"
         self.agreement = f"{self.root}/agreement/{{mode}}_k{{k}}.parquet"
         self.baseline = f"{self.root}/baseline"
+        self.confirm = f"{self.root}/confirm"
+        self.report = f"{self.root}/report"
         self.experiments = {e["name"]: {"seeds": config["seeds"], **e} for e in config["experiments"]}
 
     @staticmethod
@@ -92,9 +94,41 @@ class Layout:
             files += value if isinstance(value, list) else [value]
         return files
 
+    def report_entry(self, name: str) -> dict:
+        """An experiment as the verdicts and the report read it: settings plus file paths."""
+        e = self.experiments[name]
+        files = self.experiment_files(name)
+        stability = files.get("stability")
+        return {"name": name, "metric": e["metric"], "mode": e["mode"], "k": e["topk"], "seeds": e["seeds"],
+                "stats": [f"{d}/stats.parquet" for d in files["scores"]], "masks": files["masks"],
+                "results": files.get("perturb"), "stability": stability,
+                "stability_pairs": stability.replace("summary.json", "pairs.parquet") if stability else None}
+
+    def scored_metrics(self) -> list[str]:
+        """Metrics any experiment scores, in the canonical order."""
+        return self.agreement_metrics()
+
+    def agreement_files(self) -> list[str]:
+        if len(self.agreement_metrics()) < 2:
+            return []
+        return [self.agreement.format(mode=m, k=k) for m, k in self.agreement_keys()]
+
+    def confirm_seed(self) -> int:
+        return self.config["confirm"]["seed"] if self.config["confirm"]["seed"] is not None else self.config["seeds"][0]
+
+    def report_inputs(self) -> list[str]:
+        """Everything the report reads: all experiment outputs and the confirmation."""
+        files = list(dict.fromkeys(f for name in self.experiments for f in self.experiment_targets(name)))
+        files += [f"{d}/stats.parquet" for name in self.experiments for d in self.experiment_files(name)["scores"]]
+        files += self.agreement_files()
+        if self.experiments:
+            files += [f"{self.confirm}/super_weights.parquet", f"{self.confirm}/activations.parquet",
+                      f"{self.confirm}/baseline_rerun.json"]
+        return list(dict.fromkeys(files))
+
     def all_files(self) -> list[str]:
         files = list(dict.fromkeys(f for name in self.experiments for f in self.experiment_targets(name)))
-        files = files or [f"{self.baseline}/metrics.json"]
-        if len(self.agreement_metrics()) > 1:
-            files += [self.agreement.format(mode=m, k=k) for m, k in self.agreement_keys()]
+        files = (files or [f"{self.baseline}/metrics.json"]) + self.agreement_files()
+        if self.config["report"]:
+            files.append(f"{self.report}/index.html")
         return files

@@ -169,13 +169,18 @@ def source_from_ref(ref_path: str | Path) -> ModelSource:
 
 
 def load_model(source: ModelSource, device: str = "auto", dtype: str = "fp32",
-               attn_implementation: str = "sdpa"):
-    """Load a causal LM in eval mode on ``device`` with parameters in ``dtype``."""
+               attn_implementation: str = "sdpa", device_map: str | None = None):
+    """Load a causal LM in eval mode on ``device`` with parameters in ``dtype``.
+
+    ``device_map="auto"`` shards a model too large for one GPU over every GPU of the node
+    (accelerate's placement); inputs then go to the embedding's device.
+    """
     from transformers import AutoModelForCausalLM
 
     torch_device = resolve_device(device)
+    placement = {"device_map": device_map} if device_map else {}
     model = _from_pretrained(AutoModelForCausalLM, source, "model", dtype=resolve_dtype(dtype),
-                             attn_implementation=attn_implementation)
-    log.info("loaded %s (%s) on %s as %s, attention=%s", source.path, source.kind, torch_device,
-             dtype, attn_implementation)
-    return model.to(torch_device).eval()
+                             attn_implementation=attn_implementation, **placement)
+    log.info("loaded %s (%s) on %s as %s, attention=%s", source.path, source.kind,
+             device_map or torch_device, dtype, attn_implementation)
+    return (model if device_map else model.to(torch_device)).eval()

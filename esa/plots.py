@@ -15,7 +15,7 @@ import seaborn as sns  # noqa: E402
 from .score_stats import hist_edges  # noqa: E402
 
 
-def _save(fig, path: str | Path) -> None:
+def save_figure(fig, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -34,7 +34,7 @@ def plot_score_distribution(stats: pd.DataFrame, path: str | Path, title: str) -
     sns.lineplot(data=pd.DataFrame(rows), x="log10(score)", y="weights", hue="module", ax=ax)
     ax.set_yscale("log")
     ax.set_title(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_hotspots(stats: pd.DataFrame, mask: pd.DataFrame, path: str | Path, title: str) -> None:
@@ -51,7 +51,7 @@ def plot_hotspots(stats: pd.DataFrame, mask: pd.DataFrame, path: str | Path, tit
     sns.heatmap(mass, ax=axes[1], cmap="mako_r", cbar_kws={"label": "share of score mass"})
     axes[1].set_title("score mass")
     fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_massive_activations(trace: pd.DataFrame, path: str | Path, title: str) -> None:
@@ -64,4 +64,4 @@ def plot_massive_activations(trace: pd.DataFrame, path: str | Path, title: str) 
     ax.annotate(f"layer {peak.layer} {peak.side} channel {peak.channel}", (peak.layer, peak.value),
                 textcoords="offset points", xytext=(5, 5))
     ax.set_title(title)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -25,7 +25,7 @@ from .scores import compute_scores
 from .selection import build_mask
 from .stability import metric_agreement, seed_stability
 from .perturb import run_perturbations
-from .targets import find_targets
+from .targets import find_targets, split_targets
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,17 @@ def step_data(spec: dict, *, model: str, windows: str, summary: str) -> None:
                        "windows": int(len(cut))}, summary)
 
 
+def _load(spec: dict, model: str):
+    return models.load_model(models.source_from_ref(model), spec["device"], spec["dtype"],
+                             spec["attn_implementation"], spec["device_map"])
+
+
 def step_baseline(spec: dict, *, model: str, eval: str, metrics: str, windows: str,
                   manifest: str, config: str) -> None:
     """Loss and perplexity of the unmodified model on the fixed evaluation windows."""
     device = models.resolve_device(spec["device"])
     record = RunRecord(spec, device, spec["dtype"], "baseline")
-    lm = models.load_model(models.source_from_ref(model), spec["device"], spec["dtype"],
-                           spec["attn_implementation"])
+    lm = _load(spec, model)
     result = evaluate(lm, torch.from_numpy(data.read_windows(eval)), spec["batch_size"],
                       chunk_size=spec["loss_chunk"], progress=True, desc="baseline")
     if not result.finite:
@@ -90,17 +94,13 @@ def step_baseline(spec: dict, *, model: str, eval: str, metrics: str, windows: s
              int(result.tokens.sum()))
 
 
-def _load(spec: dict, model: str):
-    return models.load_model(models.source_from_ref(model), spec["device"], spec["dtype"],
-                             spec["attn_implementation"])
-
-
 def step_scores(spec: dict, *, model: str, calib: str, **out_dirs: str) -> None:
     """Score every target weight by the metrics in ``out_dirs`` on seed ``spec["seed"]``'s sample.
 
     Writes per metric: candidates.parquet (top-M / bottom-M per tensor), stats.parquet (per
     tensor distribution), manifest.json, and for activation_magnitude activations.parquet
-    (the massive-activation trace of every mlp.down_proj).
+    (the massive-activation trace of every mlp.down_proj). ``spec["layer_group"]`` = [g, G]
+    scores only part g of G of the targets (see :func:`esa.targets.split_targets`).
     """
     device = models.resolve_device(spec["device"])
     record = RunRecord(spec, device, spec["dtype"], "scores")
@@ -108,9 +108,12 @@ def step_scores(spec: dict, *, model: str, calib: str, **out_dirs: str) -> None:
     sample = data.draw_calibration(len(pool), spec["max_samples"], spec["seed"])
     lm = _load(spec, model)
     targets = find_targets(lm, spec["targets"]["include"], spec["targets"]["exclude"])
+    group, groups = spec["layer_group"]
+    targets = split_targets(targets, groups)[group]
     results = compute_scores(lm, targets, torch.from_numpy(pool[sample]), list(out_dirs),
                              spec["batch_size"], spec["seed"], probes=spec["probes"],
-                             weighting=spec["weighting"], chunk_size=spec["loss_chunk"])
+                             weighting=spec["weighting"], chunk_size=spec["loss_chunk"],
+                             gradient_checkpointing=spec["gradient_checkpointing"])
     for metric, result in results.items():
         out = Path(out_dirs[metric])
         scores = result.score
@@ -204,3 +207,62 @@ def step_agreement(spec: dict, *, masks: str, agreement: str) -> None:
         frames.append(metric_agreement(by_metric).assign(seed=seed, mode=spec["mode"], k=spec["k"]))
     table = pd.concat(frames, ignore_index=True)
     write_parquet_atomic(table[["seed", "mode", "k", "metric_a", "metric_b", "jaccard"]], agreement)
+
+
+def step_confirm(spec: dict, *, model: str, eval: str, baseline: str, candidates: str,
+                 super_weights: str, activations: str, rerun: str) -> None:
+    """Zero each of every metric's global top-N weights alone; trace the massive activations.
+
+    ``candidates`` lists one candidates.parquet per metric of ``spec["metrics"]``. A weight in
+    several metrics' top-N is evaluated once. Also re-evaluates the unmodified model (the
+    baseline-identical-on-rerun check).
+    """
+    from .confirm import activation_trace, confirm_super_weights, global_top
+
+    paths = candidates.split(",")
+    if len(paths) != len(spec["metrics"]):
+        raise ESAError(f"expected candidates for {spec['metrics']}, got {len(paths)} files")
+    tops = pd.concat([global_top(pd.read_parquet(p), spec["top_n"]).assign(metric=m, rank=range(spec["top_n"]))
+                      for m, p in zip(spec["metrics"], paths)], ignore_index=True)
+    unique = tops.drop_duplicates(["tensor", "flat_index"])
+    lm = _load(spec, model)
+    windows = torch.from_numpy(data.read_windows(eval))
+    reference = json.loads(Path(baseline).read_text())
+    tested = confirm_super_weights(lm, unique, windows, spec["batch_size"], reference, top_n=len(unique),
+                                   factor=spec["factor"], chunk_size=spec["loss_chunk"])
+    table = tops[["metric", "rank", "tensor", "flat_index"]].merge(tested, on=["tensor", "flat_index"])
+    write_parquet_atomic(table, super_weights)
+    write_parquet_atomic(activation_trace(lm, windows, spec["batch_size"], spec["loss_chunk"]), activations)
+    write_json_atomic(evaluate(lm, windows, spec["batch_size"], chunk_size=spec["loss_chunk"]).metrics(), rerun)
+
+
+def step_report(spec: dict, *, verdicts: str, index: str) -> None:
+    """verdict.json and the self-contained index.html of the whole study."""
+    from .layout import Layout
+    from .report import build_report
+    from .verdicts import verdicts_from_files
+
+    layout = Layout(spec["config"])
+    entries = [layout.report_entry(name) for name in layout.experiments]
+    confirmed = layout.confirm if layout.experiments else None
+    table = verdicts_from_files(f"{layout.baseline}/metrics.json", entries, layout.agreement_files() or None,
+                                f"{confirmed}/baseline_rerun.json" if confirmed else None, spec["thresholds"])
+    write_json_atomic(table, verdicts)
+    build_report(f"{layout.baseline}/metrics.json", entries, layout.agreement_files() or None,
+                 f"{confirmed}/super_weights.parquet" if confirmed else None,
+                 f"{confirmed}/activations.parquet" if confirmed else None, verdicts, index,
+                 factor=spec["config"]["confirm"]["factor"], title=f"ESA report: {spec['config']['model']['name']}")
+
+
+def step_merge_scores(spec: dict, *, parts: str, out: str) -> None:
+    """Join the per-layer-group scores of one (metric, seed) into the unsplit files."""
+    dirs = [Path(p) for p in parts.split(",")]
+    out = Path(out)
+    for name in ("candidates.parquet", "stats.parquet"):
+        write_parquet_atomic(pd.concat([pd.read_parquet(d / name) for d in dirs], ignore_index=True), out / name)
+    if (dirs[0] / "activations.parquet").exists():  # every part traces every down_proj alike
+        write_parquet_atomic(pd.read_parquet(dirs[0] / "activations.parquet"), out / "activations.parquet")
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in dirs]
+    write_json_atomic({**manifests[0], "parts": manifests,
+                       "wall_seconds": sum(m["wall_seconds"] for m in manifests),
+                       "targets": sum(m["targets"] for m in manifests)}, out / "manifest.json")

@@ -109,3 +109,25 @@ def target_table(targets: list[Target]) -> pd.DataFrame:
     """One row per target: tensor, layer, module, rows, cols, numel (the model's tensor shapes)."""
     rows = [(t.name, t.layer, t.module, t.rows, t.cols, t.numel) for t in targets]
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def split_targets(targets: list[Target], groups: int) -> list[list[Target]]:
+    """Cut the targets into ``groups`` contiguous parts along layer boundaries.
+
+    Consecutive targets of one layer form a block (tensors outside the decoder, layer -1,
+    form their own); the blocks are dealt into ``groups`` runs of near-equal block count, so
+    concatenating the parts gives back ``targets`` in order. Scoring a part alone gives the
+    same gradient and activation scores as scoring everything (a weight's gradient does not
+    depend on which other weights require one); the Hutchinson estimate of a part differs,
+    as its probes no longer span the other parts (still unbiased for the diagonal).
+    """
+    blocks: list[list[Target]] = []
+    for target in targets:
+        if blocks and blocks[-1][0].layer == target.layer:
+            blocks[-1].append(target)
+        else:
+            blocks.append([target])
+    if not 1 <= groups <= len(blocks):
+        raise ValueError(f"layer_groups {groups} must be between 1 and the {len(blocks)} layer blocks")
+    bounds = [round(i * len(blocks) / groups) for i in range(groups + 1)]
+    return [[t for block in blocks[lo:hi] for t in block] for lo, hi in zip(bounds, bounds[1:])]

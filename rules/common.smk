@@ -59,7 +59,7 @@ def data_spec(part):
 
 def runtime_spec(**params):
     """Parameters of a step that runs the model: where, in which precision, how the loss is chunked."""
-    keys = ("device", "dtype", "attn_implementation", "loss_chunk")
+    keys = ("device", "dtype", "attn_implementation", "loss_chunk", "device_map")
     return spec(model=config["model"]["source"], **{k: config[k] for k in keys}, **params)
 
 
@@ -85,7 +85,21 @@ def check_experiments():
 check_experiments()
 
 
-def scores_spec(metrics, seed):
+LAYER_GROUPS = config["scoring"]["layer_groups"]
+SPLIT = LAYER_GROUPS > 1
+
+
+def scores_out(metric):
+    """Output directory pattern of a scores job: the final one, or a layer-group part of it."""
+    base = f"{RESULTS}/scores/{metric}/seed{{seed}}"
+    return f"{base}/part{{group}}" if SPLIT else base
+
+
+def scores_spec(metrics, wildcards):
+    return _scores_spec(metrics, wildcards.seed, [int(wildcards.group), LAYER_GROUPS] if SPLIT else [0, 1])
+
+
+def _scores_spec(metrics, seed, layer_group):
     """What a scores job depends on: the model, the calibration pool, the metric(s), the seed."""
     scoring = config["scoring"]
     hutchinson = metrics == ["hutchinson_diag"]
@@ -101,6 +115,8 @@ def scores_spec(metrics, seed):
         candidates=scoring["candidates"],
         targets=scoring["targets"],
         save_full_scores=scoring["save_full_scores"],
+        gradient_checkpointing=scoring["gradient_checkpointing"],
+        layer_group=layer_group,
     )
 
 
@@ -120,6 +136,12 @@ def stability_inputs(wildcards):
         "masks": [MASK.format(**wildcards, seed=s) for s in seeds],
         "candidates": [f"{SCORES.format(metric=wildcards.metric, seed=s)}/candidates.parquet" for s in seeds],
     }
+
+
+def config_for_report():
+    """What the report step reads of the config: the experiments and their layout."""
+    keys = ("model", "seeds", "plots", "experiments", "confirm", "report")
+    return {key: config[key] for key in keys}
 
 
 def all_targets():

@@ -7,10 +7,10 @@ rule scores_gradients:
         model=rules.model.output.ref,
         calib=f"{RESULTS}/data/calib.parquet",
     output:
-        [f"{RESULTS}/scores/{metric}/seed{{seed}}/{name}" for metric in GRADIENT_METRICS for name in SCORE_FILES],
+        [f"{scores_out(metric)}/{name}" for metric in GRADIENT_METRICS for name in SCORE_FILES],
     params:
         code=code_version("scores"),
-        spec=lambda wildcards: scores_spec(list(GRADIENT_METRICS), wildcards.seed),
+        spec=lambda wildcards: scores_spec(list(GRADIENT_METRICS), wildcards),
         dirs=lambda wildcards, output: " ".join(
             f"{m}={os.path.dirname(output[i * len(SCORE_FILES)])}" for i, m in enumerate(GRADIENT_METRICS)
         ),
@@ -23,7 +23,7 @@ rule scores_gradients:
     conda:
         ENV
     log:
-        f"logs/{MODEL}/scores_gradients_seed{{seed}}.log",
+        f"logs/{MODEL}/scores_gradients_seed{{seed}}{'_part{group}' if SPLIT else ''}.log",
     shell:
         "python -m esa run scores --spec {params.spec:q} model={input.model} calib={input.calib}"
         " {params.dirs} 2> {log}"
@@ -35,10 +35,10 @@ rule scores_hutchinson:
         model=rules.model.output.ref,
         calib=f"{RESULTS}/data/calib.parquet",
     output:
-        [f"{RESULTS}/scores/hutchinson_diag/seed{{seed}}/{name}" for name in SCORE_FILES],
+        [f"{scores_out('hutchinson_diag')}/{name}" for name in SCORE_FILES],
     params:
         code=code_version("scores"),
-        spec=lambda wildcards: scores_spec(["hutchinson_diag"], wildcards.seed),
+        spec=lambda wildcards: scores_spec(["hutchinson_diag"], wildcards),
         out=lambda wildcards, output: os.path.dirname(output[0]),
     threads: res("scores")["threads"]
     resources:
@@ -49,7 +49,7 @@ rule scores_hutchinson:
     conda:
         ENV
     log:
-        f"logs/{MODEL}/scores_hutchinson_diag_seed{{seed}}.log",
+        f"logs/{MODEL}/scores_hutchinson_diag_seed{{seed}}{'_part{group}' if SPLIT else ''}.log",
     shell:
         "python -m esa run scores --spec {params.spec:q} model={input.model} calib={input.calib}"
         " hutchinson_diag={params.out} 2> {log}"
@@ -61,11 +61,11 @@ rule scores_activations:
         model=rules.model.output.ref,
         calib=f"{RESULTS}/data/calib.parquet",
     output:
-        [f"{RESULTS}/scores/activation_magnitude/seed{{seed}}/{name}" for name in SCORE_FILES],
-        activations=f"{RESULTS}/scores/activation_magnitude/seed{{seed}}/activations.parquet",
+        [f"{scores_out('activation_magnitude')}/{name}" for name in SCORE_FILES],
+        activations=f"{scores_out('activation_magnitude')}/activations.parquet",
     params:
         code=code_version("scores"),
-        spec=lambda wildcards: scores_spec(["activation_magnitude"], wildcards.seed),
+        spec=lambda wildcards: scores_spec(["activation_magnitude"], wildcards),
         out=lambda wildcards, output: os.path.dirname(output[0]),
     threads: res("scores")["threads"]
     resources:
@@ -76,7 +76,37 @@ rule scores_activations:
     conda:
         ENV
     log:
-        f"logs/{MODEL}/scores_activation_magnitude_seed{{seed}}.log",
+        f"logs/{MODEL}/scores_activation_magnitude_seed{{seed}}{'_part{group}' if SPLIT else ''}.log",
     shell:
         "python -m esa run scores --spec {params.spec:q} model={input.model} calib={input.calib}"
         " activation_magnitude={params.out} 2> {log}"
+
+
+if SPLIT:
+
+    rule merge_scores:
+        """Join the layer-group parts of one (metric, seed) into its candidates and stats."""
+        input:
+            parts=lambda wildcards: [
+                f"{SCORES.format(**wildcards)}/part{g}/manifest.json" for g in range(LAYER_GROUPS)
+            ],
+        output:
+            candidates=f"{SCORES}/candidates.parquet",
+            stats=f"{SCORES}/stats.parquet",
+            manifest=f"{SCORES}/manifest.json",
+        params:
+            code=code_version("merge_scores"),
+            spec=spec(layer_groups=LAYER_GROUPS),
+            parts=lambda wildcards, input: ",".join(os.path.dirname(p) for p in input.parts),
+            out=lambda wildcards, output: os.path.dirname(output.stats),
+        threads: res("topk")["threads"]
+        resources:
+            mem_mb=res("topk")["mem_mb"],
+            runtime=res("topk")["runtime"],
+            gpu=0,
+        conda:
+            ENV
+        log:
+            f"logs/{MODEL}/merge_scores_{{metric}}_seed{{seed}}.log",
+        shell:
+            "python -m esa run merge_scores --spec {params.spec:q} parts={params.parts} out={params.out} 2> {log}"

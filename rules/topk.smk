@@ -32,8 +32,8 @@ rule plots:
         stats=f"{SCORES}/stats.parquet",
         mask=MASK,
     output:
-        distribution=f"{PLOTS}/distribution.png",
-        hotspots=f"{PLOTS}/hotspots.png",
+        distribution=report(f"{PLOTS}/distribution.png", category="Scores", caption="../report/figure.rst"),
+        hotspots=report(f"{PLOTS}/hotspots.png", category="Hotspots", caption="../report/figure.rst"),
     params:
         code=code_version("plots"),
         spec=lambda wildcards: spec(metric=wildcards.metric, mode=wildcards.mode, k=int(wildcards.k), seed=int(wildcards.seed)),

@@ -16,6 +16,15 @@ def make_tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 16, intermedia
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors: a second thread only adds overhead, and spins when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_llama() -> LlamaForCausalLM:
     return make_tiny_llama()
 

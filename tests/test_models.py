@@ -87,3 +87,12 @@ def test_bundled_model_materialises_exactly_and_gives_finite_ppl(bundled_checkpo
     result = evaluate(loaded, ids, batch_size=1)
     assert result.finite and 1.0 < result.ppl < 50.0
     assert models.context_length(models.load_config(bundled_checkpoint)) == 8192
+
+
+def test_device_map_auto_loads_and_evaluates_like_a_plain_load(tiny_model_dir, tiny_windows):
+    """device_map=auto (accelerate's placement; here everything lands on the CPU) gives the same PPL."""
+    source = models.resolve_source(str(tiny_model_dir))
+    plain = models.load_model(source, "cpu", "fp32", "eager")
+    sharded = models.load_model(source, "cpu", "fp32", "eager", device_map="auto")
+    windows = tiny_windows * 7  # ids spread over the real vocabulary
+    assert evaluate(plain, windows, 3).ppl == evaluate(sharded, windows, 3).ppl

@@ -1,0 +1,57 @@
+"""One screen of a finished study: baseline PPL, confirmed super weights, verdict counts and
+the bad verdicts, read from ``results/{model}/`` (``esa summary RESULTS_DIR``).
+
+Files read, each optional (a missing one prints "not run"): ``baseline/metrics.json``,
+``confirm/super_weights.parquet`` (``esa.confirm.COLUMNS``), ``report/verdict.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from .verdicts import count_statuses, read_json
+
+BASELINE = Path("baseline/metrics.json")
+SUPER_WEIGHTS = Path("confirm/super_weights.parquet")
+VERDICTS = Path("report/verdict.json")
+
+
+def _baseline_line(path: Path) -> str:
+    if not path.exists():
+        return "baseline: not run"
+    m = read_json(path)
+    state = "finite" if m["finite"] else "NOT FINITE"
+    return (f"baseline: PPL {m['ppl']:.4g}  loss {m['loss']:.4f} +- {m['loss_stderr']:.2g}  "
+            f"({m['tokens']} tokens, {m['windows']} windows, {state})")
+
+
+def _super_weight_lines(path: Path) -> list[str]:
+    if not path.exists():
+        return ["super weights: not run"]
+    df = pd.read_parquet(path)
+    confirmed = df[df["confirmed"]]
+    lines = [f"super weights: {len(confirmed)} confirmed of {len(df)} tested"]
+    lines += [f"  {r.tensor}[{r.row}, {r.col}]  w={r.weight:.4g}  PPL {r.ppl_before:.4g} -> "
+              f"{r.ppl_after:.4g} (x{r.ppl_ratio:.3g})" for r in confirmed.itertuples(index=False)]
+    return lines
+
+
+def _verdict_lines(path: Path) -> list[str]:
+    if not path.exists():
+        return ["verdicts: not run"]
+    verdicts = read_json(path)
+    counts = count_statuses(verdicts)
+    lines = ["verdicts: " + ", ".join(f"{n} {status}" for status, n in counts.items())]
+    lines += [f"  BAD {v['check']} [{v['experiment']}]: {v['message']}"
+              for v in verdicts if v["status"] == "bad"]
+    return lines
+
+
+def summary_text(results_dir: str | Path) -> str:
+    """The summary of ``results_dir`` (``results/{model}``) as text, newline-terminated."""
+    root = Path(results_dir)
+    lines = [f"ESA summary: {root}", _baseline_line(root / BASELINE),
+             *_super_weight_lines(root / SUPER_WEIGHTS), *_verdict_lines(root / VERDICTS)]
+    return "\n".join(lines) + "\n"

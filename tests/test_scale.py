@@ -1,0 +1,89 @@
+"""Memory levers for large models: layer-split scoring and activation checkpointing."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from esa import steps
+from esa.data import windows_frame
+from esa.evaluation import mean_token_loss
+from esa.io import write_json_atomic, write_parquet_atomic
+from esa.scores import _scoring_mode, compute_scores
+from esa.targets import find_targets, split_targets, target_parameter
+
+from conftest import make_tiny_llama
+
+
+def test_split_targets_keeps_order_and_layer_blocks():
+    model = make_tiny_llama(layers=5)
+    targets = find_targets(model, include=["embed_tokens"])
+    parts = split_targets(targets, 3)
+    assert [t for part in parts for t in part] == targets
+    layers = [[t.layer for t in part] for part in parts]
+    for part in layers:  # a layer never straddles two parts
+        assert all(layer not in other for other in layers if other is not part for layer in part)
+    with pytest.raises(ValueError, match="layer_groups 7 must be between 1 and the 6 layer blocks"):
+        split_targets(targets, 7)
+
+
+@pytest.fixture
+def scoring_inputs(tmp_path, tiny_model_dir):
+    calib = tmp_path / "calib.parquet"
+    windows = np.random.default_rng(0).integers(0, 1000, size=(6, 16)).astype(np.int32)
+    write_parquet_atomic(windows_frame(windows), calib)
+    ref = tmp_path / "model.json"
+    write_json_atomic({"source": "test", "kind": "dir", "path": str(tiny_model_dir)}, ref)
+    spec = {"device": "cpu", "dtype": "fp32", "attn_implementation": "eager", "loss_chunk": 8,
+            "seed": 1, "max_samples": 4, "batch_size": 2, "probes": 2, "weighting": "product",
+            "candidates": 7, "targets": {"include": [], "exclude": []}, "save_full_scores": False,
+            "gradient_checkpointing": False, "layer_group": [0, 1], "device_map": None}
+    return spec, str(ref), str(calib)
+
+
+@pytest.mark.parametrize("metrics", [["grad_x_weight", "grad_squared"], ["activation_magnitude"]])
+def test_layer_split_scoring_equals_unsplit(tmp_path, scoring_inputs, metrics):
+    """Two layer-group jobs merged give exactly the candidates and stats of one job."""
+    spec, model, calib = scoring_inputs
+    whole = {m: str(tmp_path / "whole" / m) for m in metrics}
+    steps.step_scores(spec, model=model, calib=calib, **whole)
+    for group in (0, 1):
+        parts = {m: str(tmp_path / f"part{group}" / m) for m in metrics}
+        steps.step_scores({**spec, "layer_group": [group, 2]}, model=model, calib=calib, **parts)
+    for m in metrics:
+        merged = tmp_path / "merged" / m
+        steps.step_merge_scores({}, parts=f"{tmp_path}/part0/{m},{tmp_path}/part1/{m}", out=str(merged))
+        for name in ("candidates.parquet", "stats.parquet"):
+            pd.testing.assert_frame_equal(pd.read_parquet(merged / name), pd.read_parquet(f"{whole[m]}/{name}"))
+        manifest = json.loads((merged / "manifest.json").read_text())
+        assert len(manifest["parts"]) == 2 and manifest["targets"] == 14
+
+
+def test_checkpointing_gives_identical_scores_with_less_saved_activation():
+    model = make_tiny_llama(layers=4, hidden=64, intermediate=256)
+    windows = torch.randint(0, 64, (4, 64), generator=torch.Generator().manual_seed(0))
+    targets = find_targets(model)
+    params = [target_parameter(model, t) for t in targets]
+    saved = {}
+    for checkpointing in (False, True):
+        total = [0]
+
+        def pack(tensor):
+            total[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with _scoring_mode(model, params, checkpointing):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                loss = mean_token_loss(model, windows)
+            loss.backward()
+        model.zero_grad()
+        saved[checkpointing] = total[0]
+    assert saved[True] < saved[False] / 5
+    plain, ckpt = (compute_scores(model, targets, windows, ["grad_squared", "hutchinson_diag"], 2, 0, probes=2,
+                                  progress=False, gradient_checkpointing=c) for c in (False, True))
+    for metric in ("grad_squared", "hutchinson_diag"):
+        for name in plain[metric].stat:
+            assert torch.equal(plain[metric].stat[name], ckpt[metric].stat[name])
+    assert not model.training and not any(layer.training for layer in model.model.layers)
