@@ -31,10 +31,16 @@ def _super_weight_lines(path: Path) -> list[str]:
     if not path.exists():
         return ["super weights: not run"]
     df = pd.read_parquet(path)
+    found_by = {}
+    if "metric" in df.columns:  # one row per (metric, rank): a weight several metrics rank is one weight
+        found_by = df.groupby(["tensor", "flat_index"], sort=False)["metric"].agg(", ".join).to_dict()
+        df = df.drop_duplicates(["tensor", "flat_index"])
     confirmed = df[df["confirmed"]]
     lines = [f"super weights: {len(confirmed)} confirmed of {len(df)} tested"]
-    lines += [f"  {r.tensor}[{r.row}, {r.col}]  w={r.weight:.4g}  PPL {r.ppl_before:.4g} -> "
-              f"{r.ppl_after:.4g} (x{r.ppl_ratio:.3g})" for r in confirmed.itertuples(index=False)]
+    for r in confirmed.itertuples(index=False):
+        by = found_by.get((r.tensor, r.flat_index))
+        lines.append(f"  {r.tensor}[{r.row}, {r.col}]  w={r.weight:.4g}  PPL {r.ppl_before:.4g} -> "
+                     f"{r.ppl_after:.4g} (x{r.ppl_ratio:.3g})" + (f"  top-N of {by}" if by else ""))
     return lines
 
 

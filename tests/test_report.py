@@ -250,3 +250,21 @@ def test_summary_text(study):
 def test_summary_of_an_empty_results_dir(tmp_path):
     assert summary_text(tmp_path).splitlines()[1:] == [
         "baseline: not run", "super weights: not run", "verdicts: not run"]
+
+
+def test_summary_counts_a_weight_several_metrics_rank_once(tmp_path):
+    """confirm writes one row per (metric, rank); the same weight found twice is one super weight."""
+    from esa.summary import summary_text
+
+    row = {"tensor": "model.layers.1.mlp.down_proj.weight", "layer": 1, "module": "mlp.down_proj", "row": 3,
+           "col": 7, "flat_index": 3 * 16 + 7, "weight": -2.5, "score": 1.0, "ppl_before": 10.0,
+           "ppl_after": 40.0, "ppl_ratio": 4.0, "confirmed": True}
+    other = {**row, "col": 8, "flat_index": 3 * 16 + 8, "ppl_after": 10.5, "ppl_ratio": 1.05, "confirmed": False}
+    (tmp_path / "confirm").mkdir()
+    pd.DataFrame([{**row, "metric": "grad_x_weight", "rank": 0}, {**other, "metric": "grad_x_weight", "rank": 1},
+                  {**row, "metric": "activation_magnitude", "rank": 0}]).to_parquet(
+        tmp_path / "confirm" / "super_weights.parquet")
+    lines = summary_text(tmp_path).splitlines()
+    assert "super weights: 1 confirmed of 2 tested" in lines
+    assert ("  model.layers.1.mlp.down_proj.weight[3, 7]  w=-2.5  PPL 10 -> 40 (x4)  "
+            "top-N of grad_x_weight, activation_magnitude") in lines

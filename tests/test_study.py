@@ -200,7 +200,8 @@ def test_adding_a_metric_schedules_only_its_scores_and_what_follows(study):
     _, _, added = study
     assert added["scores_activations"] == 2
     assert not {"model", "data", "baseline", "scores_gradients", "scores_hutchinson", "perturb"} & added.keys()
-    assert set(added) <= {"scores_activations", "topk", "plots", "activation_plot", "stability", "agreement"}
+    assert set(added) <= {"scores_activations", "topk", "plots", "activation_plot", "stability", "agreement",
+                          "confirm", "report"}
 
 
 def changed(config, edit):
@@ -214,7 +215,7 @@ def changed(config, edit):
 def test_changing_a_perturbation_scale_schedules_only_perturb(study):
     workdir, config, _ = study
     new = changed(config, lambda c: c["experiments"][0].update(scale=2.0))
-    assert scheduled(snakemake(workdir, new, "-n", "--quiet", "rules")) == {"perturb": 1}
+    assert scheduled(snakemake(workdir, new, "-n", "--quiet", "rules")) == {"perturb": 1, "report": 1}
 
 
 def test_changing_k_reselects_without_rescoring(study):
@@ -229,7 +230,7 @@ def test_changing_the_evaluation_text_never_rescores(study):
     workdir, config, _ = study
     new = changed(config, lambda c: c["data"].update(eval_windows=3))
     jobs = scheduled(snakemake(workdir, new, "-n", "--quiet", "rules"))
-    assert jobs == {"data": 1, "baseline": 1, "perturb": 2}
+    assert jobs == {"data": 1, "baseline": 1, "perturb": 2, "confirm": 1, "report": 1}
 
 
 def test_changing_the_calibration_sample_size_rescores(study):
@@ -262,7 +263,7 @@ def test_changing_esa_code_reruns_the_rules_that_run_it(study, tmp_path):
     assert dry_run() == {}
     with open(copy / "esa/stability.py", "a") as handle:
         handle.write("\n# an edit\n")
-    assert dry_run() == {"stability": 4, "agreement": 3}
+    assert dry_run() == {"stability": 4, "agreement": 3, "report": 1}
     with open(copy / "esa/selection.py", "a") as handle:
         handle.write("\n# an edit\n")
     jobs = dry_run()
