@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK, evaluate
 
 PERTURBATIONS = ("zero", "sign_flip", "gaussian")
@@ -61,7 +62,7 @@ class _Touched:
 def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
     """Raise ValueError naming the allowed values unless ``value`` is one of them."""
     if value not in allowed:
-        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+        raise ESAError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -74,7 +75,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _flat(param: torch.nn.Parameter) -> torch.Tensor:
     if param.device.type == "meta":
-        raise ValueError("cannot perturb a parameter on the meta device (offloaded weights)")
+        raise ESAError("cannot perturb a parameter on the meta device (offloaded weights)")
     return param.detach().view(-1)  # a view: writes go to the parameter itself
 
 
@@ -87,7 +88,7 @@ def _groups(model: torch.nn.Module, selection: pd.DataFrame) -> list[tuple[str, 
     params = dict(model.named_parameters(remove_duplicate=False))
     unknown = sorted(set(selection["tensor"]) - params.keys())
     if unknown:
-        raise ValueError(f"selection names tensors the model does not have: {unknown[:5]}")
+        raise ESAError(f"selection names tensors the model does not have: {unknown[:5]}")
     merged: dict[int, tuple[str, torch.nn.Parameter, list[np.ndarray]]] = {}
     for name, rows in selection.groupby("tensor", sort=True):
         param = params[name]
@@ -97,7 +98,7 @@ def _groups(model: torch.nn.Module, selection: pd.DataFrame) -> list[tuple[str, 
     for name, param, parts in merged.values():
         index = np.unique(np.concatenate(parts))
         if index[0] < 0 or index[-1] >= param.numel():
-            raise ValueError(f"flat_index out of range for {name} with {param.numel()} entries")
+            raise ESAError(f"flat_index out of range for {name} with {param.numel()} entries")
         groups.append((name, param, index))
     return groups
 
@@ -189,7 +190,7 @@ def run_perturbations(model: torch.nn.Module, mask_by_seed: dict[int, pd.DataFra
         for name in sets:
             rows = mask[mask["set"] == name]
             if rows.empty:  # a missing control must not pass silently as "no damage"
-                raise ValueError(f"mask of seed {seed} has no rows of set {name!r}")
+                raise ESAError(f"mask of seed {seed} has no rows of set {name!r}")
             jobs.append((seed, name, rows))
     records = []
     for seed, name, rows in tqdm(jobs, desc=f"perturb {perturb}", disable=not progress):

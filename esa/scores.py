@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
+from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK, batches, mean_token_loss, window_nll
 from .targets import Target, target_module, target_parameter
 
@@ -121,16 +122,16 @@ class MetricScores:
 
 def _check_request(metrics: list[str], weighting: str, batch_size: int, probes: int) -> None:
     if not metrics:
-        raise ValueError(f"no metric requested; allowed: {', '.join(METRICS)}")
+        raise ESAError(f"no metric requested; allowed: {', '.join(METRICS)}")
     for metric in metrics:
         if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+            raise ESAError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
     if weighting not in WEIGHTINGS:
-        raise ValueError(f"unknown weighting {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
+        raise ESAError(f"unknown weighting {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ESAError(f"batch_size must be >= 1, got {batch_size}")
     if "hutchinson_diag" in metrics and probes < 1:
-        raise ValueError(f"hutchinson_diag needs probes >= 1, got {probes}")
+        raise ESAError(f"hutchinson_diag needs probes >= 1, got {probes}")
 
 
 def _set_checkpointing(model: nn.Module, enabled: bool) -> None:
@@ -287,7 +288,7 @@ class _ChannelStats:
         elif isinstance(module, nn.Embedding):
             channels = target.rows
         else:
-            raise ValueError(f"activation_magnitude needs an nn.Linear or nn.Embedding target; "
+            raise ESAError(f"activation_magnitude needs an nn.Linear or nn.Embedding target; "
                              f"{target.name} belongs to {type(module).__name__}")
         self.target, self.embedding = target, isinstance(module, nn.Embedding)
         self.sumsq = torch.zeros(channels, dtype=torch.float32, device=device)
@@ -408,7 +409,7 @@ def compute_scores(model: nn.Module, targets: list[Target], calib_windows: torch
     weights = {t.name: p.detach() for t, p in zip(targets, params)}
     windows = list(batches(calib_windows, batch_size))
     if not windows:
-        raise ValueError("no calibration windows to score on")
+        raise ESAError("no calibration windows to score on")
     parts: dict[str, dict] = {}
     with _scoring_mode(model, params, gradient_checkpointing):
         if asked & set(GRADIENT_METRICS):

@@ -29,6 +29,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .errors import ESAError
+
 MODES = ("global", "per_layer", "per_tensor")
 CONTROLS = ("random_k", "bottom_k")
 SELECTED_COLUMNS = ["tensor", "layer", "module", "row", "col", "flat_index", "weight", "stat",
@@ -39,7 +41,7 @@ MASK_COLUMNS = ["set", "tensor", "layer", "module", "row", "col", "flat_index", 
 def _pools(table: pd.DataFrame, mode: str) -> pd.Series:
     """The pool of each tensor (indexed by tensor name), for ``mode``."""
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+        raise ESAError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
     key = {"global": pd.Series("all", index=table.index), "per_layer": table["layer"],
            "per_tensor": table["tensor"]}[mode]
     return pd.Series(key.to_numpy(), index=table["tensor"].to_numpy())
@@ -49,17 +51,17 @@ def _check_k(candidates: pd.DataFrame, table: pd.DataFrame, pools: pd.Series, mo
              k: int) -> None:
     """Refuse a k the pools cannot supply, or that the candidates cannot rank exactly."""
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise ESAError(f"k must be >= 1, got {k}")
     numel = table.set_index("tensor")["numel"]
     pool_size = numel.groupby(pools, sort=False).sum()
     if k > pool_size.min():
         group = pool_size.idxmin()
-        raise ValueError(f"k={k} is larger than {mode} pool {group!r}, which has "
+        raise ESAError(f"k={k} is larger than {mode} pool {group!r}, which has "
                          f"{pool_size.min()} weights")
     kept = candidates.groupby("tensor").size().reindex(numel.index)
     partial = kept[kept < numel]
     if len(partial) and k > partial.min():
-        raise ValueError(f"k={k} is more than the {partial.min()} candidates kept per tensor "
+        raise ESAError(f"k={k} is more than the {partial.min()} candidates kept per tensor "
                          f"(e.g. {partial.idxmin()}): candidates M must be >= k; re-score with "
                          f"a larger M")
 
@@ -68,10 +70,10 @@ def _check_tensors(frame: pd.DataFrame, table: pd.DataFrame, what: str, every: b
     """``frame`` may only name tensors of the table and, if ``every``, must name all of them."""
     unknown = sorted(set(frame["tensor"]) - set(table["tensor"]))
     if unknown:
-        raise ValueError(f"{what} has tensors missing from the tensor table: {unknown[:5]}")
+        raise ESAError(f"{what} has tensors missing from the tensor table: {unknown[:5]}")
     missing = sorted(set(table["tensor"]) - set(frame["tensor"])) if every else []
     if missing:
-        raise ValueError(f"{what} lacks tensors of the tensor table: {missing[:5]}")
+        raise ESAError(f"{what} lacks tensors of the tensor table: {missing[:5]}")
 
 
 def _select(candidates: pd.DataFrame, tensor_table: pd.DataFrame, mode: str, k: int,
@@ -130,7 +132,7 @@ def random_control(top: pd.DataFrame, tensor_table: pd.DataFrame, seed: int) -> 
             continue
         n = len(excluded)
         if target.numel - n < n:
-            raise ValueError(f"random_k needs {n} weights of {target.tensor} outside its top set, "
+            raise ESAError(f"random_k needs {n} weights of {target.tensor} outside its top set, "
                              f"which leaves only {target.numel - n} of {target.numel}")
         draw = rng.choice(target.numel, size=min(target.numel, 2 * n), replace=False)
         flat = np.sort(draw[~np.isin(draw, excluded.to_numpy())][:n]).astype(np.int64)
@@ -154,7 +156,7 @@ def build_mask(candidates: pd.DataFrame, tensor_table: pd.DataFrame, mode: str, 
     """
     unknown = [c for c in controls if c not in CONTROLS]
     if unknown:
-        raise ValueError(f"unknown control(s) {unknown}; allowed: {', '.join(CONTROLS)}")
+        raise ESAError(f"unknown control(s) {unknown}; allowed: {', '.join(CONTROLS)}")
     top = select_topk(candidates, tensor_table, mode, k)
     sets = {"top": top}
     for control in controls:

@@ -18,6 +18,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .errors import ESAError
+
 TABLE_COLUMNS = ["tensor", "layer", "module", "rows", "cols", "numel"]
 
 
@@ -55,7 +57,7 @@ def _layers_prefix(model: nn.Module) -> str:
     for name, module in model.named_modules():
         if module is layers:
             return name
-    raise ValueError("cannot locate the decoder layers inside the model")
+    raise ESAError("cannot locate the decoder layers inside the model")
 
 
 def _describe(name: str, param: torch.Tensor, prefix: str) -> Target:
@@ -95,13 +97,13 @@ def find_targets(model: nn.Module, include: list[str] | tuple[str, ...] = (),
     for pattern in (*include, *exclude):
         if not any(matches(pattern, key) for key in aliases):
             names = [n for names in aliases.values() for n in names]
-            raise ValueError(f"target pattern '{pattern}' matches no 2-D weight; names look like: "
+            raise ESAError(f"target pattern '{pattern}' matches no 2-D weight; names look like: "
                              f"{_examples(names, prefix)}")
     chosen = [key for key in aliases
               if (key in linear or any(matches(p, key) for p in include))
               and not any(matches(p, key) for p in exclude)]
     if not chosen:
-        raise ValueError(f"no target weights left (include={list(include)}, exclude={list(exclude)})")
+        raise ESAError(f"no target weights left (include={list(include)}, exclude={list(exclude)})")
     return [_describe(aliases[key][0], params[key], prefix) for key in chosen]
 
 
@@ -128,6 +130,6 @@ def split_targets(targets: list[Target], groups: int) -> list[list[Target]]:
         else:
             blocks.append([target])
     if not 1 <= groups <= len(blocks):
-        raise ValueError(f"layer_groups {groups} must be between 1 and the {len(blocks)} layer blocks")
+        raise ESAError(f"layer_groups {groups} must be between 1 and the {len(blocks)} layer blocks")
     bounds = [round(i * len(blocks) / groups) for i in range(groups + 1)]
     return [[t for block in blocks[lo:hi] for t in block] for lo, hi in zip(bounds, bounds[1:])]
