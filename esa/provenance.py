@@ -89,8 +89,3 @@ def code_version(step: str) -> str:
     for name in sorted(modules):
         digest.update(name.encode() + inspect.getsource(sys.modules[name]).encode())
     return digest.hexdigest()[:16]
-
-
-def code_modules(step: str) -> list[str]:
-    """The `esa` modules ``code_version(step)`` covers."""
-    return sorted(_closure(step)[1])

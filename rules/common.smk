@@ -10,7 +10,7 @@ shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH
 
 from esa.config import validate_config
 from esa.errors import ESAError
-from esa.layout import Layout, perturb_tag
+from esa.layout import Layout
 from esa.provenance import code_version
 
 try:
