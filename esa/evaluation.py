@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
@@ -28,18 +27,26 @@ DEFAULT_CHUNK = 256
 
 def _head_nll(head: torch.nn.Module, softcap: float | None, hidden: torch.Tensor,
               targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Summed NLL per window of one chunk of positions; logits in fp32."""
-    logits = head(hidden).float()
+    """Summed NLL per window (float64) of one chunk of positions.
+
+    Per position, NLL = logsumexp_v(z_v) - z_target over the class dimension laid out last
+    (the logits z in at least fp32, float64 stays float64); the positions are summed in
+    float64. ``F.cross_entropy`` on a [B, V, T] layout is ~10x less accurate in fp32 on CPU
+    (1e-5 relative at 262k classes); this is within ~1e-8 of a float64 log-softmax.
+    """
+    logits = head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return (nll * valid).sum(dim=1)
+    target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    nll = torch.logsumexp(logits, dim=-1) - target_logit
+    return (nll.double() * valid).sum(dim=1)
 
 
 def window_nll(model: torch.nn.Module, input_ids: torch.Tensor,
                attention_mask: torch.Tensor | None = None,
                chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL (fp32, differentiable) and predicted-token count of each window.
+    """Summed NLL (float64, differentiable) and predicted-token count of each window.
 
     Returns ``(nll[B], tokens[B])``. Position t's hidden state predicts token t+1; a target
     counts only when both it and its context position are unmasked.
@@ -50,9 +57,9 @@ def window_nll(model: torch.nn.Module, input_ids: torch.Tensor,
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     targets = input_ids[:, 1:]
-    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(torch.float32)
+    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(torch.float64)
     n_pred = targets.shape[1]
-    total = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    total = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=input_ids.device)
     for start in range(0, n_pred, chunk_size):
         end = min(start + chunk_size, n_pred)
         args = (hidden[:, start:end], targets[:, start:end], valid[:, start:end])

@@ -3,8 +3,10 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
+from conftest import make_tiny_llama
 from esa.evaluation import evaluate, mean_token_loss, window_nll
 
 
@@ -59,3 +61,85 @@ def test_batch_size_does_not_change_result(tiny_llama, tiny_windows):
     b = evaluate(tiny_llama, tiny_windows, batch_size=6)
     np.testing.assert_allclose(a.nll, b.nll, rtol=1e-5)
     assert a.stderr == np.std(a.nll / a.tokens, ddof=1) / math.sqrt(6)
+
+
+# Real vocabulary sizes: a 64-class head cannot show a loss that drifts at 49k or 262k classes.
+GEMMA3_VOCAB = 262_144
+
+
+def reference_window_nll(model, windows):
+    """Summed NLL per window: float64 log-softmax over the model's own (fp32 / bf16) logits."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(windows).logits[:, :-1].double(), dim=-1)
+    return -logp.gather(-1, windows[:, 1:, None]).squeeze(-1).sum(dim=1).numpy()
+
+
+@pytest.fixture(scope="module")
+def real_vocab_llama():
+    """A tiny Llama body under a Gemma-3-size head (262,144 classes), logits of a trained
+    model's spread (std ~4; at random init they are ~0.1, near-uniform, where fp32 is exact)."""
+    model = make_tiny_llama(seed=3, vocab=GEMMA3_VOCAB)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)
+    return model
+
+
+@pytest.fixture(scope="module")
+def real_vocab_windows():
+    generator = torch.Generator().manual_seed(4)
+    return torch.randint(0, GEMMA3_VOCAB, (3, 25), generator=generator)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [8, 7, 256])  # 24 predicted positions: divides, does not, one chunk
+def test_window_nll_is_exact_at_262k_classes(real_vocab_llama, real_vocab_windows, one_thread, dtype, chunk):
+    model = real_vocab_llama.to(dtype)
+    try:
+        ref = reference_window_nll(model, real_vocab_windows)
+        with torch.no_grad():
+            nll, tokens = window_nll(model, real_vocab_windows, chunk_size=chunk)
+    finally:
+        real_vocab_llama.float()
+    assert tokens.tolist() == [24, 24, 24]
+    np.testing.assert_allclose(nll.numpy(), ref, rtol=1e-6, atol=0)
+
+
+def test_calibration_loss_of_every_gradient_metric_is_exact_at_262k_classes(
+        real_vocab_llama, real_vocab_windows, one_thread, monkeypatch):
+    """The loss grad_x_weight, grad_squared and hutchinson_diag differentiate (mean token NLL
+    of each calibration batch, under autograd and the math-attention context) is float64-exact."""
+    import esa.scores
+    from esa.scores import compute_scores
+    from esa.targets import find_targets
+
+    seen = []
+
+    def spy(model, batch, chunk_size):
+        loss = mean_token_loss(model, batch, chunk_size=chunk_size)
+        seen.append((batch.clone(), loss.item()))
+        return loss
+
+    monkeypatch.setattr(esa.scores, "mean_token_loss", spy)
+    targets = find_targets(real_vocab_llama)
+    compute_scores(real_vocab_llama, targets, real_vocab_windows,
+                   ["grad_x_weight", "grad_squared", "hutchinson_diag"], batch_size=2, seed=0,
+                   probes=1, chunk_size=7, progress=False)
+    assert [len(batch) for batch, _ in seen] == [2, 1]
+    for batch, loss in seen:
+        ref = reference_window_nll(real_vocab_llama, batch).sum() / (batch.shape[0] * 24)
+        assert abs(loss - ref) / ref < 1e-6
+
+
+def test_bundled_model_window_nll_is_exact(bundled_checkpoint):
+    """The bundled SmolLM2 (49,152 classes) on two 256-token evaluation-like windows."""
+    from esa.models import load_model, load_tokenizer
+    from esa.data import load_documents, make_windows
+
+    model = load_model(bundled_checkpoint, "cpu", "fp32", "sdpa")
+    _, eval_docs = load_documents("builtin:pydoc")
+    windows = torch.from_numpy(make_windows(load_tokenizer(bundled_checkpoint), eval_docs, 256)[:2]).long()
+    ref = reference_window_nll(model, windows)
+    for chunk in (85, 256):  # 255 predicted positions: 85 divides them, 256 is the default
+        with torch.no_grad():
+            nll, _ = window_nll(model, windows, chunk_size=chunk)
+        np.testing.assert_allclose(nll.numpy(), ref, rtol=1e-6, atol=0)
