@@ -11,14 +11,18 @@ import logging
 import sys
 
 from .errors import ESAError
-from . import steps
 
-STEPS = {"model": steps.step_model, "data": steps.step_data, "baseline": steps.step_baseline,
-         "scores": steps.step_scores, "topk": steps.step_topk,
-         "plots": steps.step_plots, "activation_plot": steps.step_activation_plot,
-         "perturb": steps.step_perturb, "stability": steps.step_stability, "agreement": steps.step_agreement,
-         "confirm": steps.step_confirm, "report": steps.step_report,
-         "merge_scores": steps.step_merge_scores}
+# step -> module: the table steps (esa.steps) never import torch, so their jobs start fast
+MODEL_STEPS = ("model", "data", "baseline", "scores", "perturb", "confirm")
+TABLE_STEPS = ("topk", "plots", "activation_plot", "stability", "agreement", "report", "merge_scores")
+
+
+def step_function(step: str):
+    """The function ``step_<step>`` of the module that holds it, imported on demand."""
+    import importlib
+
+    module = importlib.import_module("esa.model_steps" if step in MODEL_STEPS else "esa.steps")
+    return getattr(module, f"step_{step}")
 
 
 def _paths(items: list[str]) -> dict[str, str]:
@@ -35,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esa", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one workflow step")
-    run.add_argument("step", choices=sorted(STEPS))
+    run.add_argument("step", choices=sorted(MODEL_STEPS + TABLE_STEPS))
     run.add_argument("--spec", required=True, help="JSON object of the step's parameters")
     run.add_argument("paths", nargs="*", metavar="name=path", help="the step's inputs and outputs")
     summary = sub.add_parser("summary", help="one-screen summary of a model's results directory")
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "run":
-            STEPS[args.step](json.loads(args.spec), **_paths(args.paths + extra))
+            step_function(args.step)(json.loads(args.spec), **_paths(args.paths + extra))
         else:
             from .summary import summary_text
 

@@ -1,10 +1,16 @@
-"""Loading and validating the workflow configuration against ``config/schema.yaml``."""
+"""Loading and validating the workflow configuration against ``config/schema.yaml``.
+
+Beyond the schema, validation rejects what JSON schema cannot express: a number that is NaN
+or infinite (NaN passes every ``minimum``), a ``scoring.targets`` pattern that is not a
+regular expression, and experiment names used twice.
+"""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -34,7 +40,33 @@ def validate_config(config: dict) -> dict:
         path = ".".join(re.findall(r"\['?([^'\]]*)'?\]", where.group(1))) if where else ""
         raise ESAError(f"invalid config{' at ' + path if path else ''}: "
                        f"{reason.group(1) if reason else text.splitlines()[0]}") from None
+    _check_finite(config)
+    for key in ("include", "exclude"):
+        for pattern in config["scoring"]["targets"][key]:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ESAError(f"invalid config at scoring.targets.{key}: {pattern!r} is not a "
+                               f"regular expression ({err})") from None
+    names = [e["name"] for e in config["experiments"]]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ESAError(f"invalid config at experiments: names must be unique; "
+                       f"repeated: {', '.join(repeated)}")
     return config
+
+
+def _check_finite(value, where: str = "", owner: str = "") -> None:
+    """A NaN or infinite number anywhere in the config is an error naming its place."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}" if where else str(key), owner)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            named = where == "experiments" and isinstance(item, dict)
+            _check_finite(item, f"{where}.{i}", f" (experiment {item.get('name')!r})" if named else owner)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ESAError(f"invalid config at {where}{owner}: {value} is not a finite number")
 
 
 def deep_update(base: dict, overrides: dict) -> dict:

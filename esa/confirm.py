@@ -12,20 +12,58 @@ Super weights sit where a massive activation (one input channel of an early ``ml
 spiking far above the rest) meets a large weight; :func:`activation_trace` records, for every
 decoder layer's down_proj, the largest |input| and |output| with its channel, window,
 position and token.
+
+Zeroing a weight of decoder layer L leaves the outputs of layers 0..L-1 unchanged, so the
+unmodified model's pass that traces the activations also keeps, per batch, the input of every
+layer L that holds a candidate (the output of layer L-1), and each ablation in layer L runs the
+model's own forward with layers 0..L-1 returning that kept output instead of computing: layers
+L..end, final norm, LM head and loss run exactly as in a full evaluation, on the same inputs,
+so ``ppl_after`` is bit-identical to evaluating the whole model. This holds whenever a decoder
+layer's output depends only on its input and its own parameters (not on state another layer
+leaves behind, such as a KV cache shared across layers). The kept inputs take
+windows x seq_len x hidden x dtype bytes per distinct candidate layer, on the model's device.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .evaluation import DEFAULT_CHUNK, batches, evaluate
+from .evaluation import DEFAULT_CHUNK, Evaluation, batches, evaluate
 from .perturb import perturbed
 from .scores import massive_activation_trace
 
 COLUMNS = ["tensor", "layer", "module", "row", "col", "flat_index", "weight", "score",
            "ppl_before", "ppl_after", "ppl_ratio", "confirmed"]
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """The ablation table, the massive-activation trace and the unmodified model's evaluation."""
+
+    super_weights: pd.DataFrame  # one row per candidate in rank order, columns COLUMNS
+    activations: pd.DataFrame  # esa.scores.TRACE_COLUMNS
+    rerun: Evaluation  # evaluated after every ablation was undone
+
+
+@dataclass(frozen=True)
+class _LayerOutputs:
+    """What one decoder layer returned in the unmodified pass, batch by batch: the hidden state
+    and, when the layer returns a tuple, its length."""
+
+    hidden: list[torch.Tensor]
+    tuple_length: int | None
+
+    def replay(self, batch: int):
+        """Batch ``batch``'s output in the layer's return type. A fresh copy, so no later layer
+        can change the kept state in place; a tuple's other entries (attention weights, cache)
+        are not read by the loss and are None."""
+        hidden = self.hidden[batch].clone()
+        return hidden if self.tuple_length is None else (hidden, *(None,) * (self.tuple_length - 1))
 
 
 def global_top(candidates: pd.DataFrame, top_n: int) -> pd.DataFrame:
@@ -40,27 +78,106 @@ def global_top(candidates: pd.DataFrame, top_n: int) -> pd.DataFrame:
     return top.head(top_n).drop(columns="_position").reset_index(drop=True)
 
 
+def first_changed_layer(model: torch.nn.Module, tensor: str) -> int:
+    """The first decoder layer whose input an edit of parameter ``tensor`` can change.
+
+    That is the lowest layer holding the parameter; 0 when the parameter is (also) used outside
+    the decoder layers (embeddings, lm_head, a tied pair), where the whole model must run.
+    """
+    param = model.get_parameter(tensor)
+
+    def uses(module: torch.nn.Module) -> int:
+        return sum(p is param for _, p in module.named_parameters(remove_duplicate=False))
+
+    per_layer = [uses(layer) for layer in model.get_decoder().layers]
+    if sum(per_layer) < uses(model):
+        return 0
+    return next(i for i, n in enumerate(per_layer) if n)
+
+
+@contextmanager
+def _keep_layer_inputs(model: torch.nn.Module, layers: set[int]):
+    """While open, every forward pass appends the output of decoder layer L-1 (the input of
+    layer L) to ``kept[L]``, for each L >= 1 of ``layers``; yields ``kept``."""
+    decoder_layers = model.get_decoder().layers
+    kept: dict[int, _LayerOutputs] = {}
+
+    def keeper(layer: int):
+        def hook(module: torch.nn.Module, args: tuple, output) -> None:
+            is_tuple = isinstance(output, tuple)
+            entry = kept.setdefault(layer, _LayerOutputs([], len(output) if is_tuple else None))
+            # a copy: layer L may update its input in place
+            entry.hidden.append((output[0] if is_tuple else output).detach().clone())
+        return hook
+
+    handles = [decoder_layers[layer - 1].register_forward_hook(keeper(layer))
+               for layer in sorted(layers) if layer > 0]
+    try:
+        yield kept
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _start_at(model: torch.nn.Module, start: int, kept: _LayerOutputs):
+    """Layers 0..start-1 return, batch after batch, ``kept`` (the unmodified outputs of layer
+    start-1) without computing; the model's forward, masks and embeddings run as usual."""
+    skipped = list(model.get_decoder().layers)[:start]
+    batch, output = -1, None
+
+    def first(*args, **kwargs):
+        nonlocal batch, output
+        batch += 1  # layer 0 runs once per batch, before every other layer
+        output = kept.replay(batch)
+        return output
+
+    def rest(*args, **kwargs):
+        return output
+
+    own = [layer.__dict__.get("forward") for layer in skipped]  # e.g. accelerate's device hooks
+    for i, layer in enumerate(skipped):
+        layer.forward = first if i == 0 else rest
+    try:
+        yield
+    finally:
+        for layer, forward in zip(skipped, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
 def confirm_super_weights(model: torch.nn.Module, candidates: pd.DataFrame,
                           eval_windows: torch.Tensor, batch_size: int, baseline: dict,
                           top_n: int = 10, factor: float = 1.5,
-                          chunk_size: int = DEFAULT_CHUNK) -> pd.DataFrame:
+                          chunk_size: int = DEFAULT_CHUNK) -> Confirmation:
     """Zero each of the global top-``top_n`` candidates alone and measure the PPL it costs.
 
     ``baseline`` holds ``ppl`` of the unperturbed model on ``eval_windows`` (the baseline
-    step's metrics). Returns one row per candidate in rank order, columns ``COLUMNS``;
-    a non-finite loss gives ``ppl_after = inf`` and counts as confirmed.
+    step's metrics). The unmodified model runs twice: first the activation trace (which also
+    keeps the candidate layers' inputs), last the rerun, after every weight is restored; each
+    ablation in between runs from the first layer it changes (module docstring). The
+    table has one row per candidate in rank order, columns ``COLUMNS``; a non-finite loss
+    gives ``ppl_after = inf`` and counts as confirmed.
     """
     chosen = global_top(candidates, top_n)
     before = float(baseline["ppl"])
+    starts = [first_changed_layer(model, tensor) for tensor in chosen["tensor"]]
+    with _keep_layer_inputs(model, set(starts)) as kept:
+        trace = activation_trace(model, eval_windows, batch_size, chunk_size)
     after = []
-    for i in range(len(chosen)):
-        with perturbed(model, chosen.iloc[i:i + 1], "zero"):
+    for i, start in enumerate(starts):
+        with perturbed(model, chosen.iloc[i:i + 1], "zero"), \
+                (_start_at(model, start, kept[start]) if start else nullcontext()):
             after.append(evaluate(model, eval_windows, batch_size, chunk_size=chunk_size).ppl)
+    kept.clear()  # up to one hidden state of every window per layer: free it before the rerun
     after = np.asarray(after, dtype=np.float64)
     ratio = after / before
-    out = chosen[["tensor", "layer", "module", "row", "col", "flat_index", "weight", "score"]].assign(
+    table = chosen[["tensor", "layer", "module", "row", "col", "flat_index", "weight", "score"]].assign(
         ppl_before=before, ppl_after=after, ppl_ratio=ratio, confirmed=ratio >= factor)
-    return out[COLUMNS]
+    rerun = evaluate(model, eval_windows, batch_size, chunk_size=chunk_size)
+    return Confirmation(table[COLUMNS], trace, rerun)
 
 
 def activation_trace(model: torch.nn.Module, windows: torch.Tensor, batch_size: int,

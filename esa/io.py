@@ -1,9 +1,13 @@
-"""Atomic file writes: an output path either holds a complete file or does not exist.
+"""Files between steps: atomic writes, and Parquet reads that fail with one line.
 
-Snakemake treats an existing output as finished, so a crash halfway through a write must not
-leave a truncated file under the final name. Each writer writes a temporary file in the same
-directory (so the rename stays on one filesystem), flushes it to disk and then renames it over
-the target with ``os.replace``, which is atomic on POSIX and Windows.
+Writes: an output path either holds a complete file or does not exist. Snakemake treats an
+existing output as finished, so a crash halfway through a write must not leave a truncated
+file under the final name. Each writer writes a temporary file in the same directory (so the
+rename stays on one filesystem), flushes it to disk and then renames it over the target with
+``os.replace``, which is atomic on POSIX and Windows.
+
+Every step reads Parquet through :func:`read_parquet`, so a damaged input (truncated, not
+Parquet at all) ends in one ``esa: error:`` line naming the file instead of a pyarrow traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow
+
+from .errors import ESAError
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -42,6 +49,15 @@ def write_parquet_atomic(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     return write_atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
+def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pd.DataFrame:
+    """``pd.read_parquet(path, columns=columns)``; an unreadable file is an :class:`ESAError` naming it."""
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except (OSError, pyarrow.ArrowException) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ESAError(f"cannot read Parquet file {os.fspath(path)!r}: {first}") from None
+
+
 def _json_default(value):
     """Let numpy scalars/arrays and paths, which metrics dicts often carry, serialise as JSON."""
     if isinstance(value, np.generic):
@@ -60,3 +76,10 @@ def write_json_atomic(obj, path: str | os.PathLike) -> Path:
             json.dump(obj, handle, indent=2, default=_json_default)
             handle.write("\n")
     return write_atomic(path, write)
+
+
+def files_by_seed(items: list[str], seeds: list[int]) -> dict[int, str]:
+    """``{seed: path}`` of a comma-joined list holding one file per seed, in seed order."""
+    if len(items) != len(seeds):
+        raise ESAError(f"expected one file per seed {seeds}, got {len(items)}")
+    return dict(zip(seeds, items))

@@ -131,8 +131,10 @@ def context_length(model_config) -> int | None:
 def materialize(source: str, out_dir: str | Path) -> dict:
     """Write ``out_dir/model.json`` pointing at a fast-loading checkpoint of ``source``.
 
-    A GGUF is de-quantised once and saved as fp32 safetensors beside it; a local directory or
-    hub id is referenced as it is (copying an 8B checkpoint would gain nothing).
+    A GGUF is de-quantised once and saved as fp32 safetensors beside it, in ``checkpoint/``,
+    referenced by that relative name so the results directory can be moved; a local directory
+    (by its absolute path) or hub id is referenced as it is (copying an 8B checkpoint would
+    gain nothing).
     """
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM
@@ -154,7 +156,7 @@ def materialize(source: str, out_dir: str | Path) -> dict:
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(weights, ignore_errors=True)
         os.replace(tmp, weights)
-        ref.update(kind="dir", path=str(weights.resolve()), gguf_file=resolved.gguf_file)
+        ref.update(kind="dir", path=weights.name, gguf_file=resolved.gguf_file)
     else:
         load_config(resolved)  # fail here, not in every later job, when the source is wrong
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,9 +165,14 @@ def materialize(source: str, out_dir: str | Path) -> dict:
 
 
 def source_from_ref(ref_path: str | Path) -> ModelSource:
-    """The checkpoint a ``model.json`` written by :func:`materialize` points at."""
+    """The checkpoint a ``model.json`` written by :func:`materialize` points at.
+
+    A relative path is relative to the directory of ``model.json``; a hub id stays a hub id.
+    """
     ref = json.loads(Path(ref_path).read_text())
-    return ModelSource(ref["kind"], ref["path"])
+    if ref["kind"] == "hub":
+        return ModelSource("hub", ref["path"])
+    return ModelSource(ref["kind"], str((Path(ref_path).parent / ref["path"]).resolve()))
 
 
 def load_model(source: ModelSource, device: str = "auto", dtype: str = "fp32",

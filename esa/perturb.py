@@ -32,22 +32,22 @@ from tqdm.auto import tqdm
 
 from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK, evaluate
+from .names import NOISE_MODES, PERTURBATIONS, SETS
 
-PERTURBATIONS = ("zero", "sign_flip", "gaussian")
-NOISE_MODES = ("relative", "absolute", "tensor_std")
-SETS = ("top", "random_k", "bottom_k")
 RESULT_COLUMNS = ["set", "seed", "n_weights", "perturb", "scale", "noise", "loss", "ppl",
-                  "delta_loss", "delta_ppl", "ppl_ratio", "finite"]
+                  "delta_loss", "delta_ppl", "ppl_ratio", "finite", "evaluated"]
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass(frozen=True)
 class PerturbationInfo:
-    """What a perturbation touched: distinct weights and the tensors holding them."""
+    """What a perturbation touched: distinct weights, the tensors holding them, and how many
+    of the weights it gave a new value (``-0.0`` for ``0.0`` is the same value)."""
 
     n_weights: int
     n_tensors: int
+    n_changed: int
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,8 @@ def perturbed(model: torch.nn.Module, selection: pd.DataFrame, kind: str, scale:
                 new = _new_values(kind, original.float(), param, scale, noise, generator)
                 flat.index_put_((index,), new.to(flat.dtype))
                 touched.append(_Touched(name, param, index, original, flat[index]))
-        yield PerturbationInfo(n_weights=sum(len(t.index) for t in touched), n_tensors=len(touched))
+        yield PerturbationInfo(n_weights=sum(len(t.index) for t in touched), n_tensors=len(touched),
+                               n_changed=sum(int((t.written != t.original).sum()) for t in touched))
     finally:
         _restore(touched)
 
@@ -177,8 +178,11 @@ def run_perturbations(model: torch.nn.Module, mask_by_seed: dict[int, pd.DataFra
         delta_loss = loss - baseline loss,  delta_ppl = ppl - baseline ppl,
         ppl_ratio  = ppl / baseline ppl.
 
-    A non-finite loss is a result (``finite`` False, ppl inf), not an error. Returns one row
-    per (seed, set) with columns ``RESULT_COLUMNS``.
+    A non-finite loss is a result (``finite`` False, ppl inf), not an error. A set whose
+    perturbation gives no weight a new value (sign_flip or relative noise of weights that are
+    0, as a bottom_k of zero scores often is) leaves the model the same function: its row is
+    the baseline's result (delta 0), not evaluated again (``evaluated`` False). Returns one
+    row per (seed, set) with columns ``RESULT_COLUMNS``.
     """
     _check_choice(perturb, PERTURBATIONS, "perturbation")
     _check_choice(noise, NOISE_MODES, "noise mode")
@@ -195,11 +199,15 @@ def run_perturbations(model: torch.nn.Module, mask_by_seed: dict[int, pd.DataFra
     records = []
     for seed, name, rows in tqdm(jobs, desc=f"perturb {perturb}", disable=not progress):
         with perturbed(model, rows, perturb, scale, noise, seed) as info:
-            result = evaluate(model, eval_windows, batch_size, chunk_size=chunk_size)
-        loss, ppl = result.loss, result.ppl
+            evaluated = info.n_changed > 0
+            if evaluated:
+                result = evaluate(model, eval_windows, batch_size, chunk_size=chunk_size)
+                loss, ppl, finite = result.loss, result.ppl, result.finite
+            else:
+                loss, ppl, finite = baseline["loss"], baseline["ppl"], baseline["finite"]
         records.append({"set": name, "seed": int(seed), "n_weights": info.n_weights,
                         "perturb": perturb, "scale": float(scale), "noise": noise,
                         "loss": loss, "ppl": ppl, "delta_loss": loss - baseline["loss"],
                         "delta_ppl": ppl - baseline["ppl"], "ppl_ratio": ppl / baseline["ppl"],
-                        "finite": result.finite})
+                        "finite": finite, "evaluated": evaluated})
     return pd.DataFrame(records, columns=RESULT_COLUMNS)

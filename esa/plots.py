@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from .score_stats import hist_edges  # noqa: E402
+from .names import hist_edges  # noqa: E402
 
 
 def save_figure(fig, path: str | Path) -> None:

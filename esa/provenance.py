@@ -2,90 +2,128 @@
 
 Snakemake reruns a job when its params change but does not look into imported packages. Each
 rule therefore carries ``code_version(step)`` as a param: a hash of the step function, the
-step-module helpers it calls, and every `esa` module it reaches through imports. Editing
-``esa/perturb.py`` reruns the perturb jobs and nothing upstream of them.
+helpers of its own module it calls, and every `esa` module it reaches through imports.
+Editing ``esa/perturb.py`` reruns the perturb jobs and nothing upstream of them.
+
+The hash is taken over the syntax tree with docstrings left out (comments never reach it),
+so fixing a docstring or a comment reruns nothing. Everything is read from the source files
+with :mod:`ast`, nothing is imported: building the DAG never loads torch.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
-import inspect
-import sys
-import textwrap
-import types
 from functools import lru_cache
+from pathlib import Path
 
 PACKAGE = "esa"
+ROOT = Path(__file__).resolve().parent
+STEP_MODULES = ("esa.steps", "esa.model_steps")  # the modules that define ``step_<name>``
 
 
-def _imports(source: str) -> set[str]:
-    """Names of the `esa` modules a piece of source imports."""
-    found = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level == 1:
-                names = [f"{PACKAGE}.{base}"] if base else [f"{PACKAGE}.{a.name}" for a in node.names]
-            elif base == PACKAGE or base.startswith(PACKAGE + "."):
-                names = [base] if base != PACKAGE else [f"{PACKAGE}.{a.name}" for a in node.names]
-            else:
+def _path(module: str) -> Path:
+    return ROOT.joinpath(*module.split(".")[1:]).with_suffix(".py")
+
+
+@lru_cache(maxsize=None)
+def _tree(module: str) -> ast.Module:
+    return ast.parse(_path(module).read_text(encoding="utf-8"))
+
+
+def _strip_docstrings(node: ast.AST) -> ast.AST:
+    """A copy of ``node`` without the docstrings of its module, classes and functions."""
+    node = ast.parse(ast.unparse(node))
+    for item in ast.walk(node):
+        body = getattr(item, "body", None)
+        if (isinstance(item, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            item.body = body[1:] or [ast.Pass()]
+    return node
+
+
+def _esa_imports(node: ast.AST, module: str) -> dict[str, str]:
+    """``{bound name: esa module}`` for every `esa` import inside ``node`` (any depth).
+
+    ``from .x import f`` binds f to esa.x; ``from . import x`` and ``import esa.x`` bind x.
+    """
+    package = module.rsplit(".", 1)[0]
+    bound = {}
+    for item in ast.walk(node):
+        if isinstance(item, ast.ImportFrom):
+            base = item.module or ""
+            if item.level:
+                base = f"{package}.{base}" if base else package
+            if base != PACKAGE and not base.startswith(PACKAGE + "."):
                 continue
-            found.update(n for n in names if n in sys.modules or _importable(n))
-    return found
+            for alias in item.names:
+                candidate = f"{base}.{alias.name}"
+                bound[alias.asname or alias.name] = candidate if _path(candidate).exists() else base
+        elif isinstance(item, ast.Import):
+            for alias in item.names:
+                if alias.name.startswith(PACKAGE + "."):
+                    bound[alias.asname or alias.name] = alias.name
+    return bound
 
 
-def _importable(name: str) -> bool:
-    try:
-        __import__(name)
-    except ImportError:
-        return False
-    return True
-
-
-def _referenced(function, namespace: dict, seen_functions: set, modules: set) -> None:
-    """Collect the `esa` modules and same-module helpers a function refers to."""
-    code_objects = [function.__code__]
-    while code_objects:
-        code = code_objects.pop()
-        code_objects += [c for c in code.co_consts if isinstance(c, types.CodeType)]
-        for name in code.co_names:
-            obj = namespace.get(name)
-            if isinstance(obj, types.ModuleType) and obj.__name__.startswith(PACKAGE + "."):
-                modules.add(obj.__name__)
-            elif callable(obj) and getattr(obj, "__module__", "").startswith(PACKAGE + "."):
-                if obj.__module__ == function.__module__ and inspect.isfunction(obj) and obj not in seen_functions:
-                    seen_functions.add(obj)
-                    _referenced(obj, namespace, seen_functions, modules)
-                elif obj.__module__ != function.__module__:
-                    modules.add(obj.__module__)
-
-
-def _closure(step: str) -> tuple[set, set[str]]:
-    """The functions of ``esa.steps`` and the `esa` modules that ``step_<step>`` runs."""
-    from . import steps
-
-    function = getattr(steps, f"step_{step}")
-    functions, modules = {function}, set()
-    _referenced(function, vars(steps), functions, modules)
-    for f in functions:  # imports inside a function body (kept lazy for start-up time)
-        modules |= _imports(textwrap.dedent(inspect.getsource(f)))
-    pending = list(modules)
+def _module_closure(modules: set[str]) -> set[str]:
+    """``modules`` and every `esa` module they import, transitively."""
+    pending, seen = list(modules), set(modules)
     while pending:
-        for name in _imports(inspect.getsource(sys.modules[pending.pop()])):
-            if name not in modules:
-                modules.add(name)
-                pending.append(name)
-    return functions, modules
+        module = pending.pop()
+        for found in _esa_imports(_tree(module), module).values():
+            if found not in seen and _path(found).exists():
+                seen.add(found)
+                pending.append(found)
+    return seen
+
+
+def _step_closure(step: str) -> tuple[list[ast.AST], set[str]]:
+    """The definitions of the step's own module it runs, and the `esa` modules it reaches."""
+    name = f"step_{step}"
+    for module in STEP_MODULES:
+        tree = _tree(module)
+        definitions = {}
+        for item in tree.body:
+            if isinstance(item, (ast.FunctionDef, ast.ClassDef)):
+                definitions[item.name] = item
+            elif isinstance(item, (ast.Assign, ast.AnnAssign)):
+                targets = item.targets if isinstance(item, ast.Assign) else [item.target]
+                for target in targets:
+                    for leaf in ast.walk(target):
+                        if isinstance(leaf, ast.Name):
+                            definitions[leaf.id] = item
+        if name in definitions:
+            break
+    else:
+        raise KeyError(f"no workflow step {name} in {STEP_MODULES}")
+    imported = _esa_imports(tree, module)
+    used, modules, pending = [], set(), [definitions[name]]
+    while pending:
+        node = pending.pop()
+        if node in used:
+            continue
+        used.append(node)
+        local = _esa_imports(node, module)  # imports inside a function body (kept lazy)
+        modules.update(local.values())
+        for leaf in ast.walk(node):
+            if isinstance(leaf, ast.Name):
+                if leaf.id in imported:
+                    modules.add(imported[leaf.id])
+                elif leaf.id in definitions and leaf.id not in local:
+                    pending.append(definitions[leaf.id])
+    return used, _module_closure(modules)
 
 
 @lru_cache(maxsize=None)
 def code_version(step: str) -> str:
-    """Short hash of the code behind ``esa.steps.step_<step>``."""
-    functions, modules = _closure(step)
+    """Short hash of the code behind the workflow step ``step_<step>`` (docstrings and
+    comments excluded)."""
+    definitions, modules = _step_closure(step)
     digest = hashlib.sha256()
-    for source in sorted(inspect.getsource(f) for f in functions):
-        digest.update(source.encode())
-    for name in sorted(modules):
-        digest.update(name.encode() + inspect.getsource(sys.modules[name]).encode())
+    for dump in sorted(ast.dump(_strip_docstrings(node)) for node in definitions):
+        digest.update(dump.encode())
+    for module in sorted(modules):
+        digest.update(module.encode() + ast.dump(_strip_docstrings(_tree(module))).encode())
     return digest.hexdigest()[:16]

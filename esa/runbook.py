@@ -7,6 +7,8 @@ with every other run), and copies the files the runbook promises into ``--out-di
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import re
 import shutil
@@ -67,10 +69,19 @@ def copy_outputs(files: dict[str, str], workdir: Path, out_dir: Path) -> None:
         shutil.copyfile(workdir / source, out_dir / name)
 
 
-def phase_parser() -> "argparse.ArgumentParser":
-    """Flags of the runbook's ``phase1_runner_enhanced.py`` (Phases 2 and 3)."""
-    import argparse
+def _finite_float(text: str) -> float:
+    """argparse type of a finite number: NaN or infinity would silently remove the verdicts."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
+
+def phase_parser() -> argparse.ArgumentParser:
+    """Flags of the runbook's ``phase1_runner_enhanced.py`` (Phases 2 and 3)."""
     from .layout import AGREEMENT_METRICS
     from .perturb import PERTURBATIONS
     from .selection import CONTROLS, MODES
@@ -89,7 +100,8 @@ def phase_parser() -> "argparse.ArgumentParser":
     parser.add_argument("--save-plots", action="store_true", help="write the distribution/hotspot plots")
     parser.add_argument("--out-dir", required=True, type=Path, help="where the run's files are gathered")
     parser.add_argument("--perturb", choices=PERTURBATIONS, default=None, help="Phase 3 perturbation of the top-k")
-    parser.add_argument("--perturb-scale", type=float, default=1.0, help="sign_flip factor or gaussian noise scale")
+    parser.add_argument("--perturb-scale", type=_finite_float, default=1.0,
+                        help="sign_flip factor or gaussian noise scale (a finite number)")
     parser.add_argument("--controls", default=",".join(CONTROLS),
                         help=f"comma-separated controls, from: {', '.join(CONTROLS)}")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
@@ -139,9 +151,7 @@ def gather_phase_outputs(config: dict, name: str, workdir: Path, out_dir: Path, 
     """Lay out ``out_dir``: config, manifest, the Parquet files, top_weights.csv and plots."""
     import json
 
-    import pandas as pd
-
-    from .io import write_json_atomic
+    from .io import read_parquet, write_json_atomic
 
     layout = Layout(config)
     e = layout.experiments[name]
@@ -165,8 +175,8 @@ def gather_phase_outputs(config: dict, name: str, workdir: Path, out_dir: Path, 
         (out_dir / "plots").mkdir(exist_ok=True)
         shutil.copyfile(workdir / plot, out_dir / "plots" / Path(plot).name)
     first = e["seeds"][0]
-    mask = pd.read_parquet(workdir / files["masks"][0])
-    candidates = pd.read_parquet(workdir / files["scores"][0] / "candidates.parquet")
+    mask = read_parquet(workdir / files["masks"][0])
+    candidates = read_parquet(workdir / files["scores"][0] / "candidates.parquet")
     top = mask[mask["set"] == "top"].drop(columns=["set"]).merge(
         candidates[candidates["end"] == "top"][["tensor", "flat_index", "weight", "stat"]],
         on=["tensor", "flat_index"], how="left")

@@ -32,18 +32,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .names import TOP_DENOMINATOR, hist_edges
+
 if TYPE_CHECKING:
     from .targets import Target
 
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p99_9": 0.999, "p99_99": 0.9999}
-TOP_DENOMINATOR = 10_000  # the top 0.01%: ceil(n / 10_000) in exact integer arithmetic
-HIST_LOW, HIST_HIGH, HIST_BINS = -12.0, 4.0, 64
 _CHUNK = 1 << 22  # elements per float64 step of the moment sums, to bound temporary memory
-
-
-def hist_edges() -> np.ndarray:
-    """The ``HIST_BINS + 1`` fixed bin edges of ``log10_hist``, in log10(score) units."""
-    return np.linspace(HIST_LOW, HIST_HIGH, HIST_BINS + 1)
 
 
 def _quantile(ordered: torch.Tensor, q: float) -> float:
@@ -53,6 +48,14 @@ def _quantile(ordered: torch.Tensor, q: float) -> float:
     high = min(low + 1, ordered.numel() - 1)
     below, above = float(ordered[low]), float(ordered[high])
     return below + (h - low) * (above - below)
+
+
+def _sorted(flat: torch.Tensor) -> torch.Tensor:
+    """``flat`` in ascending order, on its device. On CPU numpy's vectorised sort is ~3x
+    faster than ``torch.sort`` (and these sorts are most of a scores job's statistics time)."""
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.sort(flat.numpy()))
+    return torch.sort(flat).values
 
 
 def _excess_kurtosis(flat: torch.Tensor, mean: float) -> float:
@@ -73,7 +76,7 @@ def tensor_stats(meta: Target, score: torch.Tensor) -> dict:
         raise ValueError(f"score of {meta.name} has {n} elements, expected "
                          f"{meta.rows} x {meta.cols} = {meta.rows * meta.cols}")
     flat = score.detach().reshape(-1)
-    ordered = torch.sort(flat).values
+    ordered = _sorted(flat)
     total = float(ordered.sum(dtype=torch.float64))
     top_n = max(1, -(-n // TOP_DENOMINATOR))
     top_mass = float(ordered[n - top_n:].sum(dtype=torch.float64))

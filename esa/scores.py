@@ -44,13 +44,11 @@ from tqdm.auto import tqdm
 
 from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK, batches, mean_token_loss, window_nll
+from .names import GRADIENT_METRICS, METRICS, WEIGHTINGS
 from .targets import Target, target_module, target_parameter
 
 log = logging.getLogger(__name__)
 
-METRICS = ("grad_x_weight", "grad_squared", "hutchinson_diag", "activation_magnitude")
-GRADIENT_METRICS = ("grad_x_weight", "grad_squared", "hutchinson_diag")
-WEIGHTINGS = ("product", "raw")
 TRACE_COLUMNS = ["layer", "module", "side", "value", "channel", "window", "position", "token"]
 
 

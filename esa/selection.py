@@ -30,9 +30,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import ESAError
+from .names import CONTROLS, MODES
 
-MODES = ("global", "per_layer", "per_tensor")
-CONTROLS = ("random_k", "bottom_k")
 SELECTED_COLUMNS = ["tensor", "layer", "module", "row", "col", "flat_index", "weight", "stat",
                     "score", "rank"]
 MASK_COLUMNS = ["set", "tensor", "layer", "module", "row", "col", "flat_index", "score"]

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-
+from .io import read_parquet
 from .verdicts import count_statuses, read_json
 
 BASELINE = Path("baseline/metrics.json")
@@ -30,7 +29,7 @@ def _baseline_line(path: Path) -> str:
 def _super_weight_lines(path: Path) -> list[str]:
     if not path.exists():
         return ["super weights: not run"]
-    df = pd.read_parquet(path)
+    df = read_parquet(path)
     found_by = {}
     if "metric" in df.columns:  # one row per (metric, rank): a weight several metrics rank is one weight
         found_by = df.groupby(["tensor", "flat_index"], sort=False)["metric"].agg(", ".join).to_dict()

@@ -29,7 +29,12 @@ The checks, with the keys of their thresholds (defaults in ``DEFAULT_THRESHOLDS`
   ``top > 0`` and ``top >= separation_ratio * max(ctl, 0)`` and ``top > ctl``. Good when every
   seed separates, bad when any seed has ``top <= ctl``, warn otherwise. If every bottom_k
   weight of every seed has score 0 (zero-gradient weights) the bottom_k control is trivial,
-  and a good becomes warn saying so.
+  and a good becomes warn saying so. A seed is *saturated* when the perturbed losses of both
+  top and the control are at the uniform-output level, ``|loss - ln V| <= saturation_tol *
+  ln V`` (V = the baseline's ``vocab_size``), or not finite: the perturbation destroys the
+  model whichever weights it hits and cannot tell them apart. A saturated seed counts as
+  neither separating nor failing; the verdict is warn, saying "saturated", unless another
+  seed fails.
 - ``seed_stability``: mean pairwise Jaccard of the top sets across seeds; good when
   ``jaccard_mean > jaccard_min`` (strictly), else bad; warn with fewer than 2 seeds.
 - ``metric_agreement`` (per mode and k): mean Jaccard over seeds of each pair of
@@ -49,8 +54,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import ESAError
-from .score_stats import TOP_DENOMINATOR
-from .scores import GRADIENT_METRICS
+from .io import read_parquet
+from .names import CONTROLS, GRADIENT_METRICS, TOP_DENOMINATOR
 
 STATUSES = ("good", "warn", "bad")
 DEFAULT_THRESHOLDS = {
@@ -59,10 +64,10 @@ DEFAULT_THRESHOLDS = {
     "kurtosis_min": 10.0,  # median excess kurtosis over tensors
     "max_tensor_share": 1.0,  # bad when one tensor holds this share of a global top set
     "separation_ratio": 2.0,  # dPPL(top) / dPPL(control)
+    "saturation_tol": 0.01,  # |loss - ln V| / ln V at which a perturbed model counts as uniform output
     "jaccard_min": 0.3,  # mean Jaccard across seeds must exceed it
     "agreement_min": 0.1,  # Jaccard between gradient metrics' top sets
 }
-CONTROLS = ("random_k", "bottom_k")
 
 
 @dataclass
@@ -101,7 +106,7 @@ def _per_seed(entry: Mapping, key: str) -> dict[int, pd.DataFrame]:
             raise ESAError(f"experiment {entry['name']!r}: {key} lists {len(paths)} files, "
                            f"expected one per seed of {seeds}")
         paths = dict(zip(seeds, paths))
-    return {int(seed): pd.read_parquet(path) for seed, path in paths.items()}
+    return {int(seed): read_parquet(path) for seed, path in paths.items()}
 
 
 def load_experiment(entry: Mapping) -> ExperimentData:
@@ -118,9 +123,9 @@ def load_experiment(entry: Mapping) -> ExperimentData:
     return ExperimentData(name=entry["name"], metric=entry["metric"], mode=entry["mode"],
                           k=int(entry.get("k", entry.get("topk"))), stats=_per_seed(entry, "stats"),
                           masks=_per_seed(entry, "masks"),
-                          results=read_optional(entry.get("results"), pd.read_parquet),
+                          results=read_optional(entry.get("results"), read_parquet),
                           stability=read_optional(entry.get("stability"), read_json),
-                          stability_pairs=read_optional(entry.get("stability_pairs"), pd.read_parquet))
+                          stability_pairs=read_optional(entry.get("stability_pairs"), read_parquet))
 
 
 def read_agreement(paths) -> pd.DataFrame | None:
@@ -128,7 +133,7 @@ def read_agreement(paths) -> pd.DataFrame | None:
     if paths is None:
         return None
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True) if paths else None
+    return pd.concat([read_parquet(p) for p in paths], ignore_index=True) if paths else None
 
 
 def _clean(value):
@@ -260,29 +265,60 @@ def _trivial_bottom(masks: Mapping[int, pd.DataFrame]) -> bool:
     return bool(scores) and all((s == 0).all() for s in scores)
 
 
+def _saturated(loss: float, uniform_loss: float | None, tol: float) -> bool:
+    """A perturbed loss at the uniform-output level ln V (within ``tol * ln V``), or not finite."""
+    if not math.isfinite(loss):
+        return True
+    return uniform_loss is not None and abs(loss - uniform_loss) <= tol * uniform_loss
+
+
+def _seed_detail(seed: int, values: Mapping, control: str) -> str:
+    if values["saturated"]:
+        return (f"seed {seed}: loss top {values['top_loss']:.4g} and {control} "
+                f"{values['control_loss']:.4g} (saturated)")
+    ratio = f" (x{values['ratio']:.3g})" if not math.isnan(values["ratio"]) else ""
+    return f"seed {seed}: dPPL top {values['top']:.4g} vs {control} {values['control']:.4g}{ratio}"
+
+
 def _separation(name: str, control: str, rows: pd.DataFrame, trivial: bool,
-                thresholds: Mapping, perturbation: dict) -> dict:
-    """One control's separation verdict from one perturbation's results (all seeds)."""
-    limits = {"separation_ratio": thresholds["separation_ratio"]}
-    r = limits["separation_ratio"]
-    by_set = rows.pivot_table(index="seed", columns="set", values="delta_ppl", aggfunc="first")
-    paired = by_set.reindex(columns=["top", control]).dropna()
-    per_seed, separates, fails = {}, [], []
-    for seed, (top, ctl) in paired.iterrows():
+                thresholds: Mapping, perturbation: dict, uniform_loss: float | None) -> dict:
+    """One control's separation verdict from one perturbation's results (all seeds);
+    ``uniform_loss`` is ln V (None when V is unknown: only a non-finite loss saturates)."""
+    limits = {key: thresholds[key] for key in ("separation_ratio", "saturation_tol")}
+    r, tol = limits["separation_ratio"], limits["saturation_tol"]
+    first = rows.drop_duplicates(["seed", "set"]).set_index("seed")
+    paired = first.loc[first["set"] == "top", ["delta_ppl", "loss"]].merge(
+        first.loc[first["set"] == control, ["delta_ppl", "loss"]], left_index=True, right_index=True,
+        suffixes=("", "_control"))
+    per_seed, separates, fails, saturated = {}, [], [], []
+    for seed, (top, top_loss, ctl, ctl_loss) in paired.sort_index().iterrows():
+        if _saturated(top_loss, uniform_loss, tol) and _saturated(ctl_loss, uniform_loss, tol):
+            per_seed[int(seed)] = {"top": top, "control": ctl, "ratio": math.nan, "top_loss": top_loss,
+                                   "control_loss": ctl_loss, "saturated": True}
+            saturated.append(int(seed))
+            continue
+        if math.isnan(top) or math.isnan(ctl):  # no dPPL to compare (a NaN loss on one side only)
+            continue
         ratio = top / ctl if ctl > 0 else math.nan
-        per_seed[int(seed)] = {"top": top, "control": ctl, "ratio": ratio}
+        per_seed[int(seed)] = {"top": top, "control": ctl, "ratio": ratio, "top_loss": top_loss,
+                               "control_loss": ctl_loss, "saturated": False}
         separates.append(top > 0 and top > ctl and top >= r * max(ctl, 0.0))
         fails.append(top <= ctl)
     ratios = [v["ratio"] for v in per_seed.values() if not math.isnan(v["ratio"])]
     numbers = {**perturbation, "seeds": len(per_seed), "min_ratio": min(ratios, default=math.nan),
-               "trivial_control": trivial, "per_seed": per_seed}
-    detail = "; ".join(f"seed {s}: dPPL top {v['top']:.4g} vs {control} {v['control']:.4g}"
-                       + (f" (x{v['ratio']:.3g})" if not math.isnan(v["ratio"]) else "")
-                       for s, v in per_seed.items())
+               "trivial_control": trivial, "uniform_loss": uniform_loss, "saturated_seeds": saturated,
+               "per_seed": per_seed}
+    detail = "; ".join(_seed_detail(seed, values, control) for seed, values in per_seed.items())
     if not per_seed:
         status, lead = "warn", f"no seed has both top and {control} results"
     elif any(fails):
         status, lead = "bad", f"top does no more damage than {control} in {sum(fails)} seed(s)"
+    elif saturated:
+        level = "non-finite" if uniform_loss is None else \
+            f"at loss ln V = {uniform_loss:.4g} (uniform output) or non-finite"
+        status, lead = "warn", (f"saturated: top and {control} both {level} in {len(saturated)} "
+                                f"seed(s); the perturbation destroys the model whichever weights it "
+                                f"hits (lower the scale)")
     elif all(separates):
         status, lead = "good", f"top beats {control} by >= x{r:g} in every seed"
     else:
@@ -293,12 +329,15 @@ def _separation(name: str, control: str, rows: pd.DataFrame, trivial: bool,
     return _verdict(f"separation_{control}", name, status, numbers, limits, f"{lead}. {detail}")
 
 
-def separation_verdicts(experiment: ExperimentData, thresholds: Mapping) -> list[dict]:
-    """dPPL(top) against each control present, per perturbation in the results."""
+def separation_verdicts(experiment: ExperimentData, thresholds: Mapping,
+                        vocab_size: int | None = None) -> list[dict]:
+    """dPPL(top) against each control present, per perturbation in the results; ``vocab_size``
+    (V, from the baseline metrics) lets a perturbation saturated at loss ln V be flagged."""
     results = experiment.results
     if results is None or results.empty:
         return []
     groups = list(results.groupby(["perturb", "scale", "noise"], sort=True))
+    uniform_loss = math.log(vocab_size) if vocab_size else None
     out = []
     for (perturb, scale, noise), rows in groups:
         label = experiment.name if len(groups) == 1 else f"{experiment.name}/{perturb}_{scale:g}_{noise}"
@@ -306,7 +345,7 @@ def separation_verdicts(experiment: ExperimentData, thresholds: Mapping) -> list
         for control in CONTROLS:
             if control in set(rows["set"]):
                 trivial = control == "bottom_k" and _trivial_bottom(experiment.masks)
-                out.append(_separation(label, control, rows, trivial, thresholds, perturbation))
+                out.append(_separation(label, control, rows, trivial, thresholds, perturbation, uniform_loss))
     return out
 
 
@@ -364,7 +403,7 @@ def compute_verdicts(baseline: Mapping, experiments: list[ExperimentData],
     for experiment in experiments:
         verdicts += [v for v in (heavy_tail_verdict(experiment, limits),
                                  topk_spread_verdict(experiment, limits)) if v is not None]
-        verdicts += separation_verdicts(experiment, limits)
+        verdicts += separation_verdicts(experiment, limits, baseline.get("vocab_size"))
         stability = stability_verdict(experiment, limits)
         if stability is not None:
             verdicts.append(stability)

@@ -1,4 +1,7 @@
 SCORE_FILES = ("candidates.parquet", "stats.parquet", "manifest.json")
+# Order only: the evaluation data step checks the text holds eval_windows before any scoring
+# starts (minutes of it otherwise); ancient, so new evaluation windows never re-score.
+EVAL_CHECKED = ancient(f"{RESULTS}/data/eval.json")
 
 
 rule scores_gradients:
@@ -6,6 +9,7 @@ rule scores_gradients:
     input:
         model=rules.model.output.ref,
         calib=f"{RESULTS}/data/calib.parquet",
+        eval_checked=EVAL_CHECKED,
     output:
         [f"{scores_out(metric)}/{name}" for metric in GRADIENT_METRICS for name in SCORE_FILES],
     params:
@@ -34,6 +38,7 @@ rule scores_hutchinson:
     input:
         model=rules.model.output.ref,
         calib=f"{RESULTS}/data/calib.parquet",
+        eval_checked=EVAL_CHECKED,
     output:
         [f"{scores_out('hutchinson_diag')}/{name}" for name in SCORE_FILES],
     params:
@@ -60,6 +65,7 @@ rule scores_activations:
     input:
         model=rules.model.output.ref,
         calib=f"{RESULTS}/data/calib.parquet",
+        eval_checked=EVAL_CHECKED,
     output:
         [f"{scores_out('activation_magnitude')}/{name}" for name in SCORE_FILES],
         activations=f"{scores_out('activation_magnitude')}/activations.parquet",

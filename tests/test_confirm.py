@@ -1,4 +1,5 @@
-"""Super-weight confirmation on a tiny Llama with ONE planted super weight, found by scoring."""
+"""Super-weight confirmation on a tiny Llama with ONE planted super weight, found by scoring;
+the layer-skipping ablations against full evaluations on three model families."""
 
 import math
 
@@ -6,10 +7,13 @@ import pandas as pd
 import pytest
 import torch
 from conftest import make_tiny_llama
+from torch import nn
+from transformers import FalconH1Config, FalconH1ForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
 from esa.candidates import build_candidates
-from esa.confirm import COLUMNS, activation_trace, confirm_super_weights, global_top
+from esa.confirm import COLUMNS, activation_trace, confirm_super_weights, first_changed_layer, global_top
 from esa.evaluation import evaluate
+from esa.perturb import perturbed
 from esa.scores import TRACE_COLUMNS, compute_scores
 from esa.targets import find_targets
 
@@ -63,8 +67,9 @@ def test_confirm_finds_exactly_the_planted_super_weight():
     candidates = build_candidates(targets, scores.weights, scores.stat, scores.score, m=10)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
 
-    result = confirm_super_weights(model, candidates, evaluation, batch_size=4, baseline=baseline,
-                                   top_n=10, factor=1.5)
+    confirmation = confirm_super_weights(model, candidates, evaluation, batch_size=4, baseline=baseline,
+                                         top_n=10, factor=1.5)
+    result = confirmation.super_weights
 
     assert list(result.columns) == COLUMNS and len(result) == 10
     assert result["score"].is_monotonic_decreasing
@@ -82,7 +87,8 @@ def test_confirm_finds_exactly_the_planted_super_weight():
     assert (others["ppl_ratio"] - 1).abs().max() < 0.01  # the rest of its column: harmless
     for name, p in model.named_parameters():  # every zeroing was undone bit-exactly
         assert torch.equal(p, before[name]), name
-    assert evaluate(model, evaluation, batch_size=4).ppl == baseline["ppl"]
+    assert confirmation.rerun.metrics() == baseline
+    pd.testing.assert_frame_equal(confirmation.activations, activation_trace(model, evaluation, 4))
 
 
 def test_factor_is_the_confirmation_line():
@@ -92,11 +98,15 @@ def test_factor_is_the_confirmation_line():
     candidates = pd.DataFrame({"tensor": DOWN, "layer": 0, "module": "mlp.down_proj", "row": [ROW],
                                "col": [COL], "flat_index": [ROW * INTERMEDIATE + COL], "weight": [1.0],
                                "stat": [1.0], "score": [1.0], "rank_in_tensor": [0], "end": "top"})
-    ratio = confirm_super_weights(model, candidates, evaluation, 4, baseline, top_n=1)["ppl_ratio"].iloc[0]
-    assert confirm_super_weights(model, candidates, evaluation, 4, baseline, top_n=1,
-                                 factor=ratio)["confirmed"].all()
-    assert not confirm_super_weights(model, candidates, evaluation, 4, baseline, top_n=1,
-                                     factor=ratio * (1 + 1e-9))["confirmed"].any()
+
+    def confirmed(factor: float) -> pd.Series:
+        return confirm_super_weights(model, candidates, evaluation, 4, baseline, top_n=1,
+                                     factor=factor).super_weights["confirmed"]
+
+    ratio = confirm_super_weights(model, candidates, evaluation, 4, baseline,
+                                  top_n=1).super_weights["ppl_ratio"].iloc[0]
+    assert confirmed(ratio).all()
+    assert not confirmed(ratio * (1 + 1e-9)).any()
 
 
 def test_global_top_orders_across_tensors_with_ties():
@@ -128,3 +138,87 @@ def test_activation_trace_locates_the_massive_activation():
     scoring = compute_scores(model, find_targets(model), windows, ["activation_magnitude"], batch_size=4,
                              seed=0, progress=False)["activation_magnitude"].extra["massive_activations"]
     pd.testing.assert_frame_equal(trace, scoring)
+
+
+def _gemma2():
+    """Embedding scaling, alternating sliding-window layers, attention and logit softcapping."""
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, sliding_window=4,
+                          max_position_embeddings=128, attn_implementation="eager")
+    return Gemma2ForCausalLM(config).eval()
+
+
+def _falcon_h1():
+    """Hybrid attention + Mamba layers that return a tuple, not a tensor."""
+    torch.manual_seed(0)
+    config = FalconH1Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=8, mamba_d_ssm=16,
+                            mamba_n_heads=2, mamba_d_head=8, mamba_d_state=4, mamba_n_groups=1,
+                            max_position_embeddings=128, attn_implementation="eager")
+    return FalconH1ForCausalLM(config).eval()
+
+
+def _largest_entries(model: nn.Module, names: list[str]) -> pd.DataFrame:
+    """Candidates in the given order (descending score): the largest-|w| entry of each tensor."""
+    rows = []
+    for rank, name in enumerate(names):
+        w = model.get_parameter(name).detach()
+        flat = int(w.abs().argmax())
+        rows.append({"tensor": name, "layer": 0, "module": "", "row": flat // w.shape[1],
+                     "col": flat % w.shape[1], "flat_index": flat, "weight": float(w.flatten()[flat]),
+                     "score": float(len(names) - rank), "end": "top"})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("build, names", [
+    (lambda: make_tiny_llama(layers=4), [
+        "model.layers.3.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.2.self_attn.v_proj.weight", "model.layers.2.mlp.up_proj.weight",
+        "model.layers.1.self_attn.o_proj.weight", "model.embed_tokens.weight", "lm_head.weight"]),
+    (_gemma2, ["model.layers.1.mlp.down_proj.weight", "model.layers.3.self_attn.k_proj.weight",
+               "model.layers.0.mlp.gate_proj.weight", "model.layers.2.self_attn.q_proj.weight"]),
+    (_falcon_h1, ["model.layers.2.feed_forward.down_proj.weight", "model.layers.1.mamba.out_proj.weight",
+                  "model.layers.0.self_attn.o_proj.weight", "model.layers.1.self_attn.q_proj.weight"]),
+], ids=["llama", "gemma2", "falcon_h1"])
+def test_skipping_the_unchanged_layers_is_bit_exact(build, names):
+    """Each ablation's PPL equals that of a full evaluation of the ablated model bit for bit:
+    the kept layer input is the very tensor a full pass computes, and the same kernels run on
+    it (float64 rounding is no excuse here, every operation and its inputs are identical)."""
+    model = build()
+    windows = torch.randint(0, 64, (6, 12), generator=torch.Generator().manual_seed(1))  # 2 batches, 1 partial
+    baseline = evaluate(model, windows, 4).metrics()
+    candidates = _largest_entries(model, names)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    layers = model.get_decoder().layers
+    computed = [0] * len(layers)  # batches each layer actually ran
+    for i, layer in enumerate(layers):
+        first_linear = next(m for m in layer.modules() if isinstance(m, nn.Linear))
+        first_linear.register_forward_pre_hook(lambda m, a, i=i: computed.__setitem__(i, computed[i] + 1))
+
+    result = confirm_super_weights(model, candidates, windows, 4, baseline, top_n=len(names))
+
+    # layer i ran in the trace pass, the rerun and every ablation starting at or below it
+    starts = [first_changed_layer(model, name) for name in names]
+    assert computed == [2 * (2 + sum(s <= i for s in starts)) for i in range(len(layers))]
+    table = result.super_weights
+    assert table["tensor"].tolist() == names
+    for i, name in enumerate(names):
+        with perturbed(model, candidates.iloc[i:i + 1], "zero"):
+            full = evaluate(model, windows, 4).ppl
+        assert table["ppl_after"].iloc[i] == full, name
+        assert full != baseline["ppl"], name  # the ablation did reach the loss
+    assert result.rerun.metrics() == baseline
+    for name, p in model.named_parameters():  # zeroed entries and skipped layers restored
+        assert torch.equal(p, before[name]), name
+    assert not any("forward" in layer.__dict__ or layer._forward_hooks for layer in layers)
+
+
+def test_first_changed_layer_follows_the_parameter():
+    model = make_tiny_llama(layers=4)
+    assert first_changed_layer(model, "model.layers.2.mlp.down_proj.weight") == 2
+    assert first_changed_layer(model, "model.embed_tokens.weight") == 0
+    assert first_changed_layer(model, "lm_head.weight") == 0  # after the layers, yet run in full
+    layers = model.model.layers
+    layers[3].self_attn.q_proj.weight = layers[1].self_attn.q_proj.weight  # one weight, two layers
+    assert first_changed_layer(model, "model.layers.3.self_attn.q_proj.weight") == 1

@@ -1,6 +1,7 @@
 """Text sources, windows, BOS convention, the disjoint split and seeded calibration draws."""
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -102,7 +103,7 @@ def test_max_samples_beyond_pool_names_both_numbers():
 def test_source_without_text_is_an_error(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"text": "   "}) + "\n")
-    with pytest.raises(ESAError, match="yields no calibration text"):
+    with pytest.raises(ESAError, match="empty.jsonl' holds no text"):
         load_documents(str(empty))
     with pytest.raises(ESAError, match="has no column 'body'"):
         pd.DataFrame({"text": DOCS}).to_csv(tmp_path / "a.csv", index=False)
@@ -111,3 +112,75 @@ def test_source_without_text_is_an_error(tmp_path):
         load_documents(str(tmp_path / "missing.txt"))
     with pytest.raises(ESAError, match="unsupported type"):
         load_documents(str(tmp_path / "x.docx"))
+
+
+def _rule_logged(caplog, rule: str, calib: int, evaluation: int) -> bool:
+    wanted = f"{rule}; calibration {calib} document(s), evaluation {evaluation} document(s)"
+    return any(wanted in record.getMessage() for record in caplog.records)
+
+
+def test_txt_without_blank_lines_is_one_document_per_line(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="esa.data")
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(DOCS) + "\n")
+    calib, evaluation = load_documents(str(lines), eval_fraction=0.2)
+    assert evaluation == [DOCS[4], DOCS[9]]
+    assert calib == [d for i, d in enumerate(DOCS) if i not in (4, 9)]
+    assert _rule_logged(caplog, "one document per line", 8, 2)
+
+
+def test_txt_with_blank_lines_is_blank_line_blocks(tmp_path, caplog):
+    """Blocks may span lines; a whitespace-only line and \\r\\n line ends count as blank lines."""
+    caplog.set_level(logging.INFO, logger="esa.data")
+    blocks = [f"{d}\r\nsecond line of {i}" for i, d in enumerate(DOCS)]
+    text = tmp_path / "blocks.txt"
+    text.write_bytes(("\r\n \t\r\n".join(blocks)).encode())
+    calib, evaluation = load_documents(str(text), eval_fraction=0.2)
+    expected = [b.replace("\r\n", "\n") for b in blocks]
+    assert evaluation == [expected[4], expected[9]]
+    assert calib == [b for i, b in enumerate(expected) if i not in (4, 9)]
+    assert _rule_logged(caplog, "blank-line blocks", 8, 2)
+
+
+def test_single_document_is_split_by_tokens(tmp_path, caplog):
+    """One document: the last floor(n f) of its n tokens go to evaluation, no text shared."""
+    caplog.set_level(logging.INFO, logger="esa.data")
+    words = [f"w{i}" for i in range(60)]
+    single = tmp_path / "single.txt"
+    single.write_text(" ".join(words) + "\n")
+    tokenizer = word_tokenizer(words, bos=False)
+    calib, evaluation = load_documents(str(single), eval_fraction=0.25, tokenizer=tokenizer)
+    n_eval = int(len(words) * 0.25)  # 60 words, 15 to evaluation
+    assert calib == [" ".join(words[:-n_eval])] and evaluation == [" ".join(words[-n_eval:])]
+    assert _rule_logged(caplog, "single document split by tokens (the last 15 of 60 tokens to "
+                                "evaluation)", 1, 1)
+    pool, held_out = make_windows(tokenizer, calib, 5), make_windows(tokenizer, evaluation, 5)
+    assert pool.shape == (9, 5) and held_out.shape == (3, 5)
+    assert not set(pool.ravel().tolist()) & set(held_out.ravel().tolist())  # every word differs
+    with pytest.raises(ESAError, match="single.txt' is a single document; splitting it by tokens "
+                                       "needs the model's tokenizer"):
+        load_documents(str(single))
+
+
+def test_json_without_the_text_field_names_field_and_file(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"body": d}) for d in DOCS[:3]))
+    with pytest.raises(ESAError, match="rows.jsonl': none of its 3 records has the field 'text'"):
+        load_documents(str(rows))
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([{"body": d} for d in DOCS[:4]]))
+    with pytest.raises(ESAError, match="records.json': none of its 4 records has the field 'content'"):
+        load_documents(str(records), text_field="content")
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"text": DOCS[0]}) + "\n\n" + '{"text": "unterminated\n')
+    with pytest.raises(ESAError) as err:
+        load_documents(str(broken))
+    assert str(err.value) == (f"text source {str(broken)!r}, line 3: not valid JSON "
+                              f"(Unterminated string starting at, column 10)")
+    whole = tmp_path / "whole.json"
+    whole.write_text('[{"text": "a"},\n {"text": }]')
+    with pytest.raises(ESAError, match=r"whole.json': not valid JSON \(Expecting value, line 2 column 11\)"):
+        load_documents(str(whole))

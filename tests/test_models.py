@@ -96,3 +96,39 @@ def test_device_map_auto_loads_and_evaluates_like_a_plain_load(tiny_model_dir, t
     sharded = models.load_model(source, "cpu", "fp32", "eager", device_map="auto")
     windows = tiny_windows * 7  # ids spread over the real vocabulary
     assert evaluate(plain, windows, 3).ppl == evaluate(sharded, windows, 3).ppl
+
+
+def test_results_directory_is_relocatable(tmp_path, monkeypatch, tiny_windows):
+    """model.json names the de-quantised checkpoint relative to itself: move results/, load."""
+    from tokenizers import Tokenizer, models as tokenizer_models
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import make_tiny_llama
+
+    stand_in = tmp_path / "stand_in"  # what de-quantising the GGUF gives, without a real GGUF
+    make_tiny_llama().save_pretrained(stand_in)
+    vocab = {"<unk>": 0, **{f"w{i}": i + 1 for i in range(63)}}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>")),
+                            unk_token="<unk>").save_pretrained(stand_in)
+    load = models._from_pretrained
+    monkeypatch.setattr(models, "_from_pretrained", lambda cls, source, what, **kw: load(
+        cls, models.ModelSource("dir", str(stand_in)) if source.kind == "gguf" else source, what, **kw))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    ref = models.materialize(str(gguf), tmp_path / "old/results/tiny/model")
+    written = json.loads((tmp_path / "old/results/tiny/model/model.json").read_text())
+    assert ref["path"] == written["path"] == "checkpoint"
+
+    (tmp_path / "old/results").rename(tmp_path / "moved")
+    source = models.source_from_ref(tmp_path / "moved/tiny/model/model.json")
+    assert source == models.ModelSource("dir", str(tmp_path / "moved/tiny/model/checkpoint"))
+    moved = models.load_model(source, "cpu", "fp32", "eager")
+    original = models.load_model(models.ModelSource("dir", str(stand_in)), "cpu", "fp32", "eager")
+    assert evaluate(moved, tiny_windows, 3).ppl == evaluate(original, tiny_windows, 3).ppl
+
+    hub = tmp_path / "hub.json"  # a hub id is not a path
+    hub.write_text(json.dumps({"source": "org/model", "kind": "hub", "path": "org/model"}))
+    assert models.source_from_ref(hub) == models.ModelSource("hub", "org/model")
+    local = models.materialize(str(stand_in), tmp_path / "local")  # a local checkpoint stays where it is
+    assert local["path"] == str(stand_in.resolve())
+    assert models.source_from_ref(tmp_path / "local/model.json").path == str(stand_in.resolve())

@@ -180,7 +180,32 @@ def test_results_table_against_the_given_baseline(tiny_llama, tiny_windows):
     # Zero-scale noise writes the weights back unchanged: the deltas are exactly 0.
     unchanged = run_perturbations(model, masks, tiny_windows, 4, baseline, "gaussian", 0.0, progress=False)
     assert (unchanged.delta_loss == 0).all() and (unchanged.ppl == baseline["ppl"]).all()
-    assert (unchanged.ppl_ratio == 1).all()
+    assert (unchanged.ppl_ratio == 1).all() and not unchanged.evaluated.any()
+    assert results.evaluated.all()
+
+
+def test_a_set_that_changes_no_value_is_the_baseline_without_evaluating(tiny_llama, tiny_windows, monkeypatch):
+    """sign_flip of weights that are 0 writes -0.0: the same function, so the row is the
+    baseline's (equal to a real evaluation) and the model is not evaluated again."""
+    import esa.perturb
+
+    model = tiny_llama
+    name = TENSORS[0]
+    with torch.no_grad():
+        model.get_parameter(name).view(-1)[:4] = 0.0
+    baseline = evaluate(model, tiny_windows, batch_size=4).metrics()
+    zeros = pd.DataFrame({"set": "bottom_k", "tensor": name, "flat_index": np.arange(4)})
+    with perturbed(model, zeros, "sign_flip") as info:
+        assert info.n_changed == 0 and info.n_weights == 4
+        assert torch.signbit(model.get_parameter(name).view(-1)[:4]).all()  # -0.0 was written
+        direct = evaluate(model, tiny_windows, batch_size=4)
+    assert direct.loss == baseline["loss"]
+    calls = []
+    monkeypatch.setattr(esa.perturb, "evaluate", lambda *a, **k: calls.append(a) or evaluate(*a, **k))
+    result = run_perturbations(model, {0: zeros}, tiny_windows, 4, baseline, "sign_flip",
+                               sets=("bottom_k",), progress=False)
+    assert calls == [] and not result.evaluated.item()
+    assert result.loss.item() == direct.loss and result.delta_ppl.item() == 0.0
 
 
 def test_same_seed_gives_identical_results(tiny_llama, tiny_windows):

@@ -1,6 +1,7 @@
 """The HTML report (built from small synthetic study outputs, checked in headless Chromium)
 and the one-screen summary."""
 
+import html
 import json
 import math
 import os
@@ -32,6 +33,12 @@ BASELINE = {"loss": 2.5, "ppl": math.exp(2.5), "tokens": 4080, "windows": 16, "f
 TARGETS = [Target(f"model.layers.{layer}.{module}.weight", layer, module, 24, 40)
            for layer in range(2) for module in ("self_attn.q_proj", "mlp.down_proj")]
 SEEDS = (0, 1, 2)
+MODEL = "tiny-lm"
+RUN = {"model": "builtin:smollm2-135m", "device": "auto", "dtype": "fp32", "attn_implementation": "sdpa",
+       "loss_chunk": 256, "device_map": None, "batch_size": 4,
+       "data": {"source": "hf:wikitext", "hf_config": "wikitext-2-raw-v1", "eval_split": "test",
+                "calib_split": "train", "text_field": "text", "eval_fraction": 0.2, "seq_len": 256,
+                "eval_windows": 16}}
 
 
 def _candidates(metric_seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -57,11 +64,27 @@ def _results() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _super_weights(after=(1250.0, 12.2, 30.0)) -> pd.DataFrame:
+    """super_weights.parquet as confirm writes it: one row per (metric, rank), so a weight two
+    metrics rank appears twice. ``after``: PPL with each of the three weights zeroed alone."""
+    tested = pd.DataFrame({
+        "tensor": [TARGETS[1].name, TARGETS[1].name, TARGETS[3].name], "layer": [0, 0, 1],
+        "module": "mlp.down_proj", "row": [3, 9, 5], "col": [7, 2, 11],
+        "flat_index": [3 * 40 + 7, 9 * 40 + 2, 5 * 40 + 11], "weight": [-2.75, 0.125, 4.5],
+        "score": [1e4, 30.0, 20.0], "ppl_before": BASELINE["ppl"], "ppl_after": list(after)})
+    tested = tested.assign(ppl_ratio=tested["ppl_after"] / BASELINE["ppl"])
+    tested = tested.assign(confirmed=tested["ppl_ratio"] >= 1.5)[SUPER_COLUMNS]
+    ranks = pd.DataFrame({"metric": ["grad_x_weight", "grad_x_weight", "activation_magnitude", "grad_squared"],
+                          "rank": [0, 1, 0, 0], "flat_index": [127, 362, 127, 211]})
+    return ranks.merge(tested, on="flat_index")[["metric", "rank", *SUPER_COLUMNS]]
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> dict:
     """The files of a small study: one full experiment, one scored-only experiment."""
-    root = tmp_path_factory.mktemp("results")
+    root = tmp_path_factory.mktemp("results") / MODEL  # results/{model}: the report's model name
     write_json_atomic(BASELINE, root / "baseline/metrics.json")
+    write_json_atomic(RUN, root / "baseline/config.json")  # the baseline step's spec, as it writes it
     table = target_table(TARGETS)
     # as the config lists an experiment (topk, seeds), with its files one per seed
     entry = {"name": "gradxw_global_k20", "metric": "grad_x_weight", "mode": "global", "topk": 20,
@@ -89,14 +112,8 @@ def study(tmp_path_factory) -> dict:
     agreement = pd.concat(agreement, ignore_index=True)
     agreement.to_parquet(root / "agreement_global_k20.parquet")  # one table per (mode, k)
     agreement.assign(mode="per_layer", k=5).to_parquet(root / "agreement_per_layer_k5.parquet")
-    super_weights = pd.DataFrame({
-        "tensor": TARGETS[1].name, "layer": 0, "module": "mlp.down_proj", "row": [3, 9], "col": [7, 2],
-        "flat_index": [3 * 40 + 7, 9 * 40 + 2], "weight": [-2.75, 0.125], "score": [1e4, 30.0],
-        "ppl_before": BASELINE["ppl"], "ppl_after": [1250.0, 12.2]})
-    super_weights = super_weights.assign(ppl_ratio=super_weights["ppl_after"] / BASELINE["ppl"])
-    super_weights = super_weights.assign(confirmed=super_weights["ppl_ratio"] >= 1.5)[SUPER_COLUMNS]
     (root / "confirm").mkdir()
-    super_weights.to_parquet(root / "confirm/super_weights.parquet")
+    _super_weights().to_parquet(root / "confirm/super_weights.parquet")
     pd.DataFrame([{"layer": layer, "module": "mlp.down_proj", "side": side, "value": value, "channel": 7,
                    "window": 0, "position": 0, "token": 1}
                   for layer, values in enumerate([(900.0, 850.0), (3.0, 2.5)])
@@ -126,14 +143,17 @@ def test_report_is_self_contained_with_every_section(study, tmp_path):
     assert len(sources) == 8 and all(s.startswith("data:image/png;base64,iVBORw0KGgo") for s in sources)
     assert not re.search(r"https?:|<link|<script|\bhref=|url\(", page)  # nothing to fetch
     assert len(list((tmp_path / "report/plots").glob("*.png"))) == 8
-    # the verdict table comes first, worst first
-    assert page.index('id="verdicts"') < page.index('id="baseline"') < page.index('class="experiment"')
-    statuses = re.findall(r'<tr class="(good|warn|bad)"><td class="status">', page)
-    assert statuses == ["bad"] * 3 + ["warn"] * 2 + ["good"] * 4 and len(study["verdicts"]) == 9
+    # the summary, then the verdicts, then the figures
+    assert page.index('id="summary"') < page.index('id="verdict-section"') < page.index('class="experiment"')
+    assert 'id="baseline"' not in page  # its numbers are in the summary
+    assert len(study["verdicts"]) == 9 and len(re.findall(r'<td class="status">', page)) == 9
     assert page.count("bottom_k weights all have score 0 (zero-gradient): a trivial control") == 1
-    assert f"<td>{BASELINE['ppl']:.4g}</td><td>2.5</td>" in page and "<td>4080</td>" in page
     assert "<th>n_seeds</th><th>n_pairs</th><th>jaccard_mean</th>" in page and "<th>metric</th>" not in page
     assert "<td>-2.75</td>" in page and "<td>1250</td>" in page  # the confirmed super weight
+    # the super-weight tables list each weight once, with the metrics that ranked it
+    tested = page[page.index('id="super-weights"'):page.index('id="activations"')]
+    assert tested.count("<td>-2.75</td>") == 2  # confirmed, and among all tested
+    assert tested.count("<td>grad_x_weight #1, activation_magnitude #1</td>") == 2
     # the scored-only experiment says what did not run: hotspots, perturbation, stability
     scored_only = page[page.index('id="exp-actmag_perlayer_k5"'):page.index('id="agreement"')]
     assert scored_only.count('<p class="not-run">not run</p>') == 3
@@ -144,6 +164,76 @@ def test_missing_sections_say_not_run(study, tmp_path):
     assert "<img" not in page
     # verdicts, experiments, agreement, super weights, activations
     assert page.count('<p class="not-run">not run</p>') == 5
+    summary = page[page.index('id="summary"'):page.index('id="verdict-section"')]
+    assert summary.count('<span class="not-run">not run</span>') == 2  # super weights, verdicts
+    assert f"PPL {BASELINE['ppl']:.4g}" in summary
+
+
+# ---- summary and verdict groups ---------------------------------------------------------
+
+def _summary(page: str) -> str:
+    """The summary section, asserted to be the body's first section."""
+    opening = re.search(r'<body><h1>[^<]*</h1><section id="summary">.*?</section>', page, re.S)
+    assert opening, page[page.index("<body>"):][:300]
+    return opening.group(0)
+
+
+def test_report_opens_with_the_summary(study, tmp_path):
+    summary = _summary(_build(study, tmp_path / "index.html"))
+    text = html.unescape(re.sub(r"<[^>]+>", "", summary))
+    # model and data: the name of results/{model}, the baseline step's config.json, metrics.json
+    assert "tiny-lm (builtin:smollm2-135m, fp32)" in text
+    assert "hf:wikitext (config wikitext-2-raw-v1, split test): 16 evaluation windows \u00d7 256 tokens" in text
+    assert "4080 tokens predicted" in text
+    # baseline PPL, its 95% interval exp(loss +- 1.96 SE), the loss and its standard error
+    se = BASELINE["loss_stderr"]
+    low, high = (math.exp(BASELINE["loss"] + z * se) for z in (-1.96, 1.96))
+    assert f"PPL {BASELINE['ppl']:.4g}, 95% interval {low:.4g} \u2013 {high:.4g}" in text
+    assert f"loss {BASELINE['loss']:.4g} \u00b1 {se:.4g}" in text
+    # each confirmed super weight once, largest factor first, with the metrics and ranks that found it
+    assert "2 confirmed super weights of 3 tested" in text
+    rows = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td><b>([^<]*)</b></td><td>[^<]*</td>"
+                      r"<td>([^<]*)</td></tr>", summary)
+    assert rows == [(f"{TARGETS[1].name}[3, 7]", "-2.75", f"&times;{1250 / BASELINE['ppl']:.3g}",
+                     "grad_x_weight #1, activation_magnitude #1"),
+                    (f"{TARGETS[3].name}[5, 11]", "4.5", f"&times;{30 / BASELINE['ppl']:.3g}", "grad_squared #1")]
+    assert "[9, 2]" not in summary  # tested, not confirmed
+    # the verdict counts of verdict.json
+    stored = json.loads((study["root"] / "report/verdict.json").read_text())
+    counts = [(status, sum(v["status"] == status for v in stored)) for status in ("good", "warn", "bad")]
+    assert re.findall(r'<span class="badge (\w+)">(\d+) \1</span>', summary) == [(s, str(n)) for s, n in counts]
+    assert counts == [("good", 4), ("warn", 2), ("bad", 3)]
+
+
+def test_summary_says_plainly_when_no_weight_is_confirmed(study, tmp_path):
+    shutil.copytree(study["root"], tmp_path / MODEL)
+    root = tmp_path / MODEL
+    _super_weights(after=(14.0, 12.2, 16.5)).to_parquet(root / "confirm/super_weights.parquet")
+    summary = _summary(build_report(root / "baseline/metrics.json", [], None, root / "confirm/super_weights.parquet",
+                                    None, None, tmp_path / "index.html"))
+    text = html.unescape(re.sub(r"<[^>]+>", "", summary))
+    assert (f"No super weight confirmed. Of 3 weights tested, the largest PPL factor is "
+            f"\u00d7{16.5 / BASELINE['ppl']:.3g} ({TARGETS[3].name}[5, 11], ranked by grad_squared #1).") in text
+    assert "<table class=\"super-weights\">" not in summary
+
+
+def test_verdicts_are_grouped_by_experiment_bad_and_warn_open(study, tmp_path):
+    page = _build(study, tmp_path / "index.html")
+    section = page[page.index('id="verdict-section"'):page.index('class="experiment"')]
+    groups = re.findall(r'<details class="verdict-group (\w+)"( open)?><summary><span class="status">\1</span> '
+                        r"<b>([^<]*)</b>.*?</summary>(.*?)</details>(?=<details class=\"verdict-group|</section>)",
+                        section, re.S)
+    by_experiment = {}
+    for v in study["verdicts"]:
+        by_experiment.setdefault(v["experiment"], []).append(v["status"])
+    assert [name for *_, name, _ in groups] == ["gradxw_global_k20", "global_k20", "per_layer_k5", "baseline",
+                                                "actmag_perlayer_k5"]  # worst group first
+    for worst, is_open, name, table in groups:
+        statuses = re.findall(r'<tr class="(good|warn|bad)">', table)
+        assert sorted(statuses) == sorted(by_experiment[name])  # its own verdicts, all of them
+        assert statuses == sorted(statuses, key=["bad", "warn", "good"].index)  # worst first
+        assert worst == statuses[0] and bool(is_open) == (worst != "good")  # only all-good folded away
+    assert len(groups) == len(by_experiment)
 
 
 # ---- headless Chromium ------------------------------------------------------------------
@@ -151,17 +241,22 @@ def test_missing_sections_say_not_run(study, tmp_path):
 # Runs in the load event, which waits for every image: by then a decoded image has its size.
 PROBE = """<script>
 window.addEventListener('load', () => {
+  const shown = el => el.checkVisibility();  // false inside a closed <details>
   const images = [...document.images];
-  const table = document.getElementById('verdicts');
-  const box = table ? table.getBoundingClientRect() : null;
-  const style = table ? getComputedStyle(table) : null;
-  const out = {widths: images.map(i => i.naturalWidth), table: !!table,
+  const summary = document.getElementById('summary');
+  const box = summary ? summary.getBoundingClientRect() : null;
+  const style = summary ? getComputedStyle(summary) : null;
+  const rows = [...document.querySelectorAll('table.verdicts tbody tr')];
+  const visible = rows.filter(shown);
+  const groups = [...document.querySelectorAll('details.verdict-group')];
+  const out = {widths: images.map(i => i.naturalWidth), summary: !!summary,
+               first: document.querySelector('body > section') === summary,
                visible: !!box && box.width > 0 && box.height > 0 && style.display !== 'none'
                         && style.visibility !== 'hidden',
-               tableTop: box ? box.top : null, viewport: window.innerHeight,
-               rows: table ? table.tBodies[0].rows.length : 0,
-               firstRowColour: table
-                 ? getComputedStyle(table.tBodies[0].rows[0].cells[0]).backgroundColor : null};
+               summaryTop: box ? box.top : null, summaryBottom: box ? box.bottom : null,
+               viewport: window.innerHeight, rows: rows.length, visibleRows: visible.length,
+               groups: groups.map(g => [g.classList[1], g.open, g.getBoundingClientRect().height]),
+               firstRowColour: visible.length ? getComputedStyle(visible[0].cells[0]).backgroundColor : null};
   const pre = document.createElement('pre');
   pre.id = 'probe';
   pre.textContent = JSON.stringify(out);
@@ -198,7 +293,7 @@ def _probe(binary: str, page: str, tmp_path: Path) -> dict:
     """Load ``page`` with the probe script and read what it wrote into the DOM."""
     probed = tmp_path / "probed.html"
     probed.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    dom = _chromium(binary, tmp_path / "profile", "--virtual-time-budget=5000", "--dump-dom",
+    dom = _chromium(binary, tmp_path / "profile", "--virtual-time-budget=5000", "--window-size=1280,800", "--dump-dom",
                     probed.as_uri()).stdout
     found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
     assert found, f"probe did not run; DOM starts {dom[:300]!r}"
@@ -215,8 +310,13 @@ def test_report_renders_in_headless_chromium(study, tmp_path, chromium):
     page = _build(study, tmp_path / "report/index.html")
     result = _probe(chromium, page, tmp_path)
     assert len(result["widths"]) == 8 and min(result["widths"]) > 0, result  # every image decodes
-    assert result["table"] and result["visible"] and result["rows"] == 9
-    assert 0 <= result["tableTop"] < result["viewport"]  # on the first screen
+    assert result["summary"] and result["first"] and result["visible"]
+    assert 0 <= result["summaryTop"] < result["summaryBottom"] < result["viewport"]  # all on the first screen
+    # 9 verdicts; the all-good group (1 verdict) folded to its one-line summary, the rest open
+    assert result["rows"] == 9 and result["visibleRows"] == 8
+    assert [(status, is_open) for status, is_open, _ in result["groups"]] == [
+        ("bad", True)] * 3 + [("warn", True), ("good", False)]
+    assert result["groups"][-1][2] < 60 < min(height for *_, height in result["groups"][:-1])
     assert result["firstRowColour"] == "rgb(248, 215, 218)"  # worst first: a bad row, coloured
     # the probe can fail: a corrupt image reports naturalWidth 0
     broken = page.replace("base64,iVBORw0KGgo", "base64,AAAAAAAAAA", 1)
@@ -238,13 +338,15 @@ def test_summary_text(study):
     lines = text.splitlines()
     assert lines[0] == f"ESA summary: {study['root']}"
     assert lines[1] == ("baseline: PPL 12.18  loss 2.5000 +- 0.021  (4080 tokens, 16 windows, finite)")
-    assert lines[2] == "super weights: 1 confirmed of 2 tested"
-    assert lines[3] == f"  {TARGETS[1].name}[3, 7]  w=-2.75  PPL 12.18 -> 1250 (x103)"
+    assert lines[2] == "super weights: 2 confirmed of 3 tested"
+    assert lines[3] == (f"  {TARGETS[1].name}[3, 7]  w=-2.75  PPL 12.18 -> 1250 (x103)  "
+                        "top-N of grad_x_weight, activation_magnitude")
+    assert lines[4] == f"  {TARGETS[3].name}[5, 11]  w=4.5  PPL 12.18 -> 30 (x2.46)  top-N of grad_squared"
     counts = {s: sum(v["status"] == s for v in study["verdicts"]) for s in ("good", "warn", "bad")}
-    assert lines[4] == f"verdicts: {counts['good']} good, {counts['warn']} warn, {counts['bad']} bad"
+    assert lines[5] == f"verdicts: {counts['good']} good, {counts['warn']} warn, {counts['bad']} bad"
     bad = [v for v in study["verdicts"] if v["status"] == "bad"]
-    assert len(lines) == 5 + len(bad) and len(bad) >= 1
-    assert all(line.startswith("  BAD ") for line in lines[5:])
+    assert len(lines) == 6 + len(bad) and len(bad) >= 1
+    assert all(line.startswith("  BAD ") for line in lines[6:])
 
 
 def test_summary_of_an_empty_results_dir(tmp_path):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from esa import steps
+from esa import model_steps, steps
 from esa.data import windows_frame
 from esa.evaluation import mean_token_loss
 from esa.io import write_json_atomic, write_parquet_atomic
@@ -48,10 +48,10 @@ def test_layer_split_scoring_equals_unsplit(tmp_path, scoring_inputs, metrics):
     """Two layer-group jobs merged give exactly the candidates and stats of one job."""
     spec, model, calib = scoring_inputs
     whole = {m: str(tmp_path / "whole" / m) for m in metrics}
-    steps.step_scores(spec, model=model, calib=calib, **whole)
+    model_steps.step_scores(spec, model=model, calib=calib, **whole)
     for group in (0, 1):
         parts = {m: str(tmp_path / f"part{group}" / m) for m in metrics}
-        steps.step_scores({**spec, "layer_group": [group, 2]}, model=model, calib=calib, **parts)
+        model_steps.step_scores({**spec, "layer_group": [group, 2]}, model=model, calib=calib, **parts)
     for m in metrics:
         merged = tmp_path / "merged" / m
         steps.step_merge_scores({}, parts=f"{tmp_path}/part0/{m},{tmp_path}/part1/{m}", out=str(merged))

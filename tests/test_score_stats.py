@@ -9,7 +9,8 @@ import scipy.stats
 import torch
 
 from esa.io import write_parquet_atomic
-from esa.score_stats import HIST_BINS, QUANTILES, build_stats, hist_edges, tensor_stats
+from esa.names import HIST_BINS, hist_edges
+from esa.score_stats import QUANTILES, build_stats, tensor_stats
 from esa.targets import Target
 
 

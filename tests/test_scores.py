@@ -9,7 +9,8 @@ from conftest import make_tiny_llama
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from esa.evaluation import mean_token_loss
-from esa.scores import METRICS, compute_scores
+from esa.names import METRICS
+from esa.scores import compute_scores
 from esa.targets import find_targets
 
 

@@ -242,7 +242,8 @@ def test_changing_the_calibration_sample_size_rescores(study):
 
 
 def test_changing_esa_code_reruns_the_rules_that_run_it(study, tmp_path):
-    """A copy of the workflow whose esa/stability.py (then esa/selection.py) is edited."""
+    """A copy of the workflow whose esa/scores.py docstring and comments, then esa/stability.py,
+    then esa/selection.py code are edited."""
     import shutil
 
     workdir, config, _ = study
@@ -261,11 +262,15 @@ def test_changing_esa_code_reruns_the_rules_that_run_it(study, tmp_path):
         return scheduled(result)
 
     assert dry_run() == {}
+    scores = copy / "esa/scores.py"  # a comment and a docstring fix change no code: nothing reruns
+    scores.write_text(scores.read_text().replace('"""Score every weight', '"""Score each weight', 1)
+                      + "\n# a comment\n")
+    assert dry_run() == {}
     with open(copy / "esa/stability.py", "a") as handle:
-        handle.write("\n# an edit\n")
+        handle.write("\nEDITED = True\n")
     assert dry_run() == {"stability": 4, "agreement": 3, "report": 1}
     with open(copy / "esa/selection.py", "a") as handle:
-        handle.write("\n# an edit\n")
+        handle.write("\nEDITED = True\n")
     jobs = dry_run()
     assert jobs["topk"] > 0 and jobs["perturb"] == 2
     assert not any(rule.startswith("scores") for rule in jobs) and "baseline" not in jobs

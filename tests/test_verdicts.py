@@ -8,9 +8,15 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import make_tiny_llama
 from esa.errors import ESAError
-from esa.io import write_json_atomic
+from esa.evaluation import evaluate
+from esa.data import windows_frame
+from esa.io import write_json_atomic, write_parquet_atomic
+from esa.models import materialize
+from esa.perturb import run_perturbations
 from esa.score_stats import build_stats
+from esa.model_steps import step_baseline
 from esa.targets import Target
 from esa.verdicts import (DEFAULT_THRESHOLDS, ExperimentData, agreement_verdicts, baseline_verdict,
                           compute_verdicts, count_statuses, global_top_share, heavy_tail_verdict,
@@ -137,7 +143,8 @@ def test_topk_spread_flips_at_threshold_and_skips_other_modes():
 def _results(rows: dict[int, tuple[float, float, float]], perturb="zero") -> pd.DataFrame:
     """{seed: (dPPL top, dPPL random_k, dPPL bottom_k)} as perturb results rows."""
     records = [{"set": name, "seed": seed, "n_weights": 4, "perturb": perturb, "scale": 1.0,
-                "noise": "relative", "delta_ppl": value, "ppl": 10.0 + value, "finite": True}
+                "noise": "relative", "delta_ppl": value, "ppl": 10.0 + value,
+                "loss": math.log(10.0 + value), "finite": True}
                for seed, values in rows.items()
                for name, value in zip(("top", "random_k", "bottom_k"), values)]
     return pd.DataFrame(records)
@@ -192,6 +199,63 @@ def test_separation_one_verdict_per_perturbation():
     by_label = {(v["experiment"], v["check"]): v["status"] for v in verdicts}
     assert by_label[("exp/zero_1_relative", "separation_random_k")] == "good"
     assert by_label[("exp/sign_flip_1_relative", "separation_random_k")] == "bad"
+
+
+def test_saturated_perturbation_is_flagged_not_no_separation():
+    """sign_flip x1e30 drives a tiny Llama (weights x30: peaked output) to uniform output,
+    loss ln 64, whichever weights it hits: saturated (warn), not "no separation" (bad)."""
+    model = make_tiny_llama()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.mul_(30)
+    windows = torch.randint(0, 64, (6, 12), generator=torch.Generator().manual_seed(1))
+    baseline = {**evaluate(model, windows, 6).metrics(), "vocab_size": 64}
+    picks = np.random.default_rng(0).choice(16 * 32, size=(2, 4), replace=False)
+    mask = pd.DataFrame([{"tensor": "model.layers.0.mlp.down_proj.weight", "flat_index": int(i), "set": name,
+                          "score": 1.0} for name, row in zip(("top", "random_k"), picks) for i in row])
+    results = run_perturbations(model, {0: mask}, windows, 6, baseline, "sign_flip", 1e30, "relative",
+                                sets=("top", "random_k"), progress=False)
+    assert np.allclose(results["loss"], math.log(64), rtol=1e-5)
+    verdict = compute_verdicts(baseline, [_experiment(results=results)])[1]
+    assert verdict["check"] == "separation_random_k" and verdict["status"] == "warn"
+    assert verdict["message"].startswith("saturated: top and random_k both at loss ln V = 4.159 (uniform "
+                                         "output) or non-finite in 1 seed(s)")
+    assert verdict["numbers"]["saturated_seeds"] == [0]
+    without_vocab = compute_verdicts({k: v for k, v in baseline.items() if k != "vocab_size"},
+                                     [_experiment(results=results)])[1]
+    assert without_vocab["status"] == "bad"  # V unknown: only a non-finite loss saturates
+
+
+def test_baseline_metrics_record_the_vocabulary_size(tmp_path):
+    """step_baseline writes V (the logits' size) beside the loss: the verdicts' ln V."""
+    model_dir = tmp_path / "tiny"
+    make_tiny_llama(vocab=80).save_pretrained(model_dir)
+    materialize(str(model_dir), tmp_path / "model")
+    write_parquet_atomic(windows_frame(np.arange(24, dtype=np.int32).reshape(2, 12)), tmp_path / "eval.parquet")
+    spec = {"model": str(model_dir), "device": "cpu", "dtype": "fp32", "attn_implementation": "eager",
+            "device_map": None, "loss_chunk": 256, "batch_size": 2}
+    step_baseline(spec, model=str(tmp_path / "model/model.json"), eval=str(tmp_path / "eval.parquet"),
+                  metrics=str(tmp_path / "metrics.json"), windows=str(tmp_path / "windows.parquet"),
+                  manifest=str(tmp_path / "manifest.json"), config=str(tmp_path / "config.json"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["vocab_size"] == 80 and metrics["windows"] == 2
+
+
+@pytest.mark.parametrize("top_loss, control_loss, status", [
+    (4.1589, 4.1589, "warn"),  # both at ln 64
+    (4.1589 * 1.0099, 4.1589 * 0.9901, "warn"),  # both within saturation_tol = 1% of ln V
+    (4.1589 * 0.9899, 4.1589, "bad"),  # top just outside: a real comparison, and top < control
+    (math.nan, math.inf, "warn"),  # both non-finite
+    (math.inf, 3.0, "good"),  # only top destroyed the model: separation
+])
+def test_saturation_flips_at_tolerance(top_loss, control_loss, status):
+    results = _results({0: (5.0, 5.0, 5.0)}).query("set != 'bottom_k'").assign(
+        loss=[top_loss, control_loss], delta_ppl=[math.exp(top_loss) - 10, math.exp(control_loss) - 10])
+    verdict = separation_verdicts(_experiment(results=results), T, vocab_size=64)[0]
+    assert verdict["status"] == status
+    assert ("saturated" in verdict["message"]) == (status == "warn")
+    assert verdict["thresholds"]["saturation_tol"] == 0.01
 
 
 # ---- stability and agreement ------------------------------------------------------------

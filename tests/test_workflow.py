@@ -1,8 +1,12 @@
 """The Snakemake DAG end to end on a tiny model: baseline numbers, caching, bad config."""
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +121,77 @@ def test_runbook_phase1_command(tmp_path, tiny_model_dir):
     if not torch.cuda.is_available():
         assert bad.returncode == 2 and "device 'cuda:7' requested" in bad.stderr
         assert bad.stderr.strip().count("\n") == 0 and not (tmp_path / "bad").exists()
+
+
+def test_eval_windows_are_checked_before_any_scoring(tmp_path, tiny_config):
+    """Scoring waits for the evaluation data step, which checks eval_windows against the text
+    (that new evaluation windows still never re-score: test_study)."""
+    tiny_config.update(seeds=[0], plots=False, report=False,
+                       experiments=[{"name": "e", "metric": "grad_x_weight", "mode": "global", "topk": 5}])
+    tiny_config["data"]["eval_windows"] = 100000
+    # even asked for scores alone, the check runs first
+    failed = snakemake(tmp_path, tiny_config, "results/tiny/scores/grad_x_weight/seed0/candidates.parquet")
+    assert failed.returncode != 0
+    log = (tmp_path / "logs/tiny/data_eval.log").read_text().strip().splitlines()
+    assert log[-1].startswith("esa: error: eval_windows 100000 is more than the")
+    assert re.search(r"INFO esa.data: text source 'builtin:pydoc': one document per pydoc topic; "
+                     r"calibration \d+ document\(s\), evaluation \d+ document\(s\)$", log[-2])
+    assert not (tmp_path / "results/tiny/scores").exists() and not list((tmp_path / "logs/tiny").glob("scores*"))
+
+
+def test_killed_run_resumes_with_the_default_command(tmp_path, tiny_config):
+    """Snakemake killed while a job runs: `--unlock`, then the plain command reruns the job
+    (profiles/default sets rerun-incomplete) where Snakemake alone refuses."""
+    target = "results/tiny/model/model.json"
+    flag = tmp_path / "job-done"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    # the job's `python`: run the step, then hold the job open until the test has killed Snakemake
+    (fake / "python").write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\nstatus=$?\ntouch "{flag}"\n'
+                                 f'while [ -e "{flag}" ]; do sleep 0.1; done\nexit $status\n')
+    (fake / "python").chmod(0o755)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config))
+    run = subprocess.Popen([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+                            "--directory", str(tmp_path), "--configfile", str(tmp_path / "config.yaml"),
+                            "--cores", "2", target], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not flag.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert flag.exists(), "the model job never finished"
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        flag.unlink(missing_ok=True)
+    assert (tmp_path / target).exists()  # written, but the job never reported back
+
+    locked = snakemake(tmp_path, tiny_config, target)
+    assert locked.returncode != 0 and "--unlock" in locked.stdout
+    assert snakemake(tmp_path, tiny_config, "--unlock").returncode == 0
+    refused = snakemake(tmp_path, tiny_config, "--workflow-profile", "none", target)
+    assert refused.returncode != 0 and "IncompleteFilesException" in refused.stdout
+    resumed = snakemake(tmp_path, tiny_config, target)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert re.search(r"Using workflow specific profile \S*profiles/default ", resumed.stdout)
+    assert "localrule model:" in resumed.stdout  # rerun (Snakemake 9 says "Forced execution")
+
+
+def test_building_the_dag_and_the_table_steps_never_import_torch(tmp_path):
+    """`snakemake -n` (every code version included) and the table steps' jobs start without
+    torch, transformers or matplotlib: importing them costs seconds per job."""
+    heavy = ("torch", "transformers")
+    dry = subprocess.run([sys.executable, "-X", "importtime", "-m", "snakemake", "--snakefile",
+                          str(REPO / "Snakefile"), "--directory", str(tmp_path), "-n", "--quiet", "rules"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
+    assert "topk" in dry.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in dry.stderr.splitlines() if "|" in line}
+    assert not imported & set(heavy)
+    probe = ("import sys\nfrom esa.cli import TABLE_STEPS, step_function\n"
+             "for step in TABLE_STEPS:\n    step_function(step)\n"
+             "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], stdout=subprocess.PIPE, text=True, check=True,
+                            cwd=REPO)
+    assert loaded.stdout.strip() == "[]"
