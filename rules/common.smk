@@ -27,28 +27,17 @@ GPU_RULES = ("baseline", "scores", "perturb", "confirm")
 BASE_RESOURCES = {"mem_mb": 8000, "runtime": 60}
 
 
-def local_cores():
-    """--cores of a local run; None under a cluster executor, 1 for a dry run without --cores."""
-    if not workflow.local_exec:
-        return None
-    try:
-        return workflow.cores
-    except WorkflowError:
-        return 1
-
-
 def res(rule):
     """A rule's resources: built-in base, then `resources.default`, then `resources.<rule>`.
 
-    Threads, unless the config sets them: a job that runs the model takes every local core
-    (2 under a cluster executor), a table step one, so the short table jobs run side by side.
-    Two model jobs on one thread each are no faster on 2 CPU cores (measured: 18.4 vs 17.2
-    min for the default study) and two hutchinson_diag jobs at once (13.6 GB each) exhaust
-    24 GB. Snakemake hands a job's threads to torch as OMP_NUM_THREADS.
+    Threads, unless the config sets them: 2 for a job that runs the model, 1 for a table step,
+    so the short table jobs run side by side. On 2 CPU cores two model jobs of one thread each
+    are no faster (measured: 18.4 vs 17.2 min for the default study), and two hutchinson_diag
+    jobs at once (13.6 GB each) exhaust 24 GB. Snakemake hands a job's threads to torch as
+    OMP_NUM_THREADS.
     """
     gpu = rule in GPU_RULES
-    threads = (local_cores() or 2) if gpu else 1
-    base = {**BASE_RESOURCES, "threads": threads, "gpu": int(gpu)}
+    base = {**BASE_RESOURCES, "threads": 2 if gpu else 1, "gpu": int(gpu)}
     return {**base, **config["resources"]["default"], **config["resources"].get(rule, {})}
 
 
