@@ -1,8 +1,12 @@
 """ESA: Extreme Sensitivity Analysis of causal language models (see README.md)."""
 
 import os
+import sys
 
 from snakemake.utils import min_version
+
+sys.path.insert(0, workflow.basedir)
+from esa.names import DATA_PARTS, METRICS, MODES, alternatives
 
 min_version("8.0")
 
@@ -14,8 +18,9 @@ wildcard_constraints:
     seed=r"\d+",
     group=r"\d+",
     k=r"\d+",
-    metric="grad_x_weight|grad_squared|hutchinson_diag|activation_magnitude",
-    mode="global|per_layer|per_tensor",
+    metric=alternatives(METRICS),
+    mode=alternatives(MODES),
+    part=alternatives(DATA_PARTS),
 
 
 include: "rules/common.smk"
@@ -28,13 +33,13 @@ include: "rules/report.smk"
 
 
 onsuccess:
-    if config["report"] and os.path.exists(f"{LAYOUT.report}/verdict.json"):
+    if config["report"] and os.path.exists(LAYOUT.report_files()["verdicts"]):
         from esa.summary import summary_text
 
-        print(summary_text(RESULTS))
+        print(summary_text(LAYOUT.root))
 
 
 rule all:
-    input:
-        all_targets(),
     default_target: True
+    input:
+        LAYOUT.all_files(),

@@ -8,7 +8,7 @@ and activation_magnitude on 4 pydoc calibration windows, takes every metric's gl
 
 - old: each weight zeroed alone and the whole model evaluated, then the activation trace and
   the rerun of the unmodified model (three separate kinds of pass);
-- new: :func:`esa.confirm.confirm_super_weights` (trace pass keeps the candidate layers'
+- new: :func:`esa.confirm.zero_each`, as the confirm step runs it (trace pass keeps the candidate layers'
   inputs, each ablation runs only its layer onwards, then the rerun).
 
 and checks that both give the same ppl_after, trace and rerun, bit for bit.
@@ -23,13 +23,13 @@ import pandas as pd
 import torch
 
 from esa.candidates import build_candidates
-from esa.confirm import activation_trace, confirm_super_weights, first_changed_layer, global_top
+from esa.confirm import WEIGHT_KEY, activation_trace, first_changed_layer, global_top, zero_each
 from esa.data import load_documents, make_windows
 from esa.evaluation import evaluate
 from esa.models import load_model, load_tokenizer, resolve_source
 from esa.perturb import perturbed
 from esa.scores import compute_scores
-from esa.targets import find_targets
+from esa.targets import find_targets, target_table
 
 
 def main() -> None:
@@ -48,10 +48,10 @@ def main() -> None:
     targets = find_targets(model)
     scores = compute_scores(model, targets, calib, ["grad_x_weight", "grad_squared", "activation_magnitude"],
                             args.batch_size, seed=0, progress=False)
-    tops = pd.concat([global_top(build_candidates(targets, s.weights, s.stat, s.score, args.top_n), args.top_n)
+    table = target_table(targets)
+    tops = pd.concat([global_top(build_candidates(targets, s.weights, s.stat, s.score, args.top_n), table, args.top_n)
                       for s in scores.values()], ignore_index=True)
-    unique = tops.drop_duplicates(["tensor", "flat_index"])
-    chosen = global_top(unique, len(unique))  # the order confirm tests them in
+    chosen = tops.drop_duplicates(WEIGHT_KEY)  # the weights, and the order, confirm tests
     starts = [first_changed_layer(model, name) for name in chosen["tensor"]]
     layers = len(model.get_decoder().layers)
     print(f"{len(chosen)} weights in layers {sorted(starts)}; {args.windows} windows x {args.seq_len} "
@@ -69,7 +69,7 @@ def main() -> None:
     old_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    new = confirm_super_weights(model, chosen, windows, args.batch_size, baseline, top_n=len(chosen))
+    new = zero_each(model, chosen, windows, args.batch_size, baseline)
     new_seconds = time.perf_counter() - start
 
     print(f"old confirm {old_seconds:.1f} s   new confirm {new_seconds:.1f} s   "

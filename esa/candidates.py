@@ -26,12 +26,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .errors import ESAError
+from .names import END_BOTTOM, END_TOP
+
 if TYPE_CHECKING:
     from .targets import Target
 
 COLUMNS = ["tensor", "layer", "module", "row", "col", "flat_index", "weight", "stat", "score",
            "rank_in_tensor", "end"]
-ENDS = {"top": True, "bottom": False}  # end -> torch.topk(largest=...)
+LARGEST = {END_TOP: True, END_BOTTOM: False}  # end -> torch.topk(largest=...)
 _CHUNK = 1 << 22  # elements per scan step when resolving ties, to bound temporary memory
 
 
@@ -84,16 +87,16 @@ def tensor_candidates(meta: Target, weight: torch.Tensor, stat: torch.Tensor, sc
     step, all three of shape (rows, cols). A NaN score has no rank and is rejected.
     """
     if m < 1:
-        raise ValueError(f"candidates per tensor M must be >= 1, got {m}")
+        raise ESAError(f"candidates per tensor M must be >= 1, got {m}")
     shape = (meta.rows, meta.cols)
     for label, tensor in (("weight", weight), ("stat", stat), ("score", score)):
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"{label} of {meta.name} has shape {tuple(tensor.shape)}, "
-                             f"expected {shape}")
+            raise ESAError(f"{label} of {meta.name} has shape {tuple(tensor.shape)}, "
+                           f"expected {shape}")
     if torch.isnan(score).any():
-        raise ValueError(f"score of {meta.name} contains NaN")
+        raise ESAError(f"score of {meta.name} contains NaN")
     frames = []
-    for end, largest in ENDS.items():
+    for end, largest in LARGEST.items():
         indices = extreme_indices(score, m, largest)
         flat = indices.cpu().numpy().astype(np.int64)
         frames.append(pd.DataFrame({

@@ -25,14 +25,19 @@ def step_function(step: str):
     return getattr(module, f"step_{step}")
 
 
-def _paths(items: list[str]) -> dict[str, str]:
-    paths = {}
+def _paths(items: list[str]) -> dict:
+    """``name=path`` items as the step's keyword arguments; ``masks/0=...`` nests (esa.layout)."""
+    from .layout import nest_paths
+
+    flat = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ESAError(f"expected name=path, got {item!r}")
-        paths[name] = path
-    return paths
+        if name in flat:
+            raise ESAError(f"path name {name!r} given twice")
+        flat[name] = path
+    return nest_paths(flat)
 
 
 def build_parser() -> argparse.ArgumentParser:

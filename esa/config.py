@@ -8,6 +8,7 @@ regular expression, and experiment names used twice.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -54,6 +55,22 @@ def validate_config(config: dict) -> dict:
         raise ESAError(f"invalid config at experiments: names must be unique; "
                        f"repeated: {', '.join(repeated)}")
     return config
+
+
+@functools.cache
+def _schema() -> dict:
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def schema_defaults(section: str) -> dict:
+    """``{key: default}`` of the top-level config ``section`` (an object of the schema), in
+    schema order: the one place such defaults are written down."""
+    properties = _schema()["properties"]
+    if section not in properties or "properties" not in properties[section]:
+        raise ESAError(f"unknown config section {section!r}; allowed: "
+                       f"{', '.join(k for k, v in properties.items() if 'properties' in v)}")
+    return {key: copy.deepcopy(item["default"]) for key, item in properties[section]["properties"].items()
+            if "default" in item}
 
 
 def _check_finite(value, where: str = "", owner: str = "") -> None:

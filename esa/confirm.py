@@ -1,10 +1,11 @@
-"""Super-weight confirmation: zero each of a metric's highest-scoring weights alone.
+"""Super-weight confirmation: zero each of the metrics' highest-scoring weights alone.
 
 A *super weight* (Yu et al. 2024) is a single scalar whose removal alone destroys the model.
-For the global top-N candidates of one metric (``end == "top"``, score descending across all
-tensors, equal scores by lower flat index, then by the tensor's position in the candidates
-table), each weight w is zeroed on its own (``esa.perturb.perturbed``, kind ``zero``, restored
-bit-exactly), the model is evaluated on the fixed evaluation windows and
+Each metric's global top-N is :mod:`esa.selection`'s ``global`` top-k with k = N (score
+descending across all tensors, equal scores by the tensor's position in the tensor table,
+then by lower flat index), which refuses an N its candidates cannot rank exactly. Every weight
+in the union of the metrics' top-N is zeroed on its own, once (``esa.perturb.perturbed``, kind
+``zero``, restored bit-exactly), the model is evaluated on the fixed evaluation windows and
 
     ppl_ratio = PPL(w <- 0) / PPL(baseline),   confirmed = ppl_ratio >= factor.
 
@@ -26,26 +27,33 @@ windows x seq_len x hidden x dtype bytes per distinct candidate layer, on the mo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 import torch
 
+from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK, Evaluation, batches, evaluate
+from .names import GLOBAL, ZERO
 from .perturb import perturbed
 from .scores import massive_activation_trace
+from .selection import select_topk
 
 COLUMNS = ["tensor", "layer", "module", "row", "col", "flat_index", "weight", "score",
            "ppl_before", "ppl_after", "ppl_ratio", "confirmed"]
+WEIGHT_KEY = ["tensor", "flat_index"]
+# super_weights.parquet: one row per (metric, rank), the weight's key first
+SUPER_WEIGHT_COLUMNS = ["metric", "rank", *WEIGHT_KEY, *(c for c in COLUMNS if c not in WEIGHT_KEY)]
 
 
 @dataclass(frozen=True)
 class Confirmation:
     """The ablation table, the massive-activation trace and the unmodified model's evaluation."""
 
-    super_weights: pd.DataFrame  # one row per candidate in rank order, columns COLUMNS
+    super_weights: pd.DataFrame  # one row per weight tested (COLUMNS) or per (metric, rank)
     activations: pd.DataFrame  # esa.scores.TRACE_COLUMNS
     rerun: Evaluation  # evaluated after every ablation was undone
 
@@ -66,16 +74,17 @@ class _LayerOutputs:
         return hidden if self.tuple_length is None else (hidden, *(None,) * (self.tuple_length - 1))
 
 
-def global_top(candidates: pd.DataFrame, top_n: int) -> pd.DataFrame:
-    """The ``top_n`` highest scores among the top-end candidates of every tensor (order above)."""
-    if top_n < 1:
-        raise ValueError(f"top_n must be >= 1, got {top_n}")
-    top = candidates[candidates["end"] == "top"].drop_duplicates(["tensor", "flat_index"])
-    position = {name: i for i, name in enumerate(pd.unique(candidates["tensor"]))}
-    top = top.assign(_position=top["tensor"].map(position).to_numpy())
-    top = top.sort_values(["score", "_position", "flat_index"], ascending=[False, True, True],
-                          kind="stable")
-    return top.head(top_n).drop(columns="_position").reset_index(drop=True)
+def global_top(candidates: pd.DataFrame, tensor_table: pd.DataFrame, top_n: int) -> pd.DataFrame:
+    """The ``top_n`` highest scores over every tensor of ``tensor_table``, ``rank`` 0..top_n-1:
+    ``esa.selection.select_topk(candidates, tensor_table, "global", top_n)``.
+
+    A ``top_n`` the candidates cannot rank exactly (above the M kept per tensor, or above the
+    weights there are) is an :class:`ESAError` naming it.
+    """
+    try:
+        return select_topk(candidates, tensor_table, GLOBAL, top_n)
+    except ESAError as err:
+        raise ESAError(f"confirm.top_n={top_n}: {err}") from None
 
 
 def first_changed_layer(model: torch.nn.Module, tensor: str) -> int:
@@ -148,33 +157,53 @@ def _start_at(model: torch.nn.Module, start: int, kept: _LayerOutputs):
                 layer.forward = forward
 
 
-def confirm_super_weights(model: torch.nn.Module, candidates: pd.DataFrame,
-                          eval_windows: torch.Tensor, batch_size: int, baseline: dict,
-                          top_n: int = 10, factor: float = 1.5,
+def confirm_super_weights(model: torch.nn.Module, candidates: Mapping[str, pd.DataFrame],
+                          tensor_tables: Mapping[str, pd.DataFrame], eval_windows: torch.Tensor,
+                          batch_size: int, baseline: dict, top_n: int = 10, factor: float = 1.5,
                           chunk_size: int = DEFAULT_CHUNK) -> Confirmation:
-    """Zero each of the global top-``top_n`` candidates alone and measure the PPL it costs.
+    """Zero each weight of every metric's global top-``top_n`` alone, once, and measure the PPL.
+
+    ``candidates`` and ``tensor_tables``: metric -> its candidates and tensor table (the first
+    columns of its stats.parquet). Each metric's :func:`global_top`, stacked in the order of
+    ``candidates``, gives the rows; a weight in several metrics' top-N is zeroed once (as
+    :func:`zero_each`, in first-seen order) and its row, ``score`` included, is that of the
+    metric listed first. ``super_weights`` has one row per (metric, rank), columns
+    ``SUPER_WEIGHT_COLUMNS`` (``rank`` int64, 0 = the metric's highest score).
+    """
+    tops = pd.concat([global_top(candidates[metric], tensor_tables[metric], top_n).assign(metric=metric)
+                      for metric in candidates], ignore_index=True)
+    result = zero_each(model, tops.drop_duplicates(WEIGHT_KEY), eval_windows, batch_size, baseline,
+                       factor, chunk_size)
+    table = tops[["metric", "rank", *WEIGHT_KEY]].merge(result.super_weights, on=WEIGHT_KEY)
+    return replace(result, super_weights=table[SUPER_WEIGHT_COLUMNS])
+
+
+def zero_each(model: torch.nn.Module, weights: pd.DataFrame, eval_windows: torch.Tensor,
+              batch_size: int, baseline: dict, factor: float = 1.5,
+              chunk_size: int = DEFAULT_CHUNK) -> Confirmation:
+    """Zero each row of ``weights`` (tensor, layer, module, row, col, flat_index, weight,
+    score) alone and measure the PPL it costs.
 
     ``baseline`` holds ``ppl`` of the unperturbed model on ``eval_windows`` (the baseline
     step's metrics). The unmodified model runs twice: first the activation trace (which also
     keeps the candidate layers' inputs), last the rerun, after every weight is restored; each
     ablation in between runs from the first layer it changes (module docstring). The
-    table has one row per candidate in rank order, columns ``COLUMNS``; a non-finite loss
-    gives ``ppl_after = inf`` and counts as confirmed.
+    table has one row per row of ``weights``, in their order, columns ``COLUMNS``; a
+    non-finite loss gives ``ppl_after = inf`` and counts as confirmed.
     """
-    chosen = global_top(candidates, top_n)
     before = float(baseline["ppl"])
-    starts = [first_changed_layer(model, tensor) for tensor in chosen["tensor"]]
+    starts = [first_changed_layer(model, tensor) for tensor in weights["tensor"]]
     with _keep_layer_inputs(model, set(starts)) as kept:
         trace = activation_trace(model, eval_windows, batch_size, chunk_size)
     after = []
     for i, start in enumerate(starts):
-        with perturbed(model, chosen.iloc[i:i + 1], "zero"), \
+        with perturbed(model, weights.iloc[i:i + 1], ZERO), \
                 (_start_at(model, start, kept[start]) if start else nullcontext()):
             after.append(evaluate(model, eval_windows, batch_size, chunk_size=chunk_size).ppl)
     kept.clear()  # up to one hidden state of every window per layer: free it before the rerun
     after = np.asarray(after, dtype=np.float64)
     ratio = after / before
-    table = chosen[["tensor", "layer", "module", "row", "col", "flat_index", "weight", "score"]].assign(
+    table = weights[["tensor", "layer", "module", "row", "col", "flat_index", "weight", "score"]].assign(
         ppl_before=before, ppl_after=after, ppl_ratio=ratio, confirmed=ratio >= factor)
     rerun = evaluate(model, eval_windows, batch_size, chunk_size=chunk_size)
     return Confirmation(table[COLUMNS], trace, rerun)

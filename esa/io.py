@@ -77,9 +77,3 @@ def write_json_atomic(obj, path: str | os.PathLike) -> Path:
             handle.write("\n")
     return write_atomic(path, write)
 
-
-def files_by_seed(items: list[str], seeds: list[int]) -> dict[int, str]:
-    """``{seed: path}`` of a comma-joined list holding one file per seed, in seed order."""
-    if len(items) != len(seeds):
-        raise ESAError(f"expected one file per seed {seeds}, got {len(items)}")
-    return dict(zip(seeds, items))

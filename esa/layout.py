@@ -1,63 +1,188 @@
 """Where every workflow output lives, and which outputs each experiment needs.
 
-The path patterns carry Snakemake wildcards in braces; :class:`Layout` fills them. The rules
-and the runbook scripts both use this module, so the layout is written down once.
+This module is the one place a result path is written down: the rules, the runbook scripts
+and ``esa summary`` all ask :class:`Layout`. Path patterns keep Snakemake wildcards in braces
+(``{metric}``, ``{seed}``...) until a caller fills them; a method called with values returns
+concrete paths.
+
+A step takes its files as named paths. A collection (one mask per seed, one candidates file
+per metric) travels as keys joined by ``KEY_SEP`` (``masks/0=...``, ``masks/1=...``), which
+:func:`flatten_paths` writes and :func:`nest_paths` reads back; ``/`` cannot occur in a model,
+experiment, metric or seed name.
 """
 
 from __future__ import annotations
 
-AGREEMENT_METRICS = ("grad_x_weight", "grad_squared", "hutchinson_diag", "activation_magnitude")
+from collections.abc import Mapping
+
+from .errors import ESAError
+from .names import ACTIVATION_MAGNITUDE, GAUSSIAN, METRICS, RELATIVE
+
+KEY_SEP = "/"
+
+BASELINE_FILES = {"metrics": "metrics.json", "windows": "windows.parquet",
+                  "manifest": "experiment_manifest.json", "config": "config.json"}
+SCORE_FILES = {"candidates": "candidates.parquet", "stats": "stats.parquet", "manifest": "manifest.json"}
+ACTIVATIONS_FILE = "activations.parquet"  # the massive-activation trace of activation_magnitude
+FULL_SCORES_FILE = "scores.safetensors"  # scoring.save_full_scores
+PLOT_FILES = {"distribution": "distribution.png", "hotspots": "hotspots.png"}
+PERTURB_FILES = {"results": "results.parquet", "manifest": "experiment_manifest.json"}
+STABILITY_FILES = {"pairs": "pairs.parquet", "summary": "summary.json"}
+CONFIRM_FILES = {"super_weights": "super_weights.parquet", "activations": "activations.parquet",
+                 "rerun": "baseline_rerun.json"}
+REPORT_FILES = {"verdicts": "verdict.json", "index": "index.html", "plots": "plots"}
+
+
+def flatten_paths(paths: Mapping, prefix: str = "") -> dict[str, str]:
+    """``{"masks": {0: a, 1: b}}`` -> ``{"masks/0": a, "masks/1": b}``; None values are dropped."""
+    flat = {}
+    for key, value in paths.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_paths(value, f"{name}{KEY_SEP}"))
+        elif value is not None:
+            flat[name] = str(value)
+    return flat
+
+
+def nest_paths(flat: Mapping[str, str]) -> dict:
+    """The inverse of :func:`flatten_paths` (keys stay strings)."""
+    nested: dict = {}
+    for name, path in flat.items():
+        *outer, last = name.split(KEY_SEP)
+        node = nested
+        for key in outer:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ESAError(f"path name {name!r} nests under a name that is itself a path")
+        if last in node:
+            raise ESAError(f"path name {name!r} clashes with another")
+        node[last] = path
+    return nested
+
+
+def by_seed(paths: Mapping[str, str], seeds) -> dict[int, str]:
+    """``{seed: path}`` of a step's per-seed files (keys from :func:`nest_paths` are strings),
+    which must be exactly one per seed of ``seeds``."""
+    found = {int(seed): path for seed, path in paths.items()}
+    if sorted(found) != sorted(seeds):
+        raise ESAError(f"expected one file per seed {sorted(seeds)}, got seeds {sorted(found)}")
+    return found
 
 
 def perturb_tag(experiment: dict) -> str:
     """Directory name of a perturbation: ``sign_flip_1``, ``gaussian_0.02``, ``gaussian-absolute_0.5``."""
     kind = experiment["perturb"]
-    if kind == "gaussian" and experiment["noise"] != "relative":
+    if kind == GAUSSIAN and experiment["noise"] != RELATIVE:
         kind = f"{kind}-{experiment['noise']}"
     return f"{kind}_{experiment['scale']:g}"
 
 
+def _in(directory: str, files: Mapping[str, str]) -> dict[str, str]:
+    return {name: f"{directory}/{file}" for name, file in files.items()}
+
+
 class Layout:
-    """Output paths of one model's results directory."""
+    """Output paths of one model's results directory, and the files each experiment needs.
 
-    def __init__(self, config: dict):
-        self.config = config
-        self.root = f"results/{config['model']['name']}"
-        self.scores = f"{self.root}/scores/{{metric}}/seed{{seed}}"
-        self.mask = f"{self.root}/topk/{{metric}}/{{mode}}_k{{k}}/seed{{seed}}/mask.parquet"
-        self.plots = f"{self.root}/plots/{{metric}}/{{mode}}_k{{k}}/seed{{seed}}"
-        self.activation_plot = f"{self.root}/plots/activation_magnitude/seed{{seed}}/massive_activations.png"
-        self.perturb = f"{self.root}/perturb/{{metric}}/{{mode}}_k{{k}}/{{tag}}/results.parquet"
-        self.stability = f"{self.root}/stability/{{metric}}/{{mode}}_k{{k}}"
-        self.agreement = f"{self.root}/agreement/{{mode}}_k{{k}}.parquet"
-        self.baseline = f"{self.root}/baseline"
-        self.confirm = f"{self.root}/confirm"
-        self.report = f"{self.root}/report"
-        self.experiments = {e["name"]: {"seeds": config["seeds"], **e} for e in config["experiments"]}
+    ``Layout(config)`` for a study; ``Layout(root=DIR)`` for the paths inside an existing
+    results directory (no experiments).
+    """
 
+    def __init__(self, config: dict | None = None, *, root: str | None = None):
+        self.config = config or {}
+        name = self.config["model"]["name"] if config else None
+        self.root = root if root is not None else f"results/{name}"
+        self.logs = f"logs/{name}"
+        self.experiments = {e["name"]: {"seeds": self.config["seeds"], **e}
+                            for e in self.config.get("experiments", [])}
+
+    # ---- one path (pattern) per output -------------------------------------------------
+    @property
+    def model_ref(self) -> str:
+        return f"{self.root}/model/model.json"
+
+    def data_files(self, part: str = "{part}") -> dict[str, str]:
+        """Windows of one part (calib | eval) and their summary."""
+        return {"windows": f"{self.root}/data/{part}.parquet", "summary": f"{self.root}/data/{part}.json"}
+
+    def baseline_files(self) -> dict[str, str]:
+        return _in(f"{self.root}/baseline", BASELINE_FILES)
+
+    def scores_dir(self, metric: str = "{metric}", seed="{seed}", part=None) -> str:
+        base = f"{self.root}/scores/{metric}/seed{seed}"
+        return base if part is None else f"{base}/part{part}"
+
+    def score_files(self, metric: str = "{metric}", seed="{seed}", part=None, *,
+                    activations: bool = False, full_scores: bool = False) -> dict[str, str]:
+        """Candidates, stats and manifest of one scores job's metric (plus the optional files)."""
+        files = dict(SCORE_FILES)
+        if activations:
+            files["activations"] = ACTIVATIONS_FILE
+        if full_scores:
+            files["full_scores"] = FULL_SCORES_FILE
+        return _in(self.scores_dir(metric, seed, part), files)
+
+    def mask(self, metric="{metric}", mode="{mode}", k="{k}", seed="{seed}") -> str:
+        return f"{self.root}/topk/{metric}/{mode}_k{k}/seed{seed}/mask.parquet"
+
+    def plot_files(self, metric="{metric}", mode="{mode}", k="{k}", seed="{seed}") -> dict[str, str]:
+        return _in(f"{self.root}/plots/{metric}/{mode}_k{k}/seed{seed}", PLOT_FILES)
+
+    def activation_plot(self, seed="{seed}") -> str:
+        return f"{self.root}/plots/{ACTIVATION_MAGNITUDE}/seed{seed}/massive_activations.png"
+
+    def perturb_files(self, metric="{metric}", mode="{mode}", k="{k}", tag="{tag}") -> dict[str, str]:
+        return _in(f"{self.root}/perturb/{metric}/{mode}_k{k}/{tag}", PERTURB_FILES)
+
+    def stability_files(self, metric="{metric}", mode="{mode}", k="{k}") -> dict[str, str]:
+        return _in(f"{self.root}/stability/{metric}/{mode}_k{k}", STABILITY_FILES)
+
+    def agreement(self, mode="{mode}", k="{k}") -> str:
+        return f"{self.root}/agreement/{mode}_k{k}.parquet"
+
+    def confirm_files(self) -> dict[str, str]:
+        return _in(f"{self.root}/confirm", CONFIRM_FILES)
+
+    def report_files(self) -> dict[str, str]:
+        return _in(f"{self.root}/report", REPORT_FILES)
+
+    def log(self, job: str) -> str:
+        return f"{self.logs}/{job}.log"
+
+    # ---- which outputs the experiments need --------------------------------------------
     @staticmethod
     def _key(e: dict) -> dict:
         return {"metric": e["metric"], "mode": e["mode"], "k": e["topk"]}
 
-    def experiment_files(self, name: str) -> dict[str, list[str] | str]:
-        """Every output an experiment needs, by kind."""
+    def experiment_files(self, name: str) -> dict:
+        """Every output an experiment needs, by kind: ``scores`` and ``masks`` map seed -> files."""
         e = self.experiments[name]
         key = self._key(e)
-        first = e["seeds"][0]
-        files: dict[str, list[str] | str] = {
-            "scores": [self.scores.format(metric=e["metric"], seed=s) for s in e["seeds"]],
-            "masks": [self.mask.format(**key, seed=s) for s in e["seeds"]],
+        files: dict = {
+            "scores": {s: self.score_files(e["metric"], s) for s in e["seeds"]},
+            "masks": {s: self.mask(**key, seed=s) for s in e["seeds"]},
         }
         if self.config["plots"]:
-            plots = self.plots.format(**key, seed=first)
-            files["plots"] = [f"{plots}/distribution.png", f"{plots}/hotspots.png"]
-            if e["metric"] == "activation_magnitude":
-                files["plots"].append(self.activation_plot.format(seed=first))
+            first = e["seeds"][0]
+            files["plots"] = list(self.plot_files(**key, seed=first).values())
+            if e["metric"] == ACTIVATION_MAGNITUDE:
+                files["plots"].append(self.activation_plot(first))
         if e["perturb"]:
-            files["perturb"] = self.perturb.format(**key, tag=perturb_tag(e))
+            files["perturb"] = self.perturb_files(**key, tag=perturb_tag(e))
         if e["stability_check"] and len(e["seeds"]) > 1:
-            files["stability"] = f"{self.stability.format(**key)}/summary.json"
+            files["stability"] = self.stability_files(**key)
         return files
+
+    def experiment_targets(self, name: str) -> list[str]:
+        """The experiment's files as one list, with the baseline its dPPL is measured against."""
+        files = self.experiment_files(name)
+        targets = [self.baseline_files()["metrics"]]
+        targets += [scores["candidates"] for scores in files["scores"].values()]
+        targets += list(files["masks"].values()) + files.get("plots", [])
+        targets += [files[kind][main] for kind, main in (("perturb", "results"), ("stability", "summary"))
+                    if kind in files]
+        return targets
 
     def seeds_of(self, metric: str, mode: str, k: int) -> list[int]:
         """Union of the seeds of the experiments sharing (metric, mode, k)."""
@@ -72,63 +197,61 @@ class Layout:
                    and perturb_tag(e) == tag]
         for e in matches[1:]:
             if (e["seeds"], e["controls"]) != (matches[0]["seeds"], matches[0]["controls"]):
-                raise ValueError(f"experiments {matches[0]['name']!r} and {e['name']!r} perturb the same "
-                                 f"top-k identically but list different seeds or controls")
+                raise ESAError(f"experiments {matches[0]['name']!r} and {e['name']!r} perturb the same "
+                               f"top-k identically but list different seeds or controls")
         return matches[0]
 
-    def agreement_metrics(self) -> list[str]:
-        """Metrics any experiment scores, in the canonical order."""
+    def scored_metrics(self) -> list[str]:
+        """Metrics any experiment scores, in the canonical order of ``esa.names.METRICS``."""
         used = {e["metric"] for e in self.experiments.values()}
-        return [m for m in AGREEMENT_METRICS if m in used]
+        return [m for m in METRICS if m in used]
 
     def agreement_keys(self) -> list[tuple[str, int]]:
         """(mode, k) of every experiment, once: each gets a metric-agreement table."""
         return sorted({(e["mode"], e["topk"]) for e in self.experiments.values()})
 
-    def experiment_targets(self, name: str) -> list[str]:
-        """The experiment's files as one list, with the baseline its dPPL is measured against."""
-        files = [f"{self.baseline}/metrics.json"]
-        for kind, value in self.experiment_files(name).items():
-            if kind == "scores":
-                value = [f"{d}/candidates.parquet" for d in value]
-            files += value if isinstance(value, list) else [value]
-        return files
+    def agreement_files(self) -> dict[str, str]:
+        """``{"{mode}_k{k}": path}``; none when fewer than two metrics are scored."""
+        if len(self.scored_metrics()) < 2:
+            return {}
+        return {f"{mode}_k{k}": self.agreement(mode, k) for mode, k in self.agreement_keys()}
 
-    def report_entry(self, name: str) -> dict:
-        """An experiment as the verdicts and the report read it: settings plus file paths."""
-        e = self.experiments[name]
-        files = self.experiment_files(name)
-        stability = files.get("stability")
-        return {"name": name, "metric": e["metric"], "mode": e["mode"], "k": e["topk"], "seeds": e["seeds"],
-                "stats": [f"{d}/stats.parquet" for d in files["scores"]], "masks": files["masks"],
-                "results": files.get("perturb"), "stability": stability,
-                "stability_pairs": stability.replace("summary.json", "pairs.parquet") if stability else None}
-
-    def scored_metrics(self) -> list[str]:
-        """Metrics any experiment scores, in the canonical order."""
-        return self.agreement_metrics()
-
-    def agreement_files(self) -> list[str]:
-        if len(self.agreement_metrics()) < 2:
-            return []
-        return [self.agreement.format(mode=m, k=k) for m, k in self.agreement_keys()]
+    def agreement_masks(self, mode: str, k) -> dict[str, dict[int, str]]:
+        """metric -> seed -> mask of every scored metric at one (mode, k)."""
+        return {m: {s: self.mask(m, mode, k, s) for s in self.config["seeds"]} for m in self.scored_metrics()}
 
     def confirm_seed(self) -> int:
-        return self.config["confirm"]["seed"] if self.config["confirm"]["seed"] is not None else self.config["seeds"][0]
+        seed = self.config["confirm"]["seed"]
+        return seed if seed is not None else self.config["seeds"][0]
 
-    def report_inputs(self) -> list[str]:
-        """Everything the report reads: all experiment outputs and the confirmation."""
-        files = list(dict.fromkeys(f for name in self.experiments for f in self.experiment_targets(name)))
-        files += [f"{d}/stats.parquet" for name in self.experiments for d in self.experiment_files(name)["scores"]]
-        files += self.agreement_files()
+    def confirm_inputs(self) -> dict[str, dict[str, str]]:
+        """candidates and stats of every scored metric on the confirm seed."""
+        files = {m: self.score_files(m, self.confirm_seed()) for m in self.scored_metrics()}
+        return {kind: {m: f[kind] for m, f in files.items()} for kind in ("candidates", "stats")}
+
+    def report_inputs(self) -> dict:
+        """Everything the report reads, by name: per experiment (and seed) its files, the
+        agreement tables, the confirmation and the baseline."""
+        baseline = self.baseline_files()
+        inputs: dict = {"baseline": baseline["metrics"], "baseline_config": baseline["config"], "stats": {}, "masks": {},
+                        "results": {}, "stability": {}, "stability_pairs": {}}
+        for name in self.experiments:
+            files = self.experiment_files(name)
+            inputs["stats"][name] = {s: f["stats"] for s, f in files["scores"].items()}
+            inputs["masks"][name] = files["masks"]
+            if "perturb" in files:
+                inputs["results"][name] = files["perturb"]["results"]
+            if "stability" in files:
+                inputs["stability"][name] = files["stability"]["summary"]
+                inputs["stability_pairs"][name] = files["stability"]["pairs"]
+        inputs["agreement"] = self.agreement_files()
         if self.experiments:
-            files += [f"{self.confirm}/super_weights.parquet", f"{self.confirm}/activations.parquet",
-                      f"{self.confirm}/baseline_rerun.json"]
-        return list(dict.fromkeys(files))
+            inputs.update(self.confirm_files())
+        return inputs
 
     def all_files(self) -> list[str]:
         files = list(dict.fromkeys(f for name in self.experiments for f in self.experiment_targets(name)))
-        files = (files or [f"{self.baseline}/metrics.json"]) + self.agreement_files()
+        files = (files or [self.baseline_files()["metrics"]]) + list(self.agreement_files().values())
         if self.config["report"]:
-            files.append(f"{self.report}/index.html")
+            files.append(self.report_files()["index"])
         return files

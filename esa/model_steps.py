@@ -19,8 +19,10 @@ from . import data, models
 from .candidates import build_candidates
 from .errors import ESAError
 from .evaluation import evaluate
-from .io import files_by_seed, read_parquet, write_json_atomic, write_parquet_atomic
+from .io import read_parquet, write_atomic, write_json_atomic, write_parquet_atomic
+from .layout import by_seed
 from .manifest import RunRecord
+from .names import TOP
 from .perturb import run_perturbations
 from .score_stats import build_stats
 from .scores import compute_scores
@@ -94,14 +96,17 @@ def step_baseline(spec: dict, *, model: str, eval: str, metrics: str, windows: s
              int(result.tokens.sum()))
 
 
-def step_scores(spec: dict, *, model: str, calib: str, **out_dirs: str) -> None:
-    """Score every target weight by the metrics in ``out_dirs`` on seed ``spec["seed"]``'s sample.
+def step_scores(spec: dict, *, model: str, calib: str, **outputs: dict) -> None:
+    """Score every target weight by each metric of ``spec["metrics"]`` on seed ``spec["seed"]``'s sample.
 
-    Writes per metric: candidates.parquet (top-M / bottom-M per tensor), stats.parquet (per
-    tensor distribution), manifest.json, and for activation_magnitude activations.parquet
-    (the massive-activation trace of every mlp.down_proj). ``spec["layer_group"]`` = [g, G]
-    scores only part g of G of the targets (see :func:`esa.targets.split_targets`).
+    ``outputs``: metric -> its files: candidates (top-M / bottom-M per tensor), stats (per
+    tensor distribution), manifest, for activation_magnitude activations (the massive-activation
+    trace of every MLP output projection), and with ``spec["save_full_scores"]`` full_scores.
+    ``spec["layer_group"]`` = [g, G] scores only part g of G of the targets (see
+    :func:`esa.targets.split_targets`).
     """
+    if sorted(outputs) != sorted(spec["metrics"]):
+        raise ESAError(f"expected the files of the metrics {spec['metrics']}, got {sorted(outputs)}")
     device = models.resolve_device(spec["device"])
     record = RunRecord(spec, device, spec["dtype"], "scores")
     pool = data.read_windows(calib)
@@ -110,69 +115,69 @@ def step_scores(spec: dict, *, model: str, calib: str, **out_dirs: str) -> None:
     targets = find_targets(lm, spec["targets"]["include"], spec["targets"]["exclude"])
     group, groups = spec["layer_group"]
     targets = split_targets(targets, groups)[group]
-    results = compute_scores(lm, targets, torch.from_numpy(pool[sample]), list(out_dirs),
+    results = compute_scores(lm, targets, torch.from_numpy(pool[sample]), spec["metrics"],
                              spec["batch_size"], spec["seed"], probes=spec["probes"],
                              weighting=spec["weighting"], chunk_size=spec["loss_chunk"],
                              gradient_checkpointing=spec["gradient_checkpointing"])
     for metric, result in results.items():
-        out = Path(out_dirs[metric])
+        out = outputs[metric]
         scores = result.score
-        write_parquet_atomic(build_stats(targets, scores), out / "stats.parquet")
+        write_parquet_atomic(build_stats(targets, scores), out["stats"])
         write_parquet_atomic(build_candidates(targets, result.weights, result.stat, scores,
-                                              spec["candidates"]), out / "candidates.parquet")
+                                              spec["candidates"]), out["candidates"])
         if "massive_activations" in result.extra:
-            write_parquet_atomic(result.extra["massive_activations"], out / "activations.parquet")
+            write_parquet_atomic(result.extra["massive_activations"], out["activations"])
         if spec["save_full_scores"]:
             from safetensors.torch import save_file
 
-            save_file({name: scores[name].cpu().contiguous() for name in result.stat},
-                      str(out / "scores.safetensors"))
+            write_atomic(out["full_scores"], lambda tmp: save_file(
+                {name: scores[name].cpu().contiguous() for name in result.stat}, tmp))
         write_json_atomic(record.finish(metric=metric, calibration_windows=sample.tolist(),
-                                        targets=len(targets)), out / "manifest.json")
+                                        targets=len(targets)), out["manifest"])
 
 
-def step_perturb(spec: dict, *, model: str, eval: str, baseline: str, masks: str, results: str,
+def step_perturb(spec: dict, *, model: str, eval: str, baseline: str, masks: dict, results: str,
                  manifest: str) -> None:
     """Perturb the top-k and each control of every seed in place, evaluate, restore bit-exactly.
 
-    ``masks`` is a comma-separated list, one mask per seed of ``spec["seeds"]``.
+    ``masks``: seed -> path, one mask per seed of ``spec["seeds"]``.
     """
     device = models.resolve_device(spec["device"])
     record = RunRecord(spec, device, spec["dtype"], "perturb")
-    masks_by_seed = {seed: read_parquet(path)
-                     for seed, path in files_by_seed(masks.split(","), spec["seeds"]).items()}
+    masks_by_seed = {seed: read_parquet(path) for seed, path in by_seed(masks, spec["seeds"]).items()}
     reference = json.loads(Path(baseline).read_text())
     lm = _load(spec, model)
     table = run_perturbations(lm, masks_by_seed, torch.from_numpy(data.read_windows(eval)),
                               spec["batch_size"], reference, spec["perturb"], spec["scale"],
-                              spec["noise"], sets=("top", *spec["controls"]), chunk_size=spec["loss_chunk"])
+                              spec["noise"], sets=(TOP, *spec["controls"]), chunk_size=spec["loss_chunk"])
     write_parquet_atomic(table, results)
     write_json_atomic(record.finish(baseline_ppl=reference["ppl"]), manifest)
 
 
-def step_confirm(spec: dict, *, model: str, eval: str, baseline: str, candidates: str,
-                 super_weights: str, activations: str, rerun: str) -> None:
+def step_confirm(spec: dict, *, model: str, eval: str, baseline: str, candidates: dict[str, str],
+                 stats: dict[str, str], super_weights: str, activations: str, rerun: str) -> None:
     """Zero each of every metric's global top-N weights alone; trace the massive activations.
 
-    ``candidates`` lists one candidates.parquet per metric of ``spec["metrics"]``. A weight in
-    several metrics' top-N is evaluated once. Also re-evaluates the unmodified model (the
+    ``candidates`` and ``stats``: metric -> that metric's candidates.parquet / stats.parquet
+    (the confirm seed's), for every metric of ``spec["metrics"]``; stats give the tensor table
+    that makes each top-N exact (:func:`esa.confirm.global_top`). A weight in several metrics'
+    top-N is evaluated once. Also re-evaluates the unmodified model (the
     baseline-identical-on-rerun check).
     """
-    from .confirm import confirm_super_weights, global_top
+    from .confirm import confirm_super_weights
+    from .targets import TABLE_COLUMNS
 
-    paths = candidates.split(",")
-    if len(paths) != len(spec["metrics"]):
-        raise ESAError(f"expected candidates for {spec['metrics']}, got {len(paths)} files")
-    tops = pd.concat([global_top(read_parquet(p), spec["top_n"]).assign(metric=m, rank=range(spec["top_n"]))
-                      for m, p in zip(spec["metrics"], paths)], ignore_index=True)
-    unique = tops.drop_duplicates(["tensor", "flat_index"])
+    metrics = spec["metrics"]
+    for name, paths in (("candidates", candidates), ("stats", stats)):
+        if sorted(paths) != sorted(metrics):
+            raise ESAError(f"confirm needs {name} of the metrics {metrics}, got {sorted(paths)}")
     lm = _load(spec, model)
     windows = torch.from_numpy(data.read_windows(eval))
     reference = json.loads(Path(baseline).read_text())
-    result = confirm_super_weights(lm, unique, windows, spec["batch_size"], reference, top_n=len(unique),
+    result = confirm_super_weights(lm, {m: read_parquet(candidates[m]) for m in metrics},
+                                   {m: read_parquet(stats[m], columns=TABLE_COLUMNS) for m in metrics},
+                                   windows, spec["batch_size"], reference, top_n=spec["top_n"],
                                    factor=spec["factor"], chunk_size=spec["loss_chunk"])
-    table = tops[["metric", "rank", "tensor", "flat_index"]].merge(result.super_weights,
-                                                                   on=["tensor", "flat_index"])
-    write_parquet_atomic(table, super_weights)
+    write_parquet_atomic(result.super_weights, super_weights)
     write_parquet_atomic(result.activations, activations)
     write_json_atomic(result.rerun.metrics(), rerun)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .errors import ESAError
+from .io import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -134,34 +135,48 @@ def materialize(source: str, out_dir: str | Path) -> dict:
     A GGUF is de-quantised once and saved as fp32 safetensors beside it, in ``checkpoint/``,
     referenced by that relative name so the results directory can be moved; a local directory
     (by its absolute path) or hub id is referenced as it is (copying an 8B checkpoint would
-    gain nothing).
+    gain nothing). Atomic: the checkpoint is written in full to a temporary directory beside
+    it and renamed into place, and ``model.json``, written last, appears whole or not at all.
     """
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM
-
     out_dir = Path(out_dir)
     resolved = resolve_source(source)
     ref = {"source": source, "kind": resolved.kind, "path": resolved.path}
     if resolved.kind == "gguf":
         weights = out_dir / "checkpoint"
-        tmp = out_dir / "checkpoint.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tokenizer = load_tokenizer(resolved)
-        model = _from_pretrained(AutoModelForCausalLM, resolved, "model", dtype=torch.float32)
-        # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain
-        # tensors after de-quantisation, so write them and the config directly
-        tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(weights, ignore_errors=True)
-        os.replace(tmp, weights)
+        _save_dequantised(resolved, weights)
         ref.update(kind="dir", path=weights.name, gguf_file=resolved.gguf_file)
     else:
         load_config(resolved)  # fail here, not in every later job, when the source is wrong
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / REF_FILE).write_text(json.dumps(ref, indent=2))
+    write_atomic(out_dir / REF_FILE, lambda tmp: Path(tmp).write_text(json.dumps(ref, indent=2)))
     return ref
+
+
+def _save_dequantised(source: ModelSource, weights: Path) -> None:
+    """Save the GGUF ``source`` as an fp32 safetensors checkpoint directory ``weights``: written
+    in a temporary directory beside it (same filesystem), then renamed over any old one."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(source)
+    model = _from_pretrained(AutoModelForCausalLM, source, "model", dtype=torch.float32)
+    # named by process (not mkdtemp, whose 0700 mode the checkpoint would keep)
+    tmp, old = (weights.with_name(f".{weights.name}.{os.getpid()}.{part}") for part in ("tmp", "old"))
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain
+        # tensors after de-quantisation, so write them and the config directly
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if weights.exists():  # a directory cannot be renamed over a non-empty one
+            os.replace(weights, old)
+        os.replace(tmp, weights)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def source_from_ref(ref_path: str | Path) -> ModelSource:

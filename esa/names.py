@@ -1,28 +1,56 @@
 """The names every layer of ESA shares: metrics, modes, sets, perturbations, and the fixed
 definitions the score tables use. Torch-free, so the rules, the config check and the report
 import it without loading a model library.
+
+Each name is spelled once, as a constant; the tuples list the allowed values of each kind.
 """
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
-METRICS = ("grad_x_weight", "grad_squared", "hutchinson_diag", "activation_magnitude")
+GRAD_X_WEIGHT = "grad_x_weight"
+GRAD_SQUARED = "grad_squared"
+HUTCHINSON_DIAG = "hutchinson_diag"
+ACTIVATION_MAGNITUDE = "activation_magnitude"
+METRICS = (GRAD_X_WEIGHT, GRAD_SQUARED, HUTCHINSON_DIAG, ACTIVATION_MAGNITUDE)
 # metrics that differentiate the calibration loss (hutchinson_diag twice)
-GRADIENT_METRICS = ("grad_x_weight", "grad_squared", "hutchinson_diag")
+GRADIENT_METRICS = (GRAD_X_WEIGHT, GRAD_SQUARED, HUTCHINSON_DIAG)
 # metrics one first-order gradient pass computes together (one scores_gradients job)
-FIRST_ORDER_METRICS = ("grad_x_weight", "grad_squared")
-WEIGHTINGS = ("product", "raw")
+FIRST_ORDER_METRICS = (GRAD_X_WEIGHT, GRAD_SQUARED)
+# the scores jobs of a seed and the metrics each computes (rules scores_<job>)
+SCORE_JOBS = {"gradients": FIRST_ORDER_METRICS, "hutchinson": (HUTCHINSON_DIAG,),
+              "activations": (ACTIVATION_MAGNITUDE,)}
+PRODUCT, RAW = "product", "raw"
+WEIGHTINGS = (PRODUCT, RAW)
 
-MODES = ("global", "per_layer", "per_tensor")
-CONTROLS = ("random_k", "bottom_k")
-SETS = ("top", *CONTROLS)
+CALIB, EVAL = "calib", "eval"  # the two parts of the text: calibration pool, evaluation windows
+DATA_PARTS = (CALIB, EVAL)
 
-PERTURBATIONS = ("zero", "sign_flip", "gaussian")
-NOISE_MODES = ("relative", "absolute", "tensor_std")
+GLOBAL, PER_LAYER, PER_TENSOR = "global", "per_layer", "per_tensor"
+MODES = (GLOBAL, PER_LAYER, PER_TENSOR)
+TOP, RANDOM_K, BOTTOM_K = "top", "random_k", "bottom_k"
+CONTROLS = (RANDOM_K, BOTTOM_K)
+SETS = (TOP, *CONTROLS)
+
+# the two ends of a tensor's candidates: its highest and its lowest scores
+END_TOP, END_BOTTOM = "top", "bottom"
+ENDS = (END_TOP, END_BOTTOM)
+
+ZERO, SIGN_FLIP, GAUSSIAN = "zero", "sign_flip", "gaussian"
+PERTURBATIONS = (ZERO, SIGN_FLIP, GAUSSIAN)
+RELATIVE, ABSOLUTE, TENSOR_STD = "relative", "absolute", "tensor_std"
+NOISE_MODES = (RELATIVE, ABSOLUTE, TENSOR_STD)
 
 TOP_DENOMINATOR = 10_000  # the top 0.01%: ceil(n / 10_000) in exact integer arithmetic
 HIST_LOW, HIST_HIGH, HIST_BINS = -12.0, 4.0, 64
+
+
+def alternatives(names) -> str:
+    """A regex matching exactly one of ``names`` (a Snakemake wildcard constraint)."""
+    return "|".join(re.escape(name) for name in names)
 
 
 def hist_edges() -> np.ndarray:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK, evaluate
-from .names import NOISE_MODES, PERTURBATIONS, SETS
+from .names import ABSOLUTE, NOISE_MODES, PERTURBATIONS, RELATIVE, SETS, SIGN_FLIP, ZERO
 
 RESULT_COLUMNS = ["set", "seed", "n_weights", "perturb", "scale", "noise", "loss", "ppl",
                   "delta_loss", "delta_ppl", "ppl_ratio", "finite", "evaluated"]
@@ -60,7 +60,7 @@ class _Touched:
 
 
 def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
-    """Raise ValueError naming the allowed values unless ``value`` is one of them."""
+    """Raise an ESAError naming the allowed values unless ``value`` is one of them."""
     if value not in allowed:
         raise ESAError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
 
@@ -106,14 +106,14 @@ def _groups(model: torch.nn.Module, selection: pd.DataFrame) -> list[tuple[str, 
 def _new_values(kind: str, w: torch.Tensor, param: torch.Tensor, scale: float, noise: str,
                 generator: torch.Generator) -> torch.Tensor:
     """Perturbed values (fp32) of the selected entries ``w`` (fp32) of ``param``."""
-    if kind == "zero":
+    if kind == ZERO:
         return torch.zeros_like(w)
-    if kind == "sign_flip":
+    if kind == SIGN_FLIP:
         return -scale * w
     eps = torch.randn(w.numel(), generator=generator, dtype=torch.float32).to(w.device)
-    if noise == "relative":
+    if noise == RELATIVE:
         spread = scale * w.abs()
-    elif noise == "absolute":
+    elif noise == ABSOLUTE:
         spread = scale
     else:
         spread = scale * param.detach().float().std(correction=0)
@@ -138,7 +138,7 @@ def _restore(touched: list[_Touched]) -> None:
 
 @contextmanager
 def perturbed(model: torch.nn.Module, selection: pd.DataFrame, kind: str, scale: float = 1.0,
-              noise: str = "relative", seed: int = 0):
+              noise: str = RELATIVE, seed: int = 0):
     """Perturb every entry of ``selection`` (columns ``tensor``, ``flat_index``) in place.
 
     All rows are applied: filter a mask to one set first.
@@ -167,7 +167,7 @@ def perturbed(model: torch.nn.Module, selection: pd.DataFrame, kind: str, scale:
 
 def run_perturbations(model: torch.nn.Module, mask_by_seed: dict[int, pd.DataFrame],
                       eval_windows: torch.Tensor, batch_size: int, baseline: dict,
-                      perturb: str, scale: float = 1.0, noise: str = "relative",
+                      perturb: str, scale: float = 1.0, noise: str = RELATIVE,
                       sets: tuple[str, ...] = SETS, chunk_size: int = DEFAULT_CHUNK,
                       progress: bool = True) -> pd.DataFrame:
     """For every seed and set: perturb that set of the seed's mask, evaluate, restore.

@@ -12,13 +12,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from .names import hist_edges  # noqa: E402
+from .io import write_atomic  # noqa: E402
+from .names import TOP, hist_edges  # noqa: E402
 
 
 def save_figure(fig, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """Lay out ``fig``, write it to ``path`` atomically (format from the suffix) and close it."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # the temporary file's suffix is .tmp: name the format, or matplotlib guesses from it
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format=Path(path).suffix[1:]))
     plt.close(fig)
 
 
@@ -39,7 +41,7 @@ def plot_score_distribution(stats: pd.DataFrame, path: str | Path, title: str) -
 
 def plot_hotspots(stats: pd.DataFrame, mask: pd.DataFrame, path: str | Path, title: str) -> None:
     """Layer x module heatmaps: how many top-k weights sit in each tensor, and its score mass."""
-    top = mask[mask["set"] == "top"]
+    top = mask[mask["set"] == TOP]
     counts = top.groupby(["layer", "module"]).size().unstack(fill_value=0)
     counts = counts.reindex(index=sorted(stats["layer"].unique()), columns=stats["module"].unique(), fill_value=0)
     mass = stats.pivot_table(index="layer", columns="module", values="sum", aggfunc="sum")

@@ -8,7 +8,7 @@ bad or warn verdict open and an all-good group collapsed; then the figures: one 
 experiment (score distribution, hotspots, dPPL of top vs controls with one dot per seed,
 Jaccard across seeds), metric agreement, the super weights and the massive-activation trace.
 A part whose inputs were not produced says "not run" rather than disappearing. The PNGs are
-also written to ``plots/`` beside the page.
+also written to a plots folder (``report/plots/`` in the workflow).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import pandas as pd
 
 from . import plots, report_plots
 from .io import read_parquet, write_atomic
-from .verdicts import (ExperimentData, count_statuses, load_experiment, read_agreement,
-                       read_json, read_optional)
+from .results import ExperimentData, load_experiment, read_agreement, read_json, read_optional
+from .verdicts import count_statuses
 
 SEVERITY = {"bad": 0, "warn": 1, "good": 2}
 CSS = """
@@ -283,29 +283,28 @@ def _activation_section(trace: pd.DataFrame | None, plot_dir: Path) -> str:
 
 def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None,
                  super_weights_path=None, activations_path=None, verdicts_path=None,
-                 out_html="index.html", *, factor: float = 1.5, title: str = "ESA report") -> str:
-    """Write the self-contained report to ``out_html`` (figures also to ``plots/`` beside it)
-    and return its HTML.
+                 out_html="index.html", *, baseline_config, plot_dir, model: str,
+                 factor: float = 1.5, title: str = "ESA report") -> str:
+    """Write the self-contained report to ``out_html`` (its figures to ``plot_dir``) and
+    return its HTML.
 
-    ``baseline_path``: the baseline's ``metrics.json`` in ``results/{model}/baseline/``; the
-    summary takes the model's name from that directory and the model source, dtype and data
-    settings from the baseline step's ``config.json`` beside it. ``experiments``: entries as
-    :func:`esa.verdicts.load_experiment` reads them (name, metric, mode, k, stats/masks per
+    ``baseline_path``: the baseline's ``metrics.json``; ``baseline_config``: the baseline
+    step's ``config.json`` (the summary's model source, dtype and data settings); ``model``:
+    the model's name. ``experiments``: entries as
+    :func:`esa.results.load_experiment` reads them (name, metric, mode, k, stats/masks per
     seed, results, stability, stability_pairs). ``agreement_paths``: one agreement parquet or a
     list (one per mode and k). Every other input is a path; any of them None makes its section
-    say "not run": super weights as confirm writes them (``metric``, ``rank`` and
-    ``esa.confirm.COLUMNS``, tested with ``factor``), activation trace parquet
+    say "not run": super weights as confirm writes them (``esa.confirm.SUPER_WEIGHT_COLUMNS``,
+    tested with ``factor``), activation trace parquet
     (``esa.scores.TRACE_COLUMNS``), verdict JSON.
     """
-    out_html = Path(out_html)
-    plot_dir = out_html.parent / "plots"
+    plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
-    baseline_dir = Path(baseline_path).parent
     super_weights = read_optional(super_weights_path, read_parquet)
     weights = None if super_weights is None else _by_weight(super_weights)
     verdicts = read_optional(verdicts_path, read_json)
     sections = [
-        _summary_section(baseline_dir.parent.name, read_json(baseline_dir / "config.json"),
+        _summary_section(model, read_json(baseline_config),
                          read_json(baseline_path), weights, verdicts, factor),
         _verdict_section(verdicts),
         *(_experiment_section(load_experiment(entry), plot_dir) for entry in experiments),

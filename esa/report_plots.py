@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .names import SETS
 from .plots import plt, save_figure, sns  # one Agg backend setup and one saver for every figure
-
-SET_ORDER = ["top", "random_k", "bottom_k"]
 
 
 def _symmetric(pairs: pd.DataFrame, a: str, b: str, value: str, labels: list) -> pd.DataFrame:
@@ -34,7 +33,7 @@ def plot_delta_ppl(results: pd.DataFrame, path: str | Path, title: str) -> None:
     ceiling = 10 * max(float(finite.abs().max()) if finite.notna().any() else 0.0, 1.0)
     destroyed = ~np.isfinite(data["delta_ppl"])
     data = data.assign(dPPL=finite.fillna(ceiling))
-    order = [s for s in SET_ORDER if s in set(data["set"])]
+    order = [s for s in SETS if s in set(data["set"])]
     several = data["perturbation"].nunique() > 1  # seaborn cannot dodge a single hue level
     fig, ax = plt.subplots(figsize=(7, 4.5))
     sns.stripplot(data=data, x="set", y="dPPL", hue="perturbation", order=order, dodge=several,

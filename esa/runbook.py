@@ -22,6 +22,7 @@ from .config import REPO, load_config
 from .errors import ESAError
 from .layout import Layout
 from .models import resolve_device
+from .names import CONTROLS, END_TOP, HUTCHINSON_DIAG, METRICS, MODES, PERTURBATIONS, TOP
 
 
 def model_name(source: str) -> str:
@@ -82,16 +83,12 @@ def _finite_float(text: str) -> float:
 
 def phase_parser() -> argparse.ArgumentParser:
     """Flags of the runbook's ``phase1_runner_enhanced.py`` (Phases 2 and 3)."""
-    from .layout import AGREEMENT_METRICS
-    from .perturb import PERTURBATIONS
-    from .selection import CONTROLS, MODES
-
     parser = argparse.ArgumentParser(
         prog="phase1_runner_enhanced.py",
         description="Runbook Phases 2-3: score weights, select the top-k, optionally perturb them "
                     "against controls, through the ESA Snakemake DAG (cached, shared with every run).")
     parser.add_argument("--model", required=True, help="hub id, local directory, .gguf file or builtin:smollm2-135m")
-    parser.add_argument("--metric", required=True, choices=AGREEMENT_METRICS, help="sensitivity metric")
+    parser.add_argument("--metric", required=True, choices=METRICS, help="sensitivity metric")
     parser.add_argument("--mode", required=True, choices=MODES, help="top-k over all targets, per decoder layer, or per tensor")
     parser.add_argument("--topk", required=True, type=int, help="k of the top-k (and of each control)")
     parser.add_argument("--max-samples", type=int, default=None,
@@ -125,8 +122,6 @@ def _csv(text: str, allowed: tuple[str, ...] | None, what: str, cast=str) -> lis
 
 def phase_config(args) -> tuple[dict, str]:
     """The resolved config and experiment name of a ``phase1_runner_enhanced.py`` command."""
-    from .selection import CONTROLS
-
     seeds = _csv(args.seeds, None, "seed", int)
     if not seeds:
         raise ESAError("--seeds needs at least one seed")
@@ -139,7 +134,7 @@ def phase_config(args) -> tuple[dict, str]:
     overrides = {"model": {"name": model_name(args.model), "source": args.model}, "device": args.device,
                  "plots": args.save_plots, "experiments": [experiment]}
     if args.max_samples is not None:
-        key = {"hutchinson": {"max_samples": args.max_samples}} if args.metric == "hutchinson_diag" \
+        key = {"hutchinson": {"max_samples": args.max_samples}} if args.metric == HUTCHINSON_DIAG \
             else {"max_samples": args.max_samples}
         overrides["scoring"] = key
     config = resolve(overrides, args.config)
@@ -157,34 +152,32 @@ def gather_phase_outputs(config: dict, name: str, workdir: Path, out_dir: Path, 
     e = layout.experiments[name]
     files = layout.experiment_files(name)
     manifests = {}
-    for seed, scores in zip(e["seeds"], files["scores"]):
+    for seed, scores in files["scores"].items():
         for part in ("candidates", "stats"):
-            shutil.copyfile(workdir / scores / f"{part}.parquet", out_dir / f"{part}_seed{seed}.parquet")
-        manifests[f"scores_seed{seed}"] = json.loads((workdir / scores / "manifest.json").read_text())
-    for seed, mask in zip(e["seeds"], files["masks"]):
+            shutil.copyfile(workdir / scores[part], out_dir / f"{part}_seed{seed}.parquet")
+        manifests[f"scores_seed{seed}"] = json.loads((workdir / scores["manifest"]).read_text())
+    for seed, mask in files["masks"].items():
         shutil.copyfile(workdir / mask, out_dir / f"mask_seed{seed}.parquet")
     if "perturb" in files:
-        shutil.copyfile(workdir / files["perturb"], out_dir / "perturb_results.parquet")
-        manifests["perturb"] = json.loads(
-            (workdir / files["perturb"]).with_name("experiment_manifest.json").read_text())
+        shutil.copyfile(workdir / files["perturb"]["results"], out_dir / "perturb_results.parquet")
+        manifests["perturb"] = json.loads((workdir / files["perturb"]["manifest"]).read_text())
     if "stability" in files:
-        summary = workdir / files["stability"]
-        shutil.copyfile(summary.with_name("pairs.parquet"), out_dir / "stability_pairs.parquet")
-        shutil.copyfile(summary, out_dir / "stability.json")
+        shutil.copyfile(workdir / files["stability"]["pairs"], out_dir / "stability_pairs.parquet")
+        shutil.copyfile(workdir / files["stability"]["summary"], out_dir / "stability.json")
     for plot in files.get("plots", []):
         (out_dir / "plots").mkdir(exist_ok=True)
         shutil.copyfile(workdir / plot, out_dir / "plots" / Path(plot).name)
     first = e["seeds"][0]
-    mask = read_parquet(workdir / files["masks"][0])
-    candidates = read_parquet(workdir / files["scores"][0] / "candidates.parquet")
-    top = mask[mask["set"] == "top"].drop(columns=["set"]).merge(
-        candidates[candidates["end"] == "top"][["tensor", "flat_index", "weight", "stat"]],
+    mask = read_parquet(workdir / files["masks"][first])
+    candidates = read_parquet(workdir / files["scores"][first]["candidates"])
+    top = mask[mask["set"] == TOP].drop(columns=["set"]).merge(
+        candidates[candidates["end"] == END_TOP][["tensor", "flat_index", "weight", "stat"]],
         on=["tensor", "flat_index"], how="left")
     top.sort_values("score", ascending=False, kind="stable").assign(seed=first).to_csv(
         out_dir / "top_weights.csv", index=False)
     write_json_atomic(config, out_dir / "config.json")
     write_json_atomic({"command": ["phase1_runner_enhanced.py", *argv], "experiment": e,
-                       "baseline": json.loads((workdir / layout.baseline / "metrics.json").read_text()),
+                       "baseline": json.loads((workdir / layout.baseline_files()["metrics"]).read_text()),
                        "steps": manifests}, out_dir / "experiment_manifest.json")
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .errors import ESAError
 from .names import TOP_DENOMINATOR, hist_edges
 
 if TYPE_CHECKING:
@@ -73,8 +74,8 @@ def tensor_stats(meta: Target, score: torch.Tensor) -> dict:
     """Statistics of one tensor's fp32 ``score`` (definitions: see the module docstring)."""
     n = score.numel()
     if n == 0 or n != meta.rows * meta.cols:
-        raise ValueError(f"score of {meta.name} has {n} elements, expected "
-                         f"{meta.rows} x {meta.cols} = {meta.rows * meta.cols}")
+        raise ESAError(f"score of {meta.name} has {n} elements, expected "
+                       f"{meta.rows} x {meta.cols} = {meta.rows * meta.cols}")
     flat = score.detach().reshape(-1)
     ordered = _sorted(flat)
     total = float(ordered.sum(dtype=torch.float64))

@@ -21,9 +21,9 @@ activation_magnitude    ``a_j = sqrt(sum_t x_tj^2)``                 ``abs(w_ij)
   a Rademacher vector over all of them, M probes per batch; ``E[z * Hz] = diag(H)``, and ``h``
   keeps its sign. Each probe is ONE Hessian-vector product covering every target.
 - activation_magnitude: ``x_tj`` is input channel j of the weight's ``nn.Linear`` at calibration
-  token t (column j of W multiplies input channel j, so it is the input, never the output);
-  ``max_t abs(x_tj)`` is recorded too. For an ``nn.Embedding`` the input is the one-hot token,
-  so ``a_v = sqrt(count of token v)`` scales row v.
+  token t (column j of W multiplies input channel j, so it is the input, never the output).
+  For an ``nn.Embedding`` the input is the one-hot token, so ``a_v = sqrt(count of token v)``
+  scales row v.
 
 ``weighting="raw"`` ranks by ``abs(stat)`` instead of the product formula. The seed fixes the
 Hutchinson probes; the calibration sample is the caller's (draw it from the same seed).
@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 
 from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK, batches, mean_token_loss, window_nll
-from .names import GRADIENT_METRICS, METRICS, WEIGHTINGS
+from .names import (ACTIVATION_MAGNITUDE, GRAD_SQUARED, GRAD_X_WEIGHT, GRADIENT_METRICS,
+                    HUTCHINSON_DIAG, METRICS, PRODUCT, WEIGHTINGS)
 from .targets import Target, target_module, target_parameter
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,8 @@ def _score_activation(stat: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return w.abs().mul_(stat)
 
 
-_PRODUCT = {"grad_x_weight": _score_grad_x_weight, "grad_squared": _score_grad_squared,
-            "hutchinson_diag": _score_hutchinson, "activation_magnitude": _score_activation}
+_PRODUCT = {GRAD_X_WEIGHT: _score_grad_x_weight, GRAD_SQUARED: _score_grad_squared,
+            HUTCHINSON_DIAG: _score_hutchinson, ACTIVATION_MAGNITUDE: _score_activation}
 
 
 class ScoreView(Mapping):
@@ -81,7 +82,7 @@ class ScoreView(Mapping):
 
     def __init__(self, metric: str, weighting: str, stat: dict[str, torch.Tensor],
                  weights: dict[str, torch.Tensor]):
-        self._formula = _PRODUCT[metric] if weighting == "product" else None
+        self._formula = _PRODUCT[metric] if weighting == PRODUCT else None
         self._stat, self._weights = stat, weights
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -101,10 +102,8 @@ class ScoreView(Mapping):
 class MetricScores:
     """One metric's result: fp32 ``stat`` and lazy ``score`` per target tensor name.
 
-    ``extra`` holds metric-specific side results: ``variance`` (hutchinson_diag, when asked:
-    estimated variance of each entry of h), ``channel_l2`` / ``channel_max`` (per target,
-    per input channel) and ``massive_activations`` (a trace DataFrame, see
-    :func:`compute_scores`) for activation_magnitude.
+    ``extra`` holds metric-specific side results: ``massive_activations`` (a trace DataFrame,
+    see :func:`compute_scores`) for activation_magnitude.
     """
 
     metric: str
@@ -128,7 +127,7 @@ def _check_request(metrics: list[str], weighting: str, batch_size: int, probes: 
         raise ESAError(f"unknown weighting {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
     if batch_size < 1:
         raise ESAError(f"batch_size must be >= 1, got {batch_size}")
-    if "hutchinson_diag" in metrics and probes < 1:
+    if HUTCHINSON_DIAG in metrics and probes < 1:
         raise ESAError(f"hutchinson_diag needs probes >= 1, got {probes}")
 
 
@@ -218,16 +217,15 @@ def _zeros(params: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _gradient_metrics(model: nn.Module, targets: list[Target], params: list[nn.Parameter],
                       windows: list[torch.Tensor], metrics: set[str], seed: int, probes: int,
-                      chunk_size: int, probe_variance: bool, progress: bool) -> dict[str, dict]:
+                      chunk_size: int, progress: bool) -> dict[str, dict]:
     """One pass over the batches serves every gradient metric: the (create_graph) gradient
     feeds gbar and F, and the Hessian-vector products reuse its graph."""
     device = model.get_input_embeddings().weight.device
-    hutchinson = "hutchinson_diag" in metrics
+    hutchinson = HUTCHINSON_DIAG in metrics
     # gradient accumulators start as the first batch's values, not zeros plus an add
-    g_sum = [None] * len(params) if "grad_x_weight" in metrics else None
-    g_sq = [None] * len(params) if "grad_squared" in metrics else None
+    g_sum = [None] * len(params) if GRAD_X_WEIGHT in metrics else None
+    g_sq = [None] * len(params) if GRAD_SQUARED in metrics else None
     h_sum = _zeros(params) if hutchinson else None
-    h_sq = _zeros(params) if hutchinson and probe_variance else None
     want_grads = g_sum is not None or g_sq is not None
     generators: dict = {}
     attention = _double_backward_attention(model) if hutchinson else nullcontext()
@@ -248,12 +246,7 @@ def _gradient_metrics(model: nn.Module, targets: list[Target], params: list[nn.P
                 hvs = torch.autograd.grad(grads, params, grad_outputs=zs, retain_graph=True)
                 with torch.no_grad():
                     for i, (z, hv) in enumerate(zip(zs, hvs)):
-                        if h_sq is None:
-                            h_sum[i].addcmul_(z.float(), hv.float())
-                        else:
-                            sample = z.float() * hv.float()
-                            h_sum[i].add_(sample)
-                            h_sq[i].addcmul_(sample, sample)
+                        h_sum[i].addcmul_(z.float(), hv.float())
                 del zs, hvs
             del loss, grads
 
@@ -261,24 +254,17 @@ def _gradient_metrics(model: nn.Module, targets: list[Target], params: list[nn.P
     n_batches = len(windows)
     out = {}
     if g_sum is not None:
-        out["grad_x_weight"] = {"stat": dict(zip(names, (s.div_(n_batches) for s in g_sum)))}
+        out[GRAD_X_WEIGHT] = {"stat": dict(zip(names, (s.div_(n_batches) for s in g_sum)))}
     if g_sq is not None:
-        out["grad_squared"] = {"stat": dict(zip(names, (s.div_(n_batches) for s in g_sq)))}
+        out[GRAD_SQUARED] = {"stat": dict(zip(names, (s.div_(n_batches) for s in g_sq)))}
     if hutchinson:
         n = n_batches * probes
-        h = dict(zip(names, (s.div_(n) for s in h_sum)))
-        extra = {}
-        if h_sq is not None:
-            # variance of the mean of n samples z*Hz: their sample variance / n (nan for n = 1)
-            extra["variance"] = {name: sq.sub_(h[name].square().mul_(n)).div_((n - 1) * n)
-                                 if n > 1 else torch.full_like(sq, float("nan"))
-                                 for name, sq in zip(names, h_sq)}
-        out["hutchinson_diag"] = {"stat": h, "extra": extra}
+        out[HUTCHINSON_DIAG] = {"stat": dict(zip(names, (s.div_(n) for s in h_sum)))}
     return out
 
 
 class _ChannelStats:
-    """Running per-input-channel sum of squares and max |x| of one target's module."""
+    """Running per-input-channel sum of squares of one target's module's input."""
 
     def __init__(self, target: Target, module: nn.Module, device: torch.device):
         if isinstance(module, nn.Linear):
@@ -287,21 +273,18 @@ class _ChannelStats:
             channels = target.rows
         else:
             raise ESAError(f"activation_magnitude needs an nn.Linear or nn.Embedding target; "
-                             f"{target.name} belongs to {type(module).__name__}")
+                           f"{target.name} belongs to {type(module).__name__}")
         self.target, self.embedding = target, isinstance(module, nn.Embedding)
         self.sumsq = torch.zeros(channels, dtype=torch.float32, device=device)
-        self.max = torch.zeros(channels, dtype=torch.float32, device=device)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0].detach()
         if self.embedding:  # one-hot input: x_tv = 1 where token t is v
             self.sumsq.add_(torch.bincount(x.flatten(), minlength=self.sumsq.numel()))
-            self.max.copy_((self.sumsq > 0).float())
             return
         flat = x.reshape(-1, x.shape[-1]).float()
         # column reductions of a temporary: ~4x faster on CPU than vector_norm(dim=0)
         self.sumsq.add_(flat.square().sum(dim=0))
-        torch.maximum(self.max, flat.abs().amax(dim=0), out=self.max)
 
     def broadcast_l2(self) -> torch.Tensor:
         """``a`` spread over the weight's shape (a view, no copy)."""
@@ -380,15 +363,12 @@ def _activation_metric(model: nn.Module, targets: list[Target], windows: list[to
                                      [(target_module(model, t), stats[t.name]) for t in targets],
                                      progress, "scores: activations")
     return {"stat": {name: s.broadcast_l2() for name, s in stats.items()},
-            "extra": {"channel_l2": {name: s.sumsq.sqrt() for name, s in stats.items()},
-                      "channel_max": {name: s.max for name, s in stats.items()},
-                      "massive_activations": trace}}
+            "extra": {"massive_activations": trace}}
 
 
 def compute_scores(model: nn.Module, targets: list[Target], calib_windows: torch.Tensor,
                    metrics: list[str], batch_size: int, seed: int, probes: int = 8,
-                   weighting: str = "product", chunk_size: int = DEFAULT_CHUNK,
-                   probe_variance: bool = False, progress: bool = True,
+                   weighting: str = PRODUCT, chunk_size: int = DEFAULT_CHUNK, progress: bool = True,
                    gradient_checkpointing: bool = False) -> dict[str, MetricScores]:
     """Score every weight of ``targets`` by each of ``metrics`` (see the module docstring).
 
@@ -412,9 +392,9 @@ def compute_scores(model: nn.Module, targets: list[Target], calib_windows: torch
     with _scoring_mode(model, params, gradient_checkpointing):
         if asked & set(GRADIENT_METRICS):
             parts.update(_gradient_metrics(model, targets, params, windows, asked, seed, probes,
-                                           chunk_size, probe_variance, progress))
-        if "activation_magnitude" in asked:
-            parts["activation_magnitude"] = _activation_metric(model, targets, windows, chunk_size,
+                                           chunk_size, progress))
+        if ACTIVATION_MAGNITUDE in asked:
+            parts[ACTIVATION_MAGNITUDE] = _activation_metric(model, targets, windows, chunk_size,
                                                                progress)
     return {metric: MetricScores(metric, weighting, parts[metric]["stat"], weights,
                                  parts[metric].get("extra", {}))

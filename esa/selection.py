@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import ESAError
-from .names import CONTROLS, MODES
+from .names import (CONTROLS, END_BOTTOM, END_TOP, GLOBAL, MODES, PER_LAYER, PER_TENSOR,
+                    RANDOM_K, TOP)
 
 SELECTED_COLUMNS = ["tensor", "layer", "module", "row", "col", "flat_index", "weight", "stat",
                     "score", "rank"]
@@ -41,8 +42,8 @@ def _pools(table: pd.DataFrame, mode: str) -> pd.Series:
     """The pool of each tensor (indexed by tensor name), for ``mode``."""
     if mode not in MODES:
         raise ESAError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
-    key = {"global": pd.Series("all", index=table.index), "per_layer": table["layer"],
-           "per_tensor": table["tensor"]}[mode]
+    key = {GLOBAL: pd.Series("all", index=table.index), PER_LAYER: table["layer"],
+           PER_TENSOR: table["tensor"]}[mode]
     return pd.Series(key.to_numpy(), index=table["tensor"].to_numpy())
 
 
@@ -56,13 +57,13 @@ def _check_k(candidates: pd.DataFrame, table: pd.DataFrame, pools: pd.Series, mo
     if k > pool_size.min():
         group = pool_size.idxmin()
         raise ESAError(f"k={k} is larger than {mode} pool {group!r}, which has "
-                         f"{pool_size.min()} weights")
+                       f"{pool_size.min()} weights")
     kept = candidates.groupby("tensor").size().reindex(numel.index)
     partial = kept[kept < numel]
     if len(partial) and k > partial.min():
         raise ESAError(f"k={k} is more than the {partial.min()} candidates kept per tensor "
-                         f"(e.g. {partial.idxmin()}): candidates M must be >= k; re-score with "
-                         f"a larger M")
+                       f"(e.g. {partial.idxmin()}): candidates M must be >= k; re-score with "
+                       f"a larger M")
 
 
 def _check_tensors(frame: pd.DataFrame, table: pd.DataFrame, what: str, every: bool) -> None:
@@ -87,7 +88,7 @@ def _select(candidates: pd.DataFrame, tensor_table: pd.DataFrame, mode: str, k: 
     ranked = ranked.assign(_position=ranked["tensor"].map(position).to_numpy(),
                            _pool=ranked["tensor"].map(pools).to_numpy())
     ranked = ranked.sort_values(["score", "_position", "flat_index"],
-                                ascending=[end == "bottom", True, True], kind="stable")
+                                ascending=[end == END_BOTTOM, True, True], kind="stable")
     ranked["rank"] = ranked.groupby("_pool", sort=False).cumcount().astype(np.int64)
     chosen = ranked[ranked["rank"] < k]
     chosen = chosen.assign(_pool_position=chosen["_pool"].map(pool_position).to_numpy())
@@ -99,16 +100,16 @@ def select_topk(candidates: pd.DataFrame, tensor_table: pd.DataFrame, mode: str,
                 k: int) -> pd.DataFrame:
     """The k highest scores of each pool of ``mode``, pool by pool in table order, then by rank.
 
-    Raises ``ValueError`` for an unknown mode, k larger than a pool, or k above the candidates
+    Raises :class:`ESAError` for an unknown mode, k larger than a pool, or k above the candidates
     kept per tensor (M).
     """
-    return _select(candidates, tensor_table, mode, k, "top")
+    return _select(candidates, tensor_table, mode, k, END_TOP)
 
 
 def select_bottomk(candidates: pd.DataFrame, tensor_table: pd.DataFrame, mode: str,
                    k: int) -> pd.DataFrame:
     """The k lowest scores of each pool of ``mode`` (the mirror of ``select_topk``)."""
-    return _select(candidates, tensor_table, mode, k, "bottom")
+    return _select(candidates, tensor_table, mode, k, END_BOTTOM)
 
 
 def random_control(top: pd.DataFrame, tensor_table: pd.DataFrame, seed: int) -> pd.DataFrame:
@@ -132,7 +133,7 @@ def random_control(top: pd.DataFrame, tensor_table: pd.DataFrame, seed: int) -> 
         n = len(excluded)
         if target.numel - n < n:
             raise ESAError(f"random_k needs {n} weights of {target.tensor} outside its top set, "
-                             f"which leaves only {target.numel - n} of {target.numel}")
+                           f"which leaves only {target.numel - n} of {target.numel}")
         draw = rng.choice(target.numel, size=min(target.numel, 2 * n), replace=False)
         flat = np.sort(draw[~np.isin(draw, excluded.to_numpy())][:n]).astype(np.int64)
         frames.append(pd.DataFrame({
@@ -157,9 +158,9 @@ def build_mask(candidates: pd.DataFrame, tensor_table: pd.DataFrame, mode: str, 
     if unknown:
         raise ESAError(f"unknown control(s) {unknown}; allowed: {', '.join(CONTROLS)}")
     top = select_topk(candidates, tensor_table, mode, k)
-    sets = {"top": top}
+    sets = {TOP: top}
     for control in controls:
-        if control == "random_k":
+        if control == RANDOM_K:
             sets[control] = random_control(top, tensor_table, seed).assign(score=np.float32("nan"))
         else:
             sets[control] = select_bottomk(candidates, tensor_table, mode, k)

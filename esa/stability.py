@@ -23,7 +23,8 @@ from itertools import combinations
 
 import pandas as pd
 
-TOP = "top"
+from .names import TOP
+
 MISSING_SCORE = 0.0
 
 

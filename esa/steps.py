@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import ESAError
-from .io import files_by_seed, read_parquet, write_json_atomic, write_parquet_atomic
+from .io import read_parquet, write_atomic, write_json_atomic, write_parquet_atomic
+from .layout import by_seed
 from .selection import build_mask
 from .stability import metric_agreement, seed_stability
 
@@ -45,61 +46,85 @@ def step_activation_plot(spec: dict, *, activations: str, plot: str) -> None:
                                    f"mlp.down_proj massive activations, seed {spec['seed']}")
 
 
-def step_stability(spec: dict, *, masks: str, candidates: str, pairs: str, summary: str) -> None:
-    """Pairwise Jaccard of the top-k across seeds and Spearman of scores on their union."""
+def step_stability(spec: dict, *, masks: dict, candidates: dict, pairs: str, summary: str) -> None:
+    """Pairwise Jaccard of the top-k across seeds and Spearman of scores on their union.
+
+    ``masks`` and ``candidates``: seed -> path, one per seed of ``spec["seeds"]``.
+    """
     seeds = spec["seeds"]
     table, stats = seed_stability(
-        {s: read_parquet(p) for s, p in files_by_seed(masks.split(","), seeds).items()},
+        {s: read_parquet(p) for s, p in by_seed(masks, seeds).items()},
         {s: read_parquet(p, columns=["tensor", "flat_index", "score", "end"])
-         for s, p in files_by_seed(candidates.split(","), seeds).items()})
+         for s, p in by_seed(candidates, seeds).items()})
     write_parquet_atomic(table, pairs)
     write_json_atomic({**spec, **stats}, summary)
 
 
-def step_agreement(spec: dict, *, masks: str, agreement: str) -> None:
+def step_agreement(spec: dict, *, masks: dict, agreement: str) -> None:
     """Jaccard between the metrics' top-k sets for each seed at one (mode, k).
 
-    ``masks`` lists the masks metric-major: for each metric of ``spec["metrics"]``, each seed.
+    ``masks``: metric -> seed -> path, for every metric of ``spec["metrics"]`` and seed of
+    ``spec["seeds"]``.
     """
-    paths = masks.split(",")
     metrics, seeds = spec["metrics"], spec["seeds"]
-    if len(paths) != len(metrics) * len(seeds):
-        raise ESAError(f"expected {len(metrics) * len(seeds)} masks, got {len(paths)}")
-    frames = []
-    for j, seed in enumerate(seeds):
-        by_metric = {m: read_parquet(paths[i * len(seeds) + j]) for i, m in enumerate(metrics)}
-        frames.append(metric_agreement(by_metric).assign(seed=seed, mode=spec["mode"], k=spec["k"]))
+    if sorted(masks) != sorted(metrics):
+        raise ESAError(f"expected masks of the metrics {metrics}, got {sorted(masks)}")
+    paths = {m: by_seed(masks[m], seeds) for m in metrics}
+    frames = [metric_agreement({m: read_parquet(paths[m][seed]) for m in metrics})
+              .assign(seed=seed, mode=spec["mode"], k=spec["k"]) for seed in seeds]
     table = pd.concat(frames, ignore_index=True)
     write_parquet_atomic(table[["seed", "mode", "k", "metric_a", "metric_b", "jaccard"]], agreement)
 
 
-def step_report(spec: dict, *, verdicts: str, index: str) -> None:
-    """verdict.json and the self-contained index.html of the whole study."""
-    from .layout import Layout
+def step_report(spec: dict, *, verdicts: str, index: str, plots: str, baseline: str, baseline_config: str,
+                stats: dict, masks: dict, results: dict | None = None, stability: dict | None = None,
+                stability_pairs: dict | None = None, agreement: dict | None = None,
+                super_weights: str | None = None, activations: str | None = None,
+                rerun: str | None = None) -> None:
+    """verdict.json and the self-contained index.html (figures in ``plots``) of the whole study.
+
+    ``spec["experiments"]``: name, metric, mode, k, seeds of each experiment; ``stats`` and
+    ``masks``: experiment -> seed -> path; ``results``, ``stability``, ``stability_pairs``:
+    experiment -> path, for the experiments that ran that part; ``agreement``: "{mode}_k{k}"
+    -> path; ``baseline_config``: the baseline step's config.json; the confirm files when any
+    experiment ran.
+    """
     from .report import build_report
     from .verdicts import verdicts_from_files
 
-    layout = Layout(spec["config"])
-    entries = [layout.report_entry(name) for name in layout.experiments]
-    confirmed = layout.confirm if layout.experiments else None
-    table = verdicts_from_files(f"{layout.baseline}/metrics.json", entries, layout.agreement_files() or None,
-                                f"{confirmed}/baseline_rerun.json" if confirmed else None, spec["thresholds"])
+    results, stability, stability_pairs = results or {}, stability or {}, stability_pairs or {}
+    entries = [{**e, "stats": by_seed(stats[e["name"]], e["seeds"]), "masks": by_seed(masks[e["name"]], e["seeds"]),
+                "results": results.get(e["name"]), "stability": stability.get(e["name"]),
+                "stability_pairs": stability_pairs.get(e["name"])} for e in spec["experiments"]]
+    agreement_paths = list(agreement.values()) if agreement else None
+    table = verdicts_from_files(baseline, entries, agreement_paths, rerun, spec["thresholds"])
     write_json_atomic(table, verdicts)
-    build_report(f"{layout.baseline}/metrics.json", entries, layout.agreement_files() or None,
-                 f"{confirmed}/super_weights.parquet" if confirmed else None,
-                 f"{confirmed}/activations.parquet" if confirmed else None, verdicts, index,
-                 factor=spec["config"]["confirm"]["factor"], title=f"ESA report: {spec['config']['model']['name']}")
+    build_report(baseline, entries, agreement_paths, super_weights, activations, verdicts, index,
+                 baseline_config=baseline_config, plot_dir=plots, model=spec["model"],
+                 factor=spec["factor"], title=f"ESA report: {spec['model']}")
 
 
-def step_merge_scores(spec: dict, *, parts: str, out: str) -> None:
-    """Join the per-layer-group scores of one (metric, seed) into the unsplit files."""
-    dirs = [Path(p) for p in parts.split(",")]
-    out = Path(out)
-    for name in ("candidates.parquet", "stats.parquet"):
-        write_parquet_atomic(pd.concat([read_parquet(d / name) for d in dirs], ignore_index=True), out / name)
-    if (dirs[0] / "activations.parquet").exists():  # every part traces every down_proj alike
-        write_parquet_atomic(read_parquet(dirs[0] / "activations.parquet"), out / "activations.parquet")
-    manifests = [json.loads((d / "manifest.json").read_text()) for d in dirs]
-    write_json_atomic({**manifests[0], "parts": manifests,
-                       "wall_seconds": sum(m["wall_seconds"] for m in manifests),
-                       "targets": sum(m["targets"] for m in manifests)}, out / "manifest.json")
+def step_merge_scores(spec: dict, *, parts: dict, **outputs: dict) -> None:
+    """Join the layer-group parts of one seed's scores into the unsplit files.
+
+    ``parts``: group -> metric -> file name -> path; ``outputs``: metric -> file name -> path,
+    for each metric of ``spec["metrics"]``. Candidates, stats and full scores are the union
+    of the parts (each part scores other targets); every part traces every MLP output
+    projection alike, so the activations are the first part's.
+    """
+    groups = [parts[str(g)] for g in range(spec["layer_groups"])]
+    for metric in spec["metrics"]:
+        out, pieces = outputs[metric], [group[metric] for group in groups]
+        for name in ("candidates", "stats"):
+            write_parquet_atomic(pd.concat([read_parquet(p[name]) for p in pieces], ignore_index=True), out[name])
+        if "activations" in out:
+            write_parquet_atomic(read_parquet(pieces[0]["activations"]), out["activations"])
+        if "full_scores" in out:
+            from safetensors.numpy import load_file, save_file
+
+            write_atomic(out["full_scores"], lambda tmp: save_file(
+                {k: v for p in pieces for k, v in load_file(p["full_scores"]).items()}, tmp))
+        manifests = [json.loads(Path(p["manifest"]).read_text()) for p in pieces]
+        write_json_atomic({**manifests[0], "parts": manifests,
+                           "wall_seconds": sum(m["wall_seconds"] for m in manifests),
+                           "targets": sum(m["targets"] for m in manifests)}, out["manifest"])

@@ -2,7 +2,7 @@
 the bad verdicts, read from ``results/{model}/`` (``esa summary RESULTS_DIR``).
 
 Files read, each optional (a missing one prints "not run"): ``baseline/metrics.json``,
-``confirm/super_weights.parquet`` (``esa.confirm.COLUMNS``), ``report/verdict.json``.
+``confirm/super_weights.parquet`` (``esa.confirm.SUPER_WEIGHT_COLUMNS``), ``report/verdict.json``.
 """
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .io import read_parquet
-from .verdicts import count_statuses, read_json
-
-BASELINE = Path("baseline/metrics.json")
-SUPER_WEIGHTS = Path("confirm/super_weights.parquet")
-VERDICTS = Path("report/verdict.json")
+from .layout import Layout
+from .results import read_json
+from .verdicts import count_statuses
 
 
 def _baseline_line(path: Path) -> str:
@@ -56,7 +54,8 @@ def _verdict_lines(path: Path) -> list[str]:
 
 def summary_text(results_dir: str | Path) -> str:
     """The summary of ``results_dir`` (``results/{model}``) as text, newline-terminated."""
-    root = Path(results_dir)
-    lines = [f"ESA summary: {root}", _baseline_line(root / BASELINE),
-             *_super_weight_lines(root / SUPER_WEIGHTS), *_verdict_lines(root / VERDICTS)]
+    layout = Layout(root=str(results_dir))
+    lines = [f"ESA summary: {results_dir}", _baseline_line(Path(layout.baseline_files()["metrics"])),
+             *_super_weight_lines(Path(layout.confirm_files()["super_weights"])),
+             *_verdict_lines(Path(layout.report_files()["verdicts"]))]
     return "\n".join(lines) + "\n"

@@ -3,7 +3,8 @@
 Each verdict is a dict ``{check, experiment, status, numbers, thresholds, message}`` with
 ``status`` one of ``good | warn | bad``; ``numbers`` are the values the status was decided on
 (NaN and infinity written as null) and ``thresholds`` the limits they were compared with.
-The checks, with the keys of their thresholds (defaults in ``DEFAULT_THRESHOLDS``):
+The checks, with the keys of their thresholds (defaults: the ``verdicts`` section of
+``config/schema.yaml``, as ``DEFAULT_THRESHOLDS``):
 
 - ``baseline``: the baseline loss is finite, and a rerun on the same windows gives the same
   numbers: ``|loss - rerun loss| <= baseline_rerun_tol`` and equal token and window counts.
@@ -44,96 +45,19 @@ The checks, with the keys of their thresholds (defaults in ``DEFAULT_THRESHOLDS`
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .config import schema_defaults
 from .errors import ESAError
-from .io import read_parquet
-from .names import CONTROLS, GRADIENT_METRICS, TOP_DENOMINATOR
+from .names import BOTTOM_K, CONTROLS, GLOBAL, GRADIENT_METRICS, TOP, TOP_DENOMINATOR
+from .results import ExperimentData, load_experiment, read_agreement, read_json, read_optional
 
 STATUSES = ("good", "warn", "bad")
-DEFAULT_THRESHOLDS = {
-    "baseline_rerun_tol": 0.0,  # max |loss - rerun loss|: "identical on rerun"
-    "top_share_min": 0.01,  # global top 0.01% must hold >= 1% of the score mass (100x flat)
-    "kurtosis_min": 10.0,  # median excess kurtosis over tensors
-    "max_tensor_share": 1.0,  # bad when one tensor holds this share of a global top set
-    "separation_ratio": 2.0,  # dPPL(top) / dPPL(control)
-    "saturation_tol": 0.01,  # |loss - ln V| / ln V at which a perturbed model counts as uniform output
-    "jaccard_min": 0.3,  # mean Jaccard across seeds must exceed it
-    "agreement_min": 0.1,  # Jaccard between gradient metrics' top sets
-}
-
-
-@dataclass
-class ExperimentData:
-    """The outputs one experiment (metric, mode, k, seeds, perhaps a perturbation) produced."""
-
-    name: str
-    metric: str
-    mode: str
-    k: int
-    stats: dict[int, pd.DataFrame] = field(default_factory=dict)  # seed -> stats.parquet
-    masks: dict[int, pd.DataFrame] = field(default_factory=dict)  # seed -> mask.parquet
-    results: pd.DataFrame | None = None  # perturb results.parquet
-    stability: dict | None = None  # stability summary
-    stability_pairs: pd.DataFrame | None = None
-
-
-def read_json(path):
-    """A JSON file's content (metrics, stability summary, the verdict list)."""
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def read_optional(path, read):
-    """``read(path)``, or None for no path (that part of the study was not run)."""
-    return None if path is None else read(path)
-
-
-def _per_seed(entry: Mapping, key: str) -> dict[int, pd.DataFrame]:
-    """``entry[key]`` as ``{seed: path}`` (seed keys may be strings, as in JSON) or as a list
-    of paths in the order of ``entry["seeds"]``, read into ``{seed: DataFrame}``."""
-    paths = entry.get(key) or {}
-    if not isinstance(paths, Mapping):
-        seeds = entry.get("seeds")
-        if seeds is None or len(seeds) != len(paths):
-            raise ESAError(f"experiment {entry['name']!r}: {key} lists {len(paths)} files, "
-                           f"expected one per seed of {seeds}")
-        paths = dict(zip(seeds, paths))
-    return {int(seed): read_parquet(path) for seed, path in paths.items()}
-
-
-def load_experiment(entry: Mapping) -> ExperimentData:
-    """Read an experiment's files, described by a JSON-able dict.
-
-    Keys: ``name, metric, mode`` and ``k`` (or ``topk``, as in the config's experiments);
-    ``stats`` and ``masks``: ``{seed: path}`` or a list of paths, one per seed of ``seeds``;
-    ``results`` (perturb results.parquet), ``stability`` (summary JSON), ``stability_pairs``
-    (pairs parquet): a path, or absent/None when not run.
-    """
-    missing = [key for key in ("name", "metric", "mode") if key not in entry]
-    if missing or ("k" not in entry and "topk" not in entry):
-        raise ESAError(f"experiment entry lacks {missing or ['k']}: {dict(entry)}")
-    return ExperimentData(name=entry["name"], metric=entry["metric"], mode=entry["mode"],
-                          k=int(entry.get("k", entry.get("topk"))), stats=_per_seed(entry, "stats"),
-                          masks=_per_seed(entry, "masks"),
-                          results=read_optional(entry.get("results"), read_parquet),
-                          stability=read_optional(entry.get("stability"), read_json),
-                          stability_pairs=read_optional(entry.get("stability_pairs"), read_parquet))
-
-
-def read_agreement(paths) -> pd.DataFrame | None:
-    """The agreement tables (one parquet per mode and k) as one frame; None for no path."""
-    if paths is None:
-        return None
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    return pd.concat([read_parquet(p) for p in paths], ignore_index=True) if paths else None
+DEFAULT_THRESHOLDS = schema_defaults("verdicts")  # config/schema.yaml: each threshold's meaning
 
 
 def _clean(value):
@@ -232,12 +156,12 @@ def heavy_tail_verdict(experiment: ExperimentData, thresholds: Mapping) -> dict 
 
 def topk_spread_verdict(experiment: ExperimentData, thresholds: Mapping) -> dict | None:
     """A global top-k set that sits entirely in one tensor is a bug signal (runbook command 3)."""
-    if experiment.mode != "global" or not experiment.masks:
+    if experiment.mode != GLOBAL or not experiment.masks:
         return None
     limits = {"max_tensor_share": thresholds["max_tensor_share"]}
     per_seed = {}
     for seed, mask in sorted(experiment.masks.items()):
-        counts = mask.loc[mask["set"] == "top", "tensor"].value_counts()
+        counts = mask.loc[mask["set"] == TOP, "tensor"].value_counts()
         per_seed[seed] = {"largest_tensor_share": float(counts.iloc[0] / counts.sum()),
                           "largest_tensor": counts.index[0], "tensors": int(len(counts))}
     worst_seed = max(per_seed, key=lambda s: per_seed[s]["largest_tensor_share"])
@@ -260,7 +184,7 @@ def topk_spread_verdict(experiment: ExperimentData, thresholds: Mapping) -> dict
 
 def _trivial_bottom(masks: Mapping[int, pd.DataFrame]) -> bool:
     """Every bottom_k weight of every seed scores exactly 0 (a zero-gradient control)."""
-    scores = [m.loc[m["set"] == "bottom_k", "score"] for m in masks.values()]
+    scores = [m.loc[m["set"] == BOTTOM_K, "score"] for m in masks.values()]
     scores = [s for s in scores if len(s)]
     return bool(scores) and all((s == 0).all() for s in scores)
 
@@ -277,7 +201,7 @@ def _seed_detail(seed: int, values: Mapping, control: str) -> str:
         return (f"seed {seed}: loss top {values['top_loss']:.4g} and {control} "
                 f"{values['control_loss']:.4g} (saturated)")
     ratio = f" (x{values['ratio']:.3g})" if not math.isnan(values["ratio"]) else ""
-    return f"seed {seed}: dPPL top {values['top']:.4g} vs {control} {values['control']:.4g}{ratio}"
+    return f"seed {seed}: dPPL top {values[TOP]:.4g} vs {control} {values['control']:.4g}{ratio}"
 
 
 def _separation(name: str, control: str, rows: pd.DataFrame, trivial: bool,
@@ -287,20 +211,20 @@ def _separation(name: str, control: str, rows: pd.DataFrame, trivial: bool,
     limits = {key: thresholds[key] for key in ("separation_ratio", "saturation_tol")}
     r, tol = limits["separation_ratio"], limits["saturation_tol"]
     first = rows.drop_duplicates(["seed", "set"]).set_index("seed")
-    paired = first.loc[first["set"] == "top", ["delta_ppl", "loss"]].merge(
+    paired = first.loc[first["set"] == TOP, ["delta_ppl", "loss"]].merge(
         first.loc[first["set"] == control, ["delta_ppl", "loss"]], left_index=True, right_index=True,
         suffixes=("", "_control"))
     per_seed, separates, fails, saturated = {}, [], [], []
     for seed, (top, top_loss, ctl, ctl_loss) in paired.sort_index().iterrows():
         if _saturated(top_loss, uniform_loss, tol) and _saturated(ctl_loss, uniform_loss, tol):
-            per_seed[int(seed)] = {"top": top, "control": ctl, "ratio": math.nan, "top_loss": top_loss,
+            per_seed[int(seed)] = {TOP: top, "control": ctl, "ratio": math.nan, "top_loss": top_loss,
                                    "control_loss": ctl_loss, "saturated": True}
             saturated.append(int(seed))
             continue
         if math.isnan(top) or math.isnan(ctl):  # no dPPL to compare (a NaN loss on one side only)
             continue
         ratio = top / ctl if ctl > 0 else math.nan
-        per_seed[int(seed)] = {"top": top, "control": ctl, "ratio": ratio, "top_loss": top_loss,
+        per_seed[int(seed)] = {TOP: top, "control": ctl, "ratio": ratio, "top_loss": top_loss,
                                "control_loss": ctl_loss, "saturated": False}
         separates.append(top > 0 and top > ctl and top >= r * max(ctl, 0.0))
         fails.append(top <= ctl)
@@ -344,7 +268,7 @@ def separation_verdicts(experiment: ExperimentData, thresholds: Mapping,
         perturbation = {"perturb": perturb, "scale": scale, "noise": noise}
         for control in CONTROLS:
             if control in set(rows["set"]):
-                trivial = control == "bottom_k" and _trivial_bottom(experiment.masks)
+                trivial = control == BOTTOM_K and _trivial_bottom(experiment.masks)
                 out.append(_separation(label, control, rows, trivial, thresholds, perturbation, uniform_loss))
     return out
 
@@ -413,7 +337,8 @@ def compute_verdicts(baseline: Mapping, experiments: list[ExperimentData],
 def verdicts_from_files(baseline_path, experiments: list[Mapping], agreement_paths=None,
                         rerun_path=None, thresholds: Mapping | None = None) -> list[dict]:
     """:func:`compute_verdicts` on the workflow's files: experiment entries as
-    :func:`load_experiment` reads them, agreement as :func:`read_agreement` (a path or a list)."""
+    :func:`esa.results.load_experiment` reads them, agreement as
+    :func:`esa.results.read_agreement` (a path or a list)."""
     return compute_verdicts(read_json(baseline_path), [load_experiment(e) for e in experiments],
                             agreement=read_agreement(agreement_paths),
                             rerun=read_optional(rerun_path, read_json),

@@ -1,26 +1,19 @@
 rule baseline:
     input:
-        model=rules.model.output.ref,
-        eval=f"{RESULTS}/data/eval.parquet",
+        model=LAYOUT.model_ref,
+        eval=LAYOUT.data_files("eval")["windows"],
     output:
-        metrics=f"{RESULTS}/baseline/metrics.json",
-        windows=f"{RESULTS}/baseline/windows.parquet",
-        manifest=f"{RESULTS}/baseline/experiment_manifest.json",
-        config=f"{RESULTS}/baseline/config.json",
+        **LAYOUT.baseline_files(),
+    log:
+        LAYOUT.log("baseline"),
+    conda:
+        ENV
+    threads: threads("baseline")
+    resources:
+        **res("baseline"),
     params:
         code=code_version("baseline"),
         spec=runtime_spec(batch_size=config["baseline"]["batch_size"], data=config["data"]),
-    threads: res("baseline")["threads"]
-    resources:
-        mem_mb=res("baseline")["mem_mb"],
-        runtime=res("baseline")["runtime"],
-        gpu=res("baseline")["gpu"],
-        gpu_model=res("baseline").get("gpu_model", ""),
-    conda:
-        ENV
-    log:
-        f"logs/{MODEL}/baseline.log",
+        paths=step_paths,
     shell:
-        "python -m esa run baseline --spec {params.spec:q} model={input.model} eval={input.eval}"
-        " metrics={output.metrics} windows={output.windows} manifest={output.manifest}"
-        " config={output.config} 2> {log}"
+        esa_shell("baseline")

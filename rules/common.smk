@@ -1,16 +1,21 @@
-"""Config validation, result paths and the per-step parameter specs the rules pass to `esa`."""
+"""Config validation, the results layout, and the helpers every rule shares.
+
+Each rule reads as inputs -> step -> outputs. Its files come from `LAYOUT` (esa/layout.py,
+the one home of every path), its parameters from a `*_spec` helper below, and its command
+is `esa_shell(step)`, which hands the step every named input and output.
+"""
 
 import json
 import os
-import sys
+import shlex
 
-sys.path.insert(0, workflow.basedir)
 # jobs (local, conda or Slurm) run `python -m esa` from the workflow checkout, installed or not
 shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 from esa.config import validate_config
 from esa.errors import ESAError
-from esa.layout import Layout
+from esa.layout import Layout, flatten_paths
+from esa.names import ACTIVATION_MAGNITUDE, HUTCHINSON_DIAG, SCORE_JOBS
 from esa.provenance import code_version
 
 try:
@@ -19,15 +24,19 @@ except ESAError as err:
     raise WorkflowError(str(err))
 
 ENV = os.path.join(workflow.basedir, "envs", "esa.yaml")
-MODEL = config["model"]["name"]
-RESULTS = f"results/{MODEL}"
+LAYOUT = Layout(config)
+EXPERIMENTS = LAYOUT.experiments
+LAYER_GROUPS = config["scoring"]["layer_groups"]
+SPLIT = LAYER_GROUPS > 1
+# inputs that only order jobs: a step never reads them
+ORDER_ONLY = ("eval_checked",)
 
 
 GPU_RULES = ("baseline", "scores", "perturb", "confirm")
 BASE_RESOURCES = {"mem_mb": 8000, "runtime": 60}
 
 
-def res(rule):
+def _resources(rule):
     """A rule's resources: built-in base, then `resources.default`, then `resources.<rule>`.
 
     Threads, unless the config sets them: 2 for a job that runs the model, 1 for a table step,
@@ -41,9 +50,35 @@ def res(rule):
     return {**base, **config["resources"]["default"], **config["resources"].get(rule, {})}
 
 
+def threads(rule):
+    return _resources(rule)["threads"]
+
+
+def res(rule):
+    """The `resources:` of a rule (everything but threads)."""
+    dropped = ("threads",) if rule in GPU_RULES else ("threads", "gpu_model")  # no GPU, no GPU model
+    return {key: value for key, value in _resources(rule).items() if key not in dropped}
+
+
 def spec(**params):
     """A step's parameters as the JSON string handed to `esa run` (and tracked by Snakemake)."""
     return json.dumps(params, sort_keys=True)
+
+
+def esa_shell(step):
+    """The command that runs `step` with its spec and every named input and output."""
+    return f"python -m esa run {step} --spec {{params.spec:q}} {{params.paths}} 2> {{log}}"
+
+
+def step_paths(wildcards, input, output):
+    """`name=path` of each named input and output (`esa run` nests `a/b=` keys into dicts)."""
+    named = [*input.items(), *output.items()]
+    return " ".join(f"{name}={shlex.quote(path)}" for name, path in named if name not in ORDER_ONLY)
+
+
+def named(paths):
+    """A nested {name: path or {key: ...}} as the flat named files of `input:`/`output:`."""
+    return flatten_paths(paths)
 
 
 def model_spec():
@@ -70,59 +105,55 @@ def runtime_spec(**params):
     return spec(model=config["model"]["source"], **{k: config[k] for k in keys}, **params)
 
 
-GRADIENT_METRICS = ("grad_x_weight", "grad_squared")  # one gradient pass serves both
-LAYOUT = Layout(config)
-EXPERIMENTS = LAYOUT.experiments
-SCORES = LAYOUT.scores
-MASK = LAYOUT.mask
-PLOTS = LAYOUT.plots
-PERTURB = LAYOUT.perturb
-
-
 def check_experiments():
     largest = max((e["topk"] for e in EXPERIMENTS.values()), default=0)
     if largest > config["scoring"]["candidates"]:
         raise WorkflowError(
             f"scoring.candidates {config['scoring']['candidates']} is smaller than the largest "
-            f"topk {largest}; candidates must be >= every experiment's topk")
+            f"topk {largest}; candidates must be >= every experiment's topk"
+        )
 
 
 check_experiments()
 
 
-LAYER_GROUPS = config["scoring"]["layer_groups"]
-SPLIT = LAYER_GROUPS > 1
+def scores_outputs(job, part):
+    """The files of one scores job (a layer-group part of them when `part` is given)."""
+    return {
+        metric: LAYOUT.score_files(
+            metric,
+            part=part,
+            activations=metric == ACTIVATION_MAGNITUDE,
+            full_scores=config["scoring"]["save_full_scores"],
+        )
+        for metric in SCORE_JOBS[job]
+    }
 
 
-def scores_out(metric):
-    """Output directory pattern of a scores job: the final one, or a layer-group part of it."""
-    base = f"{RESULTS}/scores/{metric}/seed{{seed}}"
-    return f"{base}/part{{group}}" if SPLIT else base
-
-
-def scores_spec(metrics, wildcards):
-    return _scores_spec(metrics, wildcards.seed, [int(wildcards.group), LAYER_GROUPS] if SPLIT else [0, 1])
-
-
-def _scores_spec(metrics, seed, layer_group):
+def scores_spec(job):
     """What a scores job depends on: the model, the calibration pool, the metric(s), the seed."""
+    metrics = list(SCORE_JOBS[job])
     scoring = config["scoring"]
-    hutchinson = metrics == ["hutchinson_diag"]
-    max_samples = scoring["hutchinson"]["max_samples"] if hutchinson else None
-    return runtime_spec(
-        data=json.loads(data_spec("calib")),
-        metrics=metrics,
-        seed=int(seed),
-        max_samples=max_samples or scoring["max_samples"],
-        batch_size=scoring["batch_size"],
-        probes=scoring["hutchinson"]["probes"] if hutchinson else None,
-        weighting=scoring["weighting"],
-        candidates=scoring["candidates"],
-        targets=scoring["targets"],
-        save_full_scores=scoring["save_full_scores"],
-        gradient_checkpointing=scoring["gradient_checkpointing"],
-        layer_group=layer_group,
-    )
+    hutchinson = metrics == [HUTCHINSON_DIAG]
+
+    def job_spec(wildcards):
+        return runtime_spec(
+            data=json.loads(data_spec("calib")),
+            metrics=metrics,
+            seed=int(wildcards.seed),
+            max_samples=(scoring["hutchinson"]["max_samples"] if hutchinson else None)
+            or scoring["max_samples"],
+            batch_size=scoring["batch_size"],
+            probes=scoring["hutchinson"]["probes"] if hutchinson else None,
+            weighting=scoring["weighting"],
+            candidates=scoring["candidates"],
+            targets=scoring["targets"],
+            save_full_scores=scoring["save_full_scores"],
+            gradient_checkpointing=scoring["gradient_checkpointing"],
+            layer_group=[int(wildcards.group), LAYER_GROUPS] if SPLIT else [0, 1],
+        )
+
+    return job_spec
 
 
 def perturb_params(wildcards):
@@ -130,24 +161,42 @@ def perturb_params(wildcards):
     return LAYOUT.perturb_experiment(wildcards.metric, wildcards.mode, int(wildcards.k), wildcards.tag)
 
 
-def perturb_masks(wildcards):
+def perturb_inputs(wildcards):
     e = perturb_params(wildcards)
-    return [MASK.format(metric=e["metric"], mode=e["mode"], k=e["topk"], seed=s) for s in e["seeds"]]
+    masks = {s: LAYOUT.mask(e["metric"], e["mode"], e["topk"], s) for s in e["seeds"]}
+    return named(
+        {
+            "model": LAYOUT.model_ref,
+            "eval": LAYOUT.data_files("eval")["windows"],
+            "baseline": LAYOUT.baseline_files()["metrics"],
+            "masks": masks,
+        }
+    )
 
 
 def stability_inputs(wildcards):
     seeds = LAYOUT.seeds_of(wildcards.metric, wildcards.mode, int(wildcards.k))
-    return {
-        "masks": [MASK.format(**wildcards, seed=s) for s in seeds],
-        "candidates": [f"{SCORES.format(metric=wildcards.metric, seed=s)}/candidates.parquet" for s in seeds],
-    }
+    return named(
+        {
+            "masks": {s: LAYOUT.mask(**wildcards, seed=s) for s in seeds},
+            "candidates": {s: LAYOUT.score_files(wildcards.metric, s)["candidates"] for s in seeds},
+        }
+    )
 
 
-def config_for_report():
-    """What the report step reads of the config: the experiments and their layout."""
-    keys = ("model", "seeds", "plots", "experiments", "confirm", "report")
-    return {key: config[key] for key in keys}
+def agreement_inputs(wildcards):
+    return named({"masks": LAYOUT.agreement_masks(wildcards.mode, wildcards.k)})
 
 
-def all_targets():
-    return LAYOUT.all_files()
+def report_spec():
+    """What the report step reads of the config: the experiments, the confirm factor, the thresholds."""
+    experiments = [
+        {"name": name, "metric": e["metric"], "mode": e["mode"], "k": e["topk"], "seeds": e["seeds"]}
+        for name, e in EXPERIMENTS.items()
+    ]
+    return spec(
+        model=config["model"]["name"],
+        experiments=experiments,
+        factor=config["confirm"]["factor"],
+        thresholds=config["verdicts"],
+    )

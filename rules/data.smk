@@ -1,42 +1,36 @@
 rule model:
     output:
-        ref=f"{RESULTS}/model/model.json",
+        ref=LAYOUT.model_ref,
+    log:
+        LAYOUT.log("model"),
+    conda:
+        ENV
+    threads: threads("model")
+    resources:
+        **res("model"),
     params:
         code=code_version("model"),
         spec=model_spec(),
-    threads: res("model")["threads"]
-    resources:
-        mem_mb=res("model")["mem_mb"],
-        runtime=res("model")["runtime"],
-        gpu=res("model")["gpu"],
-    conda:
-        ENV
-    log:
-        f"logs/{MODEL}/model.log",
+        paths=step_paths,
     shell:
-        "python -m esa run model --spec {params.spec:q} ref={output.ref} 2> {log}"
+        esa_shell("model")
 
 
 rule data:
     input:
-        model=rules.model.output.ref,
+        model=LAYOUT.model_ref,
     output:
-        windows=f"{RESULTS}/data/{{part}}.parquet",
-        summary=f"{RESULTS}/data/{{part}}.json",
+        **LAYOUT.data_files(),
+    log:
+        LAYOUT.log("data_{part}"),
+    conda:
+        ENV
+    threads: threads("data")
+    resources:
+        **res("data"),
     params:
         code=code_version("data"),
         spec=lambda wildcards: data_spec(wildcards.part),
-    wildcard_constraints:
-        part="calib|eval",
-    threads: res("data")["threads"]
-    resources:
-        mem_mb=res("data")["mem_mb"],
-        runtime=res("data")["runtime"],
-        gpu=res("data")["gpu"],
-    conda:
-        ENV
-    log:
-        f"logs/{MODEL}/data_{{part}}.log",
+        paths=step_paths,
     shell:
-        "python -m esa run data --spec {params.spec:q} model={input.model}"
-        " windows={output.windows} summary={output.summary} 2> {log}"
+        esa_shell("data")

@@ -1,16 +1,23 @@
 rule confirm:
     """Super-weight confirmation: zero each metric's global top-N weights one at a time."""
     input:
-        model=rules.model.output.ref,
-        eval=f"{RESULTS}/data/eval.parquet",
-        baseline=f"{RESULTS}/baseline/metrics.json",
-        candidates=lambda wildcards: [
-            f"{SCORES.format(metric=m, seed=LAYOUT.confirm_seed())}/candidates.parquet" for m in LAYOUT.scored_metrics()
-        ],
+        **named(
+            {
+                "model": LAYOUT.model_ref,
+                "eval": LAYOUT.data_files("eval")["windows"],
+                "baseline": LAYOUT.baseline_files()["metrics"],
+                **LAYOUT.confirm_inputs(),
+            }
+        ),
     output:
-        super_weights=f"{LAYOUT.confirm}/super_weights.parquet",
-        activations=f"{LAYOUT.confirm}/activations.parquet",
-        rerun=f"{LAYOUT.confirm}/baseline_rerun.json",
+        **LAYOUT.confirm_files(),
+    log:
+        LAYOUT.log("confirm"),
+    conda:
+        ENV
+    threads: threads("confirm")
+    resources:
+        **res("confirm"),
     params:
         code=code_version("confirm"),
         spec=runtime_spec(
@@ -20,42 +27,29 @@ rule confirm:
             factor=config["confirm"]["factor"],
             batch_size=config["baseline"]["batch_size"],
         ),
-        candidates=lambda wildcards, input: ",".join(input.candidates),
-    threads: res("confirm")["threads"]
-    resources:
-        mem_mb=res("confirm")["mem_mb"],
-        runtime=res("confirm")["runtime"],
-        gpu=res("confirm")["gpu"],
-        gpu_model=res("confirm").get("gpu_model", ""),
-    conda:
-        ENV
-    log:
-        f"logs/{MODEL}/confirm.log",
+        paths=step_paths,
     shell:
-        "python -m esa run confirm --spec {params.spec:q} model={input.model} eval={input.eval}"
-        " baseline={input.baseline} candidates={params.candidates} super_weights={output.super_weights}"
-        " activations={output.activations} rerun={output.rerun} 2> {log}"
+        esa_shell("confirm")
 
 
 rule report:
     """verdict.json and the self-contained report page of the whole study."""
     input:
-        LAYOUT.report_inputs(),
+        **named(LAYOUT.report_inputs()),
     output:
-        verdicts=f"{LAYOUT.report}/verdict.json",
-        index=report(f"{LAYOUT.report}/index.html", category="Report", caption="../report/index.rst"),
-        plots=directory(f"{LAYOUT.report}/plots"),
-    params:
-        code=code_version("report"),
-        spec=spec(config=config_for_report(), thresholds=config["verdicts"]),
-    threads: res("report")["threads"]
-    resources:
-        mem_mb=res("report")["mem_mb"],
-        runtime=res("report")["runtime"],
-        gpu=res("report")["gpu"],
+        verdicts=LAYOUT.report_files()["verdicts"],
+        index=report(LAYOUT.report_files()["index"], category="Report", caption="../report/index.rst"),
+        plots=directory(LAYOUT.report_files()["plots"]),
+    log:
+        LAYOUT.log("report"),
     conda:
         ENV
-    log:
-        f"logs/{MODEL}/report.log",
+    threads: threads("report")
+    resources:
+        **res("report"),
+    params:
+        code=code_version("report"),
+        spec=report_spec(),
+        paths=step_paths,
     shell:
-        "python -m esa run report --spec {params.spec:q} verdicts={output.verdicts} index={output.index} 2> {log}"
+        esa_shell("report")

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from esa.config import REPO  # noqa: E402
 from esa.errors import ESAError  # noqa: E402
+from esa.layout import Layout  # noqa: E402
 from esa.runbook import copy_outputs, model_name, resolve, run_workflow  # noqa: E402
 
 
@@ -38,9 +39,7 @@ def main(argv=None) -> int:
         overrides["baseline"] = {"batch_size": args.batch_size}
     try:
         config = resolve(overrides, args.config)
-        base = f"results/{config['model']['name']}/baseline"
-        files = {name: f"{base}/{name}" for name in
-                 ("metrics.json", "windows.parquet", "experiment_manifest.json", "config.json")}
+        files = {Path(path).name: path for path in Layout(config).baseline_files().values()}
         run_workflow(config, list(files.values()), args.out_dir, args.cores, args.workdir)
         copy_outputs(files, args.workdir, args.out_dir)
     except ESAError as err:

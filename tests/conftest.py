@@ -1,8 +1,25 @@
-"""Shared fixtures: tiny random Llama models built from a config (no hub access)."""
+"""Shared fixtures: tiny random Llama models built from a config (no hub access), and the
+workflow run as a Snakemake subprocess."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def snakemake(workdir, config, *args, timeout=900):
+    """Run the project's Snakefile in ``workdir`` with ``config`` (written to config.yaml)."""
+    cfg = workdir / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+                           "--directory", str(workdir), "--configfile", str(cfg), "--cores", "2", *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
 def make_tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 16, intermediate: int = 32,

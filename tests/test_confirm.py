@@ -11,11 +11,13 @@ from torch import nn
 from transformers import FalconH1Config, FalconH1ForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
 from esa.candidates import build_candidates
-from esa.confirm import COLUMNS, activation_trace, confirm_super_weights, first_changed_layer, global_top
+from esa.confirm import (COLUMNS, SUPER_WEIGHT_COLUMNS, activation_trace, confirm_super_weights,
+                         first_changed_layer, global_top, zero_each)
+from esa.errors import ESAError
 from esa.evaluation import evaluate
 from esa.perturb import perturbed
 from esa.scores import TRACE_COLUMNS, compute_scores
-from esa.targets import find_targets
+from esa.targets import Target, find_targets, target_table
 
 HIDDEN, INTERMEDIATE, VOCAB = 32, 64, 64
 ROW, COL = 5, 7  # the planted super weight: layer 0 mlp.down_proj[ROW, COL]
@@ -67,11 +69,16 @@ def test_confirm_finds_exactly_the_planted_super_weight():
     candidates = build_candidates(targets, scores.weights, scores.stat, scores.score, m=10)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
 
-    confirmation = confirm_super_weights(model, candidates, evaluation, batch_size=4, baseline=baseline,
-                                         top_n=10, factor=1.5)
+    confirmation = confirm_super_weights(model, {"activation_magnitude": candidates},
+                                         {"activation_magnitude": target_table(targets)}, evaluation,
+                                         batch_size=4, baseline=baseline, top_n=10, factor=1.5)
     result = confirmation.super_weights
 
-    assert list(result.columns) == COLUMNS and len(result) == 10
+    # super_weights.parquet's layout: metric, rank (int64), the weight's key, the rest of COLUMNS
+    assert list(result.columns) == SUPER_WEIGHT_COLUMNS == [
+        "metric", "rank", "tensor", "flat_index", *(c for c in COLUMNS if c not in ("tensor", "flat_index"))]
+    assert len(result) == 10 and (result["metric"] == "activation_magnitude").all()
+    assert result["rank"].dtype == "int64" and result["rank"].tolist() == list(range(10))
     assert result["score"].is_monotonic_decreasing
     confirmed = result[result["confirmed"]]
     assert len(confirmed) == 1
@@ -100,26 +107,65 @@ def test_factor_is_the_confirmation_line():
                                "stat": [1.0], "score": [1.0], "rank_in_tensor": [0], "end": "top"})
 
     def confirmed(factor: float) -> pd.Series:
-        return confirm_super_weights(model, candidates, evaluation, 4, baseline, top_n=1,
-                                     factor=factor).super_weights["confirmed"]
+        return zero_each(model, candidates, evaluation, 4, baseline, factor=factor).super_weights["confirmed"]
 
-    ratio = confirm_super_weights(model, candidates, evaluation, 4, baseline,
-                                  top_n=1).super_weights["ppl_ratio"].iloc[0]
+    ratio = zero_each(model, candidates, evaluation, 4, baseline).super_weights["ppl_ratio"].iloc[0]
     assert confirmed(ratio).all()
     assert not confirmed(ratio * (1 + 1e-9)).any()
 
 
 def test_global_top_orders_across_tensors_with_ties():
-    candidates = pd.DataFrame({
-        "tensor": ["a", "a", "a", "b", "b", "b"], "flat_index": [4, 2, 9, 1, 3, 2],
-        "score": [5.0, 5.0, 0.1, 7.0, 5.0, 5.0], "end": ["top", "top", "bottom", "top", "top", "bottom"]})
-    top = global_top(candidates, 4)
-    # 7 first; the 5.0 ties: tensor a (listed first) before b, lower flat index first
-    assert list(zip(top["tensor"], top["flat_index"])) == [("b", 1), ("a", 2), ("a", 4), ("b", 3)]
-    # bottom-end rows are never candidates, even b's score-5.0 entry at flat index 2
-    assert len(global_top(candidates, 100)) == 4
-    with pytest.raises(ValueError, match="top_n"):
-        global_top(candidates, 0)
+    targets = [Target("a", 0, "mlp.down_proj", 2, 3), Target("b", 1, "mlp.down_proj", 2, 3)]
+    scores = {"a": torch.tensor([[0.1, 0.1, 5.0], [0.1, 5.0, 0.1]]),
+              "b": torch.tensor([[0.1, 7.0, 5.0], [5.0, 0.1, 0.1]])}
+    candidates = build_candidates(targets, scores, scores, scores, m=4)
+    table = target_table(targets)
+    top = global_top(candidates, table, 4)
+    # 7 first; the 5.0 ties: tensor a (first in the table) before b, lower flat index first
+    assert list(zip(top["tensor"], top["flat_index"])) == [("b", 1), ("a", 2), ("a", 4), ("b", 2)]
+    assert top["rank"].tolist() == [0, 1, 2, 3]
+    # bottom-end rows are never candidates, even one scored above every top-end row
+    bottom = candidates["end"] == "bottom"
+    candidates.loc[bottom & (candidates["tensor"] == "a"), "score"] = 100.0
+    pd.testing.assert_frame_equal(global_top(candidates, table, 4), top)
+    # beyond the 4 candidates kept per tensor the global top-5 is not exact: refused, not cut short
+    with pytest.raises(ESAError, match=r"confirm\.top_n=5: .*4 candidates.*M must be >= k"):
+        global_top(candidates, table, 5)
+    with pytest.raises(ESAError, match="top_n"):
+        global_top(candidates, table, 0)
+
+
+def test_confirm_tests_each_weight_of_the_metrics_top_n_once():
+    """A weight in two metrics' top-N is zeroed once and reported under both, with the row
+    (score included) of the metric listed first; the rest of the layout is that of one metric."""
+    model = _planted_model()
+    evaluation = _text(4, seed=2)
+    baseline = evaluate(model, evaluation, batch_size=4).metrics()
+    targets = find_targets(model)
+    table = target_table(targets)
+    weights = {t.name: model.get_parameter(t.name).detach() for t in targets}
+    planted = {t.name: torch.zeros(t.rows, t.cols) for t in targets}
+    planted[DOWN][ROW, COL] = 2.0
+    planted[DOWN][0, 0] = 1.0  # second metric: the planted weight second, another first
+    other = {name: score.clone() for name, score in planted.items()}
+    other[DOWN][0, 0] = 3.0
+    candidates = {metric: build_candidates(targets, weights, score, score, m=2)
+                  for metric, score in (("first", planted), ("second", other))}
+    evaluated = []
+    model.model.norm.register_forward_hook(lambda *args: evaluated.append(1))
+
+    result = confirm_super_weights(model, candidates, dict.fromkeys(candidates, table), evaluation, 4,
+                                   baseline, top_n=2).super_weights
+
+    assert len(evaluated) == 4  # one batch: the trace, two distinct weights, the rerun
+    assert list(result.columns) == SUPER_WEIGHT_COLUMNS
+    planted_index, other_index = ROW * INTERMEDIATE + COL, 0
+    assert list(zip(result["metric"], result["rank"], result["flat_index"], result["score"])) == [
+        ("first", 0, planted_index, 2.0), ("first", 1, other_index, 1.0),
+        ("second", 0, other_index, 1.0), ("second", 1, planted_index, 2.0)]
+    assert result["confirmed"].tolist() == [True, False, False, True]
+    by_weight = result.groupby("flat_index")["ppl_after"].nunique()
+    assert (by_weight == 1).all()  # one evaluation per weight, reported under both metrics
 
 
 def test_activation_trace_locates_the_massive_activation():
@@ -196,7 +242,7 @@ def test_skipping_the_unchanged_layers_is_bit_exact(build, names):
         first_linear = next(m for m in layer.modules() if isinstance(m, nn.Linear))
         first_linear.register_forward_pre_hook(lambda m, a, i=i: computed.__setitem__(i, computed[i] + 1))
 
-    result = confirm_super_weights(model, candidates, windows, 4, baseline, top_n=len(names))
+    result = zero_each(model, candidates, windows, 4, baseline)
 
     # layer i ran in the trace pass, the rerun and every ablation starting at or below it
     starts = [first_changed_layer(model, name) for name in names]

@@ -132,7 +132,8 @@ def _build(study, out: Path, full: bool = True) -> str:
                         study["agreement"] if full else None,
                         root / "confirm/super_weights.parquet" if full else None,
                         root / "activations.parquet" if full else None,
-                        root / "report/verdict.json" if full else None, out)
+                        root / "report/verdict.json" if full else None, out,
+                        baseline_config=root / "baseline/config.json", plot_dir=out.parent / "plots", model=MODEL)
 
 
 def test_report_is_self_contained_with_every_section(study, tmp_path):
@@ -210,7 +211,8 @@ def test_summary_says_plainly_when_no_weight_is_confirmed(study, tmp_path):
     root = tmp_path / MODEL
     _super_weights(after=(14.0, 12.2, 16.5)).to_parquet(root / "confirm/super_weights.parquet")
     summary = _summary(build_report(root / "baseline/metrics.json", [], None, root / "confirm/super_weights.parquet",
-                                    None, None, tmp_path / "index.html"))
+                                    None, None, tmp_path / "index.html", baseline_config=root / "baseline/config.json",
+                                    plot_dir=tmp_path / "plots", model=MODEL))
     text = html.unescape(re.sub(r"<[^>]+>", "", summary))
     assert (f"No super weight confirmed. Of 3 weights tested, the largest PPL factor is "
             f"\u00d7{16.5 / BASELINE['ppl']:.3g} ({TARGETS[3].name}[5, 11], ranked by grad_squared #1).") in text

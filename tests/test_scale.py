@@ -1,16 +1,19 @@
 """Memory levers for large models: layer-split scoring and activation checkpointing."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from esa import model_steps, steps
 from esa.data import windows_frame
 from esa.evaluation import mean_token_loss
 from esa.io import write_json_atomic, write_parquet_atomic
+from esa.layout import Layout
 from esa.scores import _scoring_mode, compute_scores
 from esa.targets import find_targets, split_targets, target_parameter
 
@@ -45,19 +48,32 @@ def scoring_inputs(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("metrics", [["grad_x_weight", "grad_squared"], ["activation_magnitude"]])
 def test_layer_split_scoring_equals_unsplit(tmp_path, scoring_inputs, metrics):
-    """Two layer-group jobs merged give exactly the candidates and stats of one job."""
+    """Two layer-group jobs merged give exactly the candidates, stats and full scores of one job."""
     spec, model, calib = scoring_inputs
-    whole = {m: str(tmp_path / "whole" / m) for m in metrics}
-    model_steps.step_scores(spec, model=model, calib=calib, **whole)
+    spec = {**spec, "metrics": metrics, "save_full_scores": True}
+
+    def files(where):
+        return {m: Layout(root=str(tmp_path / where)).score_files(
+            m, 1, activations=m == "activation_magnitude", full_scores=True) for m in metrics}
+
+    model_steps.step_scores(spec, model=model, calib=calib, **files("whole"))
     for group in (0, 1):
-        parts = {m: str(tmp_path / f"part{group}" / m) for m in metrics}
-        model_steps.step_scores({**spec, "layer_group": [group, 2]}, model=model, calib=calib, **parts)
+        model_steps.step_scores({**spec, "layer_group": [group, 2]}, model=model, calib=calib,
+                                **files(f"part{group}"))
+    steps.step_merge_scores({"metrics": metrics, "layer_groups": 2},
+                            parts={"0": files("part0"), "1": files("part1")}, **files("merged"))
+    whole, merged = files("whole"), files("merged")
     for m in metrics:
-        merged = tmp_path / "merged" / m
-        steps.step_merge_scores({}, parts=f"{tmp_path}/part0/{m},{tmp_path}/part1/{m}", out=str(merged))
-        for name in ("candidates.parquet", "stats.parquet"):
-            pd.testing.assert_frame_equal(pd.read_parquet(merged / name), pd.read_parquet(f"{whole[m]}/{name}"))
-        manifest = json.loads((merged / "manifest.json").read_text())
+        for name in ("candidates", "stats"):
+            pd.testing.assert_frame_equal(pd.read_parquet(merged[m][name]), pd.read_parquet(whole[m][name]))
+        whole_scores, merged_scores = load_file(whole[m]["full_scores"]), load_file(merged[m]["full_scores"])
+        assert whole_scores.keys() == merged_scores.keys() and len(whole_scores) == 14
+        for name, score in whole_scores.items():
+            assert torch.equal(merged_scores[name], score)
+        if m == "activation_magnitude":
+            pd.testing.assert_frame_equal(pd.read_parquet(merged[m]["activations"]),
+                                          pd.read_parquet(whole[m]["activations"]))
+        manifest = json.loads(Path(merged[m]["manifest"]).read_text())
         assert len(manifest["parts"]) == 2 and manifest["targets"] == 14
 
 

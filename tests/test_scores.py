@@ -93,9 +93,7 @@ def test_activation_magnitude_matches_manual_input_hooks(tiny_llama, tiny_window
                             batch_size=4, seed=0, progress=False)["activation_magnitude"]
     for t in targets[1:]:
         x = torch.cat(inputs[t.name]).reshape(-1, t.cols)
-        l2, peak = x.pow(2).sum(0).sqrt(), x.abs().max(0).values
-        torch.testing.assert_close(result.extra["channel_l2"][t.name], l2)
-        torch.testing.assert_close(result.extra["channel_max"][t.name], peak)
+        l2 = x.pow(2).sum(0).sqrt()
         torch.testing.assert_close(result.stat[t.name], l2.expand(t.rows, t.cols))
         w = tiny_llama.get_parameter(t.name).detach()
         torch.testing.assert_close(result.score[t.name], w.abs() * l2[None, :])
@@ -103,7 +101,6 @@ def test_activation_magnitude_matches_manual_input_hooks(tiny_llama, tiny_window
     counts = torch.bincount(tiny_windows.flatten(), minlength=64).float()
     embed = targets[0].name
     torch.testing.assert_close(result.stat[embed], counts.sqrt()[:, None].expand(64, 16))
-    torch.testing.assert_close(result.extra["channel_max"][embed], (counts > 0).float())
 
     trace = result.extra["massive_activations"].set_index(["layer", "side"])
     for layer in (0, 1):
@@ -166,15 +163,13 @@ def test_hutchinson_matches_exact_hessian_diagonal():
     probes, mse = [16, 64, 256, 1024], []
     for m in probes:
         result = compute_scores(model, targets, windows, ["hutchinson_diag"], batch_size=4, seed=7,
-                                probes=m, probe_variance=True, progress=False)["hutchinson_diag"]
+                                probes=m, progress=False)["hutchinson_diag"]
         h = torch.cat([result.stat[t.name].flatten() for t in targets]).double()
         mse.append(float(((h - diag) ** 2).mean()))
         if m == 64:
             sigma = (off_sq / m).sqrt()
             z = (h - diag).abs() / (sigma + 1e-6 * diag.abs().max())
             assert z.max() < 4, f"worst entry {float(z.max()):.2f} standard errors from the exact diagonal"
-            var = torch.cat([result.extra["variance"][t.name].flatten() for t in targets]).double()
-            assert 0.8 < float(var.sum() / (off_sq / m).sum()) < 1.25  # calibrated variance estimate
 
     slope = np.polyfit(np.log(probes), np.log(mse), 1)[0]
     assert -1.3 < slope < -0.7, f"MSE {mse} falls with slope {slope:.2f}, expected about -1"

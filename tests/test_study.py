@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import snakemake
 
 from esa.candidates import build_candidates
 from esa.data import draw_calibration, read_windows
@@ -20,14 +21,6 @@ from esa.targets import find_targets
 
 REPO = Path(__file__).resolve().parents[1]
 RUNBOOK = REPO / "docs" / "runbook.md"  # a copy of ../shared/runbook.md
-
-
-def snakemake(workdir, config, *args, timeout=900):
-    cfg = workdir / "config.yaml"
-    cfg.write_text(yaml.safe_dump(config))
-    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-                           "--directory", str(workdir), "--configfile", str(cfg), "--cores", "2", *args],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
 def scheduled(result) -> dict[str, int]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama
+from esa.config import validate_config
 from esa.errors import ESAError
 from esa.evaluation import evaluate
 from esa.data import windows_frame
@@ -17,11 +18,12 @@ from esa.models import materialize
 from esa.perturb import run_perturbations
 from esa.score_stats import build_stats
 from esa.model_steps import step_baseline
+from esa.results import ExperimentData
 from esa.targets import Target
-from esa.verdicts import (DEFAULT_THRESHOLDS, ExperimentData, agreement_verdicts, baseline_verdict,
-                          compute_verdicts, count_statuses, global_top_share, heavy_tail_verdict,
-                          resolve_thresholds, separation_verdicts, stability_verdict,
-                          topk_spread_verdict, verdicts_from_files)
+from esa.verdicts import (DEFAULT_THRESHOLDS, agreement_verdicts, baseline_verdict, compute_verdicts,
+                          count_statuses, global_top_share, heavy_tail_verdict, resolve_thresholds,
+                          separation_verdicts, stability_verdict, topk_spread_verdict,
+                          verdicts_from_files)
 
 T = DEFAULT_THRESHOLDS
 BASE = {"loss": 2.0, "ppl": math.exp(2.0), "tokens": 1000, "windows": 4, "finite": True,
@@ -300,6 +302,13 @@ def test_thresholds_are_validated():
     assert resolve_thresholds({"jaccard_min": 0.5})["jaccard_min"] == 0.5
     with pytest.raises(ESAError, match="jacard_min"):
         resolve_thresholds({"jacard_min": 0.5})
+
+
+def test_default_thresholds_are_the_config_schema_defaults():
+    """The defaults are written once, in config/schema.yaml: what a config gets when it sets none."""
+    config = validate_config({"model": {"name": "m", "source": "m"}, "data": {"source": "builtin:pydoc"}})
+    assert DEFAULT_THRESHOLDS == config["verdicts"] and list(DEFAULT_THRESHOLDS) == list(config["verdicts"])
+    assert DEFAULT_THRESHOLDS["jaccard_min"] == 0.3 and DEFAULT_THRESHOLDS["separation_ratio"] == 2.0
 
 
 def test_verdicts_from_files(tmp_path):

@@ -9,25 +9,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import snakemake
 
 from esa.data import read_windows
 from esa.evaluation import evaluate
 from esa.models import load_model, source_from_ref
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def snakemake(workdir, config, *args, timeout=600):
-    cfg = workdir / "config.yaml"
-    cfg.write_text(yaml.safe_dump(config))
-    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-                           "--directory", str(workdir), "--configfile", str(cfg), "--cores", "2", *args],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
 
 
 @pytest.fixture
