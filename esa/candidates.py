@@ -32,7 +32,7 @@ from .names import END_BOTTOM, END_TOP
 if TYPE_CHECKING:
     from .targets import Target
 
-COLUMNS = ["tensor", "layer", "module", "row", "col", "flat_index", "weight", "stat", "score",
+COLUMNS = ["tensor", "layer", "module", "expert", "row", "col", "flat_index", "weight", "stat", "score",
            "rank_in_tensor", "end"]
 LARGEST = {END_TOP: True, END_BOTTOM: False}  # end -> torch.topk(largest=...)
 _CHUNK = 1 << 22  # elements per scan step when resolving ties, to bound temporary memory
@@ -103,6 +103,7 @@ def tensor_candidates(meta: Target, weight: torch.Tensor, stat: torch.Tensor, sc
             "tensor": meta.name,
             "layer": np.full(flat.size, meta.layer, dtype=np.int32),
             "module": meta.module,
+            "expert": np.full(flat.size, meta.expert, dtype=np.int32),
             "row": (flat // meta.cols).astype(np.int32),
             "col": (flat % meta.cols).astype(np.int32),
             "flat_index": flat,

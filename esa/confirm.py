@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .architecture import decoder_layers, split_expert
 from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK, Evaluation, batches, evaluate
 from .names import GLOBAL, ZERO
@@ -42,7 +43,7 @@ from .perturb import perturbed
 from .scores import massive_activation_trace
 from .selection import select_topk
 
-COLUMNS = ["tensor", "layer", "module", "row", "col", "flat_index", "weight", "score",
+COLUMNS = ["tensor", "layer", "module", "expert", "row", "col", "flat_index", "weight", "score",
            "ppl_before", "ppl_after", "ppl_ratio", "confirmed"]
 WEIGHT_KEY = ["tensor", "flat_index"]
 # super_weights.parquet: one row per (metric, rank), the weight's key first
@@ -93,12 +94,12 @@ def first_changed_layer(model: torch.nn.Module, tensor: str) -> int:
     That is the lowest layer holding the parameter; 0 when the parameter is (also) used outside
     the decoder layers (embeddings, lm_head, a tied pair), where the whole model must run.
     """
-    param = model.get_parameter(tensor)
+    param = model.get_parameter(split_expert(tensor)[0])
 
     def uses(module: torch.nn.Module) -> int:
         return sum(p is param for _, p in module.named_parameters(remove_duplicate=False))
 
-    per_layer = [uses(layer) for layer in model.get_decoder().layers]
+    per_layer = [uses(layer) for layer in decoder_layers(model)]
     if sum(per_layer) < uses(model):
         return 0
     return next(i for i, n in enumerate(per_layer) if n)
@@ -108,7 +109,7 @@ def first_changed_layer(model: torch.nn.Module, tensor: str) -> int:
 def _keep_layer_inputs(model: torch.nn.Module, layers: set[int]):
     """While open, every forward pass appends the output of decoder layer L-1 (the input of
     layer L) to ``kept[L]``, for each L >= 1 of ``layers``; yields ``kept``."""
-    decoder_layers = model.get_decoder().layers
+    blocks = decoder_layers(model)
     kept: dict[int, _LayerOutputs] = {}
 
     def keeper(layer: int):
@@ -119,7 +120,7 @@ def _keep_layer_inputs(model: torch.nn.Module, layers: set[int]):
             entry.hidden.append((output[0] if is_tuple else output).detach().clone())
         return hook
 
-    handles = [decoder_layers[layer - 1].register_forward_hook(keeper(layer))
+    handles = [blocks[layer - 1].register_forward_hook(keeper(layer))
                for layer in sorted(layers) if layer > 0]
     try:
         yield kept
@@ -132,7 +133,7 @@ def _keep_layer_inputs(model: torch.nn.Module, layers: set[int]):
 def _start_at(model: torch.nn.Module, start: int, kept: _LayerOutputs):
     """Layers 0..start-1 return, batch after batch, ``kept`` (the unmodified outputs of layer
     start-1) without computing; the model's forward, masks and embeddings run as usual."""
-    skipped = list(model.get_decoder().layers)[:start]
+    skipped = list(decoder_layers(model))[:start]
     batch, output = -1, None
 
     def first(*args, **kwargs):
@@ -203,7 +204,7 @@ def zero_each(model: torch.nn.Module, weights: pd.DataFrame, eval_windows: torch
     kept.clear()  # up to one hidden state of every window per layer: free it before the rerun
     after = np.asarray(after, dtype=np.float64)
     ratio = after / before
-    table = weights[["tensor", "layer", "module", "row", "col", "flat_index", "weight", "score"]].assign(
+    table = weights[["tensor", "layer", "module", "expert", "row", "col", "flat_index", "weight", "score"]].assign(
         ppl_before=before, ppl_after=after, ppl_ratio=ratio, confirmed=ratio >= factor)
     rerun = evaluate(model, eval_windows, batch_size, chunk_size=chunk_size)
     return Confirmation(table[COLUMNS], trace, rerun)

@@ -22,7 +22,7 @@ from .evaluation import evaluate
 from .io import read_parquet, write_atomic, write_json_atomic, write_parquet_atomic
 from .layout import by_seed
 from .manifest import RunRecord
-from .names import TOP
+from .names import TABLE_COLUMNS, TOP
 from .perturb import run_perturbations
 from .score_stats import build_stats
 from .scores import compute_scores
@@ -165,7 +165,6 @@ def step_confirm(spec: dict, *, model: str, eval: str, baseline: str, candidates
     baseline-identical-on-rerun check).
     """
     from .confirm import confirm_super_weights
-    from .targets import TABLE_COLUMNS
 
     metrics = spec["metrics"]
     for name, paths in (("candidates", candidates), ("stats", stats)):

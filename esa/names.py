@@ -44,6 +44,10 @@ PERTURBATIONS = (ZERO, SIGN_FLIP, GAUSSIAN)
 RELATIVE, ABSOLUTE, TENSOR_STD = "relative", "absolute", "tensor_std"
 NOISE_MODES = (RELATIVE, ABSOLUTE, TENSOR_STD)
 
+# the tensor table (the first columns of stats.parquet): one row per scored matrix; expert is
+# its index in a 3-D expert parameter, -1 for a plain matrix
+TABLE_COLUMNS = ["tensor", "layer", "module", "expert", "rows", "cols", "numel"]
+
 TOP_DENOMINATOR = 10_000  # the top 0.01%: ceil(n / 10_000) in exact integer arithmetic
 HIST_LOW, HIST_HIGH, HIST_BINS = -12.0, 4.0, 64
 

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .architecture import is_transposed, split_expert, storage_index
 from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK, evaluate
 from .names import ABSOLUTE, NOISE_MODES, PERTURBATIONS, RELATIVE, SETS, SIGN_FLIP, ZERO
@@ -83,17 +84,29 @@ def _groups(model: torch.nn.Module, selection: pd.DataFrame) -> list[tuple[str, 
     """Selected flat indices per parameter, sorted by tensor name, deduplicated.
 
     Tied weights (e.g. ``lm_head.weight`` and ``model.embed_tokens.weight``) are one parameter,
-    so entries selected under either name are merged and touched once.
+    so entries selected under either name are merged and touched once. ``flat_index`` is in
+    the Linear convention; a Conv1D weight's is mapped to its [in, out] storage
+    (:func:`esa.architecture.storage_index`), an expert's (``<parameter>[e]``) to its block of
+    the 3-D parameter.
     """
     params = dict(model.named_parameters(remove_duplicate=False))
-    unknown = sorted(set(selection["tensor"]) - params.keys())
+    unknown = sorted(t for t in set(selection["tensor"]) if split_expert(t)[0] not in params)
     if unknown:
         raise ESAError(f"selection names tensors the model does not have: {unknown[:5]}")
     merged: dict[int, tuple[str, torch.nn.Parameter, list[np.ndarray]]] = {}
-    for name, rows in selection.groupby("tensor", sort=True):
+    for tensor, rows in selection.groupby("tensor", sort=True):
+        name, expert = split_expert(tensor)
         param = params[name]
         entry = merged.setdefault(id(param), (name, param, []))
-        entry[2].append(rows["flat_index"].to_numpy(dtype=np.int64))
+        flat = rows["flat_index"].to_numpy(dtype=np.int64)
+        if expert >= 0:  # expert e's matrix is the e-th [rows, cols] block of the 3-D parameter
+            size = param[0].numel() if param.ndim == 3 else 0
+            if not 0 <= expert < (param.shape[0] if param.ndim == 3 else 0) or flat.min() < 0 or flat.max() >= size:
+                raise ESAError(f"{tensor}: no such expert, or flat_index out of range for its {size} entries")
+            flat = flat + expert * size
+        elif param.ndim == 2 and is_transposed(model.get_submodule(name.rpartition(".")[0])):
+            flat = storage_index(flat, param.shape[1], param.shape[0], transposed=True)
+        entry[2].append(flat)
     groups = []
     for name, param, parts in merged.values():
         index = np.unique(np.concatenate(parts))

@@ -87,7 +87,7 @@ def tensor_stats(meta: Target, score: torch.Tensor) -> dict:
     below = torch.searchsorted(ordered, edges[1:-1]).cpu().numpy()
     cumulative = np.concatenate([[zeros], below, [n]])
     return {
-        "tensor": meta.name, "layer": meta.layer, "module": meta.module,
+        "tensor": meta.name, "layer": meta.layer, "module": meta.module, "expert": meta.expert,
         "rows": meta.rows, "cols": meta.cols, "numel": n,
         "sum": total, "max": float(ordered[-1]), "mean": total / n,
         **{name: _quantile(ordered, q) for name, q in QUANTILES.items()},
@@ -102,9 +102,10 @@ def tensor_stats(meta: Target, score: torch.Tensor) -> dict:
 def build_stats(targets: Sequence[Target], scores: Mapping[str, torch.Tensor]) -> pd.DataFrame:
     """One row of ``tensor_stats`` per target, in target order (``log10_hist`` a list column).
 
-    Its first columns (tensor, layer, module, rows, cols, numel) are the tensor table that
-    ``esa.selection`` takes.
+    Its first columns (``esa.names.TABLE_COLUMNS``: tensor, layer, module, expert, rows, cols,
+    numel) are the tensor table that ``esa.selection`` takes; one row per expert of an expert
+    stack gives each expert's score mass (``sum``).
     """
     frame = pd.DataFrame([tensor_stats(t, scores[t.name]) for t in targets])
-    return frame.astype({"layer": np.int32, "rows": np.int64, "cols": np.int64, "numel": np.int64,
+    return frame.astype({"layer": np.int32, "expert": np.int32, "rows": np.int64, "cols": np.int64, "numel": np.int64,
                          "top_n": np.int64, "zeros": np.int64})

@@ -20,8 +20,9 @@ activation_magnitude    ``a_j = sqrt(sum_t x_tj^2)``                 ``abs(w_ij)
 - hutchinson_diag: ``H_b`` is the Hessian of ``L_b`` over all target weights jointly, ``z_m``
   a Rademacher vector over all of them, M probes per batch; ``E[z * Hz] = diag(H)``, and ``h``
   keeps its sign. Each probe is ONE Hessian-vector product covering every target.
-- activation_magnitude: ``x_tj`` is input channel j of the weight's ``nn.Linear`` at calibration
-  token t (column j of W multiplies input channel j, so it is the input, never the output).
+- activation_magnitude: ``x_tj`` is input channel j of the weight's ``nn.Linear`` or ``Conv1D``
+  at calibration token t (column j of W, in the Linear convention of :mod:`esa.architecture`,
+  multiplies input channel j, so it is the input, never the output).
   For an ``nn.Embedding`` the input is the one-hot token, so ``a_v = sqrt(count of token v)``
   scales row v.
 
@@ -46,6 +47,7 @@ from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK, batches, mean_token_loss, window_nll
 from .names import (ACTIVATION_MAGNITUDE, GRAD_SQUARED, GRAD_X_WEIGHT, GRADIENT_METRICS,
                     HUTCHINSON_DIAG, METRICS, PRODUCT, WEIGHTINGS)
+from .architecture import decoder_layers, mlp_output_projections
 from .targets import Target, target_module, target_parameter
 
 log = logging.getLogger(__name__)
@@ -159,7 +161,7 @@ def _scoring_mode(model: nn.Module, params: list[nn.Parameter], checkpointing: b
     target_ids = {id(p) for p in params}
     saved = [(p, p.requires_grad) for p in model.parameters()]
     training = model.training
-    layers = model.get_decoder().layers
+    layers = decoder_layers(model)
     try:
         model.eval()
         if checkpointing:
@@ -250,31 +252,32 @@ def _gradient_metrics(model: nn.Module, targets: list[Target], params: list[nn.P
                 del zs, hvs
             del loss, grads
 
-    names = [t.name for t in targets]
+    position = {id(p): i for i, p in enumerate(params)}
+
+    def per_target(sums: list[torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+        for total in sums:
+            total.div_(n)
+        return {t.name: t.matrix(sums[position[id(target_parameter(model, t))]]) for t in targets}
+
     n_batches = len(windows)
     out = {}
     if g_sum is not None:
-        out[GRAD_X_WEIGHT] = {"stat": dict(zip(names, (s.div_(n_batches) for s in g_sum)))}
+        out[GRAD_X_WEIGHT] = {"stat": per_target(g_sum, n_batches)}
     if g_sq is not None:
-        out[GRAD_SQUARED] = {"stat": dict(zip(names, (s.div_(n_batches) for s in g_sq)))}
+        out[GRAD_SQUARED] = {"stat": per_target(g_sq, n_batches)}
     if hutchinson:
-        n = n_batches * probes
-        out[HUTCHINSON_DIAG] = {"stat": dict(zip(names, (s.div_(n) for s in h_sum)))}
+        out[HUTCHINSON_DIAG] = {"stat": per_target(h_sum, n_batches * probes)}
     return out
 
 
 class _ChannelStats:
-    """Running per-input-channel sum of squares of one target's module's input."""
+    """Running per-input-channel sum of squares of one target's module's input: the last
+    dimension of a matrix module's input (Linear, Conv1D, a router), the one-hot token of an
+    embedding."""
 
     def __init__(self, target: Target, module: nn.Module, device: torch.device):
-        if isinstance(module, nn.Linear):
-            channels = target.cols
-        elif isinstance(module, nn.Embedding):
-            channels = target.rows
-        else:
-            raise ESAError(f"activation_magnitude needs an nn.Linear or nn.Embedding target; "
-                           f"{target.name} belongs to {type(module).__name__}")
         self.target, self.embedding = target, isinstance(module, nn.Embedding)
+        channels = target.rows if self.embedding else target.cols
         self.sumsq = torch.zeros(channels, dtype=torch.float32, device=device)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
@@ -282,19 +285,61 @@ class _ChannelStats:
         if self.embedding:  # one-hot input: x_tv = 1 where token t is v
             self.sumsq.add_(torch.bincount(x.flatten(), minlength=self.sumsq.numel()))
             return
+        if x.shape[-1] != self.sumsq.numel():
+            raise ESAError(f"activation_magnitude: the input of {type(module).__name__} holding "
+                           f"{self.target.name} has {x.shape[-1]} channels, the weight {self.sumsq.numel()} "
+                           f"input columns")
         flat = x.reshape(-1, x.shape[-1]).float()
         # column reductions of a temporary: ~4x faster on CPU than vector_norm(dim=0)
         self.sumsq.add_(flat.square().sum(dim=0))
 
-    def broadcast_l2(self) -> torch.Tensor:
+    def l2(self, target: Target) -> torch.Tensor:
         """``a`` spread over the weight's shape (a view, no copy)."""
         a = self.sumsq.sqrt()
-        t = self.target
-        return a[:, None].expand(t.rows, t.cols) if self.embedding else a[None, :].expand(t.rows, t.cols)
+        shape = (target.rows, target.cols)
+        return a[:, None].expand(shape) if self.embedding else a[None, :].expand(shape)
+
+
+class _ExpertChannelStats:
+    """Per expert, the running per-input-channel sum of squares of the inputs of its two
+    matrices, over the tokens routed to that expert only.
+
+    For transformers' expert stacks: ``forward(hidden [T, H], top_k_index [T, k], weights)``
+    with ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I]; expert e sees the tokens t
+    with e in ``top_k_index[t]``, ``gate, up = (x_t W_gate_up[e]^T).chunk(2)`` and its
+    down_proj input is ``act_fn(gate) * up`` (recomputed here).
+    """
+
+    MATRICES = ("gate_up_proj", "down_proj")
+
+    def __init__(self, module: nn.Module, device: torch.device):
+        if not all(isinstance(getattr(module, n, None), torch.Tensor) for n in self.MATRICES) \
+                or not callable(getattr(module, "act_fn", None)):
+            raise ESAError(f"activation_magnitude: the expert stack {type(module).__name__} has no "
+                           f"gate_up_proj / down_proj / act_fn; its routed inputs are unknown")
+        experts = module.gate_up_proj.shape[0]
+        self.sumsq = {name: torch.zeros(experts, getattr(module, name).shape[2], dtype=torch.float32,
+                                        device=device) for name in self.MATRICES}
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x, routed = args[0].detach(), args[1]
+        x = x.reshape(-1, x.shape[-1])
+        for expert in range(module.gate_up_proj.shape[0]):
+            tokens = (routed == expert).any(dim=-1).nonzero().flatten()
+            if tokens.numel() == 0:
+                continue
+            inputs = x[tokens]
+            gate, up = nn.functional.linear(inputs, module.gate_up_proj[expert]).chunk(2, dim=-1)
+            for name, seen in (("gate_up_proj", inputs), ("down_proj", module.act_fn(gate) * up)):
+                self.sumsq[name][expert].add_(seen.float().square().sum(dim=0))
+
+    def l2(self, target: Target) -> torch.Tensor:
+        a = self.sumsq[target.param_name.rpartition(".")[2]][target.expert].sqrt()
+        return a[None, :].expand(target.rows, target.cols)
 
 
 class _MassiveTrace:
-    """The largest |input| and |output| of one down_proj over the calibration tokens, with the
+    """The largest |input| and |output| of one MLP output projection over the calibration tokens, with the
     channel, window and position where it occurs (massive activations sit there)."""
 
     def __init__(self, layer: int, module: str):
@@ -305,7 +350,7 @@ class _MassiveTrace:
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         for side, x in (("input", args[0]), ("output", output)):
-            x = x.detach()
+            x = x.detach().reshape(*self.batch.shape, -1)  # an expert stack sees tokens flattened
             value, flat_index = x.abs().flatten().max(dim=0)
             value = float(value)
             if self.best[side] is None or value > self.best[side]["value"]:
@@ -318,27 +363,19 @@ class _MassiveTrace:
                 for side, best in self.best.items() if best is not None]
 
 
-def _down_projs(model: nn.Module) -> list[tuple[int, str, nn.Linear]]:
-    found = []
-    for index, layer in enumerate(model.get_decoder().layers):
-        for name, module in layer.named_modules():
-            if name.endswith("down_proj") and isinstance(module, nn.Linear):
-                found.append((index, name, module))
-    return found
-
-
 @torch.no_grad()
 def massive_activation_trace(model: nn.Module, windows: list[torch.Tensor], chunk_size: int = DEFAULT_CHUNK,
                              pre_hooks: list[tuple[nn.Module, object]] = (), progress: bool = False,
                              desc: str = "forward") -> pd.DataFrame:
-    """Forward passes over batches of windows, tracing every decoder-layer ``mlp.down_proj``.
+    """Forward passes over batches of windows, tracing every decoder layer's MLP output
+    projection (:func:`esa.architecture.mlp_output_projections`).
 
     Returns one row per (layer, side) with columns ``TRACE_COLUMNS``: max |input| or
     |output|, its channel, window (row across all batches), position and token.
     ``pre_hooks`` (module, hook) are attached for the same passes.
     """
     device = model.get_input_embeddings().weight.device
-    traces = [(_MassiveTrace(layer, name), module) for layer, name, module in _down_projs(model)]
+    traces = [(_MassiveTrace(layer, name), module) for layer, name, module in mlp_output_projections(model)]
     handles = [module.register_forward_pre_hook(hook) for module, hook in pre_hooks]
     handles += [module.register_forward_hook(trace) for trace, module in traces]
     try:
@@ -356,13 +393,22 @@ def massive_activation_trace(model: nn.Module, windows: list[torch.Tensor], chun
 
 def _activation_metric(model: nn.Module, targets: list[Target], windows: list[torch.Tensor],
                        chunk_size: int, progress: bool) -> dict:
-    """Forward passes with pre-hooks on the target modules' inputs (and the down_proj trace)."""
-    stats = {t.name: _ChannelStats(t, target_module(model, t), target_parameter(model, t).device)
-             for t in targets}
-    trace = massive_activation_trace(model, windows, chunk_size,
-                                     [(target_module(model, t), stats[t.name]) for t in targets],
-                                     progress, "scores: activations")
-    return {"stat": {name: s.broadcast_l2() for name, s in stats.items()},
+    """Forward passes with pre-hooks on the target modules' inputs (and the MLP output trace)."""
+    hooks: dict[int, tuple[nn.Module, _ChannelStats | _ExpertChannelStats]] = {}
+    owner = {}  # target name -> the hook that accumulates its input channels
+    for t in targets:
+        module, device = target_module(model, t), target_parameter(model, t).device
+        if t.expert >= 0:  # one hook per expert stack serves all its experts' matrices
+            key = id(module)
+            if key not in hooks:
+                hooks[key] = (module, _ExpertChannelStats(module, device))
+        else:
+            key = t.name
+            hooks[key] = (module, _ChannelStats(t, module, device))
+        owner[t.name] = hooks[key][1]
+    trace = massive_activation_trace(model, windows, chunk_size, list(hooks.values()), progress,
+                                     "scores: activations")
+    return {"stat": {t.name: owner[t.name].l2(t) for t in targets},
             "extra": {"massive_activations": trace}}
 
 
@@ -377,14 +423,16 @@ def compute_scores(model: nn.Module, targets: list[Target], calib_windows: torch
     (``probes`` per batch). All gradient metrics share one pass over the batches;
     activation_magnitude runs its own forward passes. Returns ``{metric: MetricScores}`` in the
     order asked; ``massive_activations`` (activation_magnitude) has one row per decoder-layer
-    down_proj and side (input, output): max |x|, its channel, window, position and token.
+    MLP output projection and side (input, output): max |x|, its channel, window, position
+    and token.
     The model's requires_grad flags and train/eval mode are restored afterwards.
     ``gradient_checkpointing`` trades recomputation for activation memory (same numbers).
     """
     _check_request(metrics, weighting, batch_size, probes)
     asked = set(metrics)
-    params = [target_parameter(model, t) for t in targets]
-    weights = {t.name: p.detach() for t, p in zip(targets, params)}
+    # one entry per parameter: the experts of a 3-D parameter share it
+    params = list({id(p): p for p in (target_parameter(model, t) for t in targets)}.values())
+    weights = {t.name: t.matrix(target_parameter(model, t).detach()) for t in targets}
     windows = list(batches(calib_windows, batch_size))
     if not windows:
         raise ESAError("no calibration windows to score on")

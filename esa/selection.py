@@ -2,7 +2,7 @@
 
 Inputs: the candidates of the scores step (``esa.candidates``: each tensor's top-M and
 bottom-M entries) and the tensor table (one row per target, in target order: tensor, layer,
-module, rows, cols, numel; ``esa.targets.target_table`` or the first columns of
+module, expert, rows, cols, numel; ``esa.targets.target_table`` or the first columns of
 ``stats.parquet``).
 
 Modes, each ranking a pool of weights and keeping its k highest scores:
@@ -33,9 +33,9 @@ from .errors import ESAError
 from .names import (CONTROLS, END_BOTTOM, END_TOP, GLOBAL, MODES, PER_LAYER, PER_TENSOR,
                     RANDOM_K, TOP)
 
-SELECTED_COLUMNS = ["tensor", "layer", "module", "row", "col", "flat_index", "weight", "stat",
+SELECTED_COLUMNS = ["tensor", "layer", "module", "expert", "row", "col", "flat_index", "weight", "stat",
                     "score", "rank"]
-MASK_COLUMNS = ["set", "tensor", "layer", "module", "row", "col", "flat_index", "score"]
+MASK_COLUMNS = ["set", "tensor", "layer", "module", "expert", "row", "col", "flat_index", "score"]
 
 
 def _pools(table: pd.DataFrame, mode: str) -> pd.Series:
@@ -119,7 +119,7 @@ def random_control(top: pd.DataFrame, tensor_table: pd.DataFrame, seed: int) -> 
     with n top weights it draws min(numel, 2n) distinct flat indices in random order, drops
     those in the top set (at most n) and keeps the first n left: a uniform sample without
     replacement from the other weights, without permuting a 58M-element tensor. Rows are
-    sorted by flat index within each tensor; columns tensor, layer, module, row, col,
+    sorted by flat index within each tensor; columns tensor, layer, module, expert, row, col,
     flat_index.
     """
     _check_tensors(top, tensor_table, "top set", every=False)
@@ -140,6 +140,7 @@ def random_control(top: pd.DataFrame, tensor_table: pd.DataFrame, seed: int) -> 
             "tensor": target.tensor,
             "layer": np.full(n, target.layer, dtype=np.int32),
             "module": target.module,
+            "expert": np.full(n, target.expert, dtype=np.int32),
             "row": (flat // target.cols).astype(np.int32),
             "col": (flat % target.cols).astype(np.int32),
             "flat_index": flat,
@@ -151,7 +152,7 @@ def build_mask(candidates: pd.DataFrame, tensor_table: pd.DataFrame, mode: str, 
                seed: int, controls: tuple[str, ...] | list[str] = CONTROLS) -> pd.DataFrame:
     """The top set of ``mode`` and k and the requested controls, one row per selected weight.
 
-    Columns: set ("top" | "random_k" | "bottom_k"), tensor, layer, module, row, col,
+    Columns: set ("top" | "random_k" | "bottom_k"), tensor, layer, module, expert, row, col,
     flat_index, score (float32; NaN for random_k, whose scores the candidates do not hold).
     """
     unknown = [c for c in controls if c not in CONTROLS]
@@ -165,5 +166,5 @@ def build_mask(candidates: pd.DataFrame, tensor_table: pd.DataFrame, mode: str, 
         else:
             sets[control] = select_bottomk(candidates, tensor_table, mode, k)
     mask = pd.concat([frame.assign(set=name) for name, frame in sets.items()], ignore_index=True)
-    return mask[MASK_COLUMNS].astype({"layer": np.int32, "row": np.int32, "col": np.int32,
+    return mask[MASK_COLUMNS].astype({"layer": np.int32, "expert": np.int32, "row": np.int32, "col": np.int32,
                                       "flat_index": np.int64, "score": np.float32})

@@ -17,13 +17,14 @@ import pandas as pd
 from .errors import ESAError
 from .io import read_parquet, write_atomic, write_json_atomic, write_parquet_atomic
 from .layout import by_seed
+from .names import TABLE_COLUMNS
 from .selection import build_mask
 from .stability import metric_agreement, seed_stability
 
 
 def step_topk(spec: dict, *, candidates: str, stats: str, mask: str) -> None:
     """The top-k set of a mode and its random_k / bottom_k controls, from the candidates alone."""
-    table = read_parquet(stats, columns=["tensor", "layer", "module", "rows", "cols", "numel"])
+    table = read_parquet(stats, columns=TABLE_COLUMNS)
     chosen = build_mask(read_parquet(candidates), table, spec["mode"], spec["k"], spec["seed"])
     write_parquet_atomic(chosen, mask)
 

@@ -1,7 +1,11 @@
 """Which weight tensors ESA scores (the targets), each tagged with its layer and module.
 
-By default the targets are the 2-D weights of every ``nn.Linear`` inside the decoder layers
-(``model.get_decoder().layers``: attention q/k/v/o, MLP gate/up/down), in model order.
+By default the targets are the weight matrices inside the decoder blocks
+(:func:`esa.architecture.decoder_layers`), in model order: every 2-D ``weight`` (``nn.Linear``,
+GPT-2 ``Conv1D``, a mixture-of-experts router: attention q/k/v/o or fused qkv, MLP
+gate/up/down or fc1/fc2...) and every expert of a 3-D expert parameter ([experts, out, in],
+one target per expert, named ``<parameter>[<expert>]``). Each is reported in the Linear
+convention (rows = output channels, cols = input channels; :mod:`esa.architecture`).
 ``include`` patterns add any other 2-D parameter (embeddings, lm_head), ``exclude`` patterns
 remove targets; both are regular expressions searched (``re.search``) in parameter names.
 
@@ -18,55 +22,68 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .architecture import decoder_layers_name, expert_key, is_transposed, split_expert
 from .errors import ESAError
+from .names import TABLE_COLUMNS
 
-TABLE_COLUMNS = ["tensor", "layer", "module", "rows", "cols", "numel"]
 
 
 @dataclass(frozen=True)
 class Target:
     """One scored weight matrix; ``layer`` is -1 for tensors outside the decoder layers."""
 
-    name: str  # parameter name, e.g. "model.layers.2.mlp.down_proj.weight"
+    name: str  # tensor key: a parameter name, e.g. "model.layers.2.mlp.down_proj.weight", or
+    # for an expert "model.layers.2.mlp.experts.down_proj[5]"
     layer: int
     module: str  # "mlp.down_proj" inside a layer; "embed_tokens", "lm_head" outside
-    rows: int
-    cols: int
+    rows: int  # output channels
+    cols: int  # input channels
+    transposed: bool = False  # stored as [cols, rows] (GPT-2 Conv1D)
+    expert: int = -1  # index into a 3-D [experts, rows, cols] parameter; -1 for a plain matrix
 
     @property
     def numel(self) -> int:
         return self.rows * self.cols
 
+    def matrix(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (shaped like the parameter) as the (rows, cols) matrix: a view."""
+        if self.expert >= 0:
+            return tensor[self.expert]
+        return tensor.t() if self.transposed else tensor
+
+    @property
+    def param_name(self) -> str:
+        """Name of the parameter holding the matrix."""
+        return split_expert(self.name)[0]
+
     @property
     def module_path(self) -> str:
         """Qualified name of the module that owns the parameter."""
-        return self.name.rpartition(".")[0]
+        return self.param_name.rpartition(".")[0]
 
 
 def target_parameter(model: nn.Module, target: Target) -> nn.Parameter:
-    return model.get_parameter(target.name)
+    return model.get_parameter(target.param_name)
 
 
 def target_module(model: nn.Module, target: Target) -> nn.Module:
     return model.get_submodule(target.module_path)
 
 
-def _layers_prefix(model: nn.Module) -> str:
-    """Qualified name of the decoder's layer list, e.g. ``model.layers``."""
-    layers = model.get_decoder().layers
-    for name, module in model.named_modules():
-        if module is layers:
-            return name
-    raise ESAError("cannot locate the decoder layers inside the model")
-
-
-def _describe(name: str, param: torch.Tensor, prefix: str) -> Target:
+def _describe(name: str, param: torch.Tensor, prefix: str, transposed: bool) -> list[Target]:
+    """The target(s) of one parameter: itself, or one per expert of a 3-D expert parameter."""
     module_path = name.rpartition(".")[0]
-    rows, cols = param.shape
     if name.startswith(prefix + "."):
         index, _, module = module_path[len(prefix) + 1:].partition(".")
-        return Target(name, int(index), module, rows, cols)
-    return Target(name, -1, module_path.rpartition(".")[2], rows, cols)
+        layer = int(index)
+    else:
+        layer, module = -1, module_path.rpartition(".")[2]
+    if param.ndim == 3:  # experts: the parameter's own name tells gate_up_proj from down_proj
+        module = f"{module}.{name.rpartition('.')[2]}"
+        return [Target(expert_key(name, e), layer, module, param.shape[1], param.shape[2], expert=e)
+                for e in range(param.shape[0])]
+    rows, cols = reversed(param.shape) if transposed else param.shape
+    return [Target(name, layer, module, rows, cols, transposed)]
 
 
 def _examples(names: list[str], prefix: str) -> str:
@@ -80,16 +97,20 @@ def find_targets(model: nn.Module, include: list[str] | tuple[str, ...] = (),
                  exclude: list[str] | tuple[str, ...] = ()) -> list[Target]:
     """The model's scoring targets, in model order (see the module docstring).
 
-    A pattern that matches no 2-D weight, or a selection left empty, raises ``ValueError``.
+    A pattern that matches no weight, or a selection left empty, raises ``ESAError``.
     """
-    prefix = _layers_prefix(model)
-    linear = {id(m.weight) for m in model.get_decoder().layers.modules() if isinstance(m, nn.Linear)}
+    prefix = decoder_layers_name(model)
+    transposed = {id(m.weight) for m in model.modules() if is_transposed(m)}
     aliases: dict[int, list[str]] = {}  # id(param) -> its names, first = canonical
     params: dict[int, torch.Tensor] = {}
+    matrices = set()  # the default targets: weight matrices and expert stacks inside the blocks
     for name, param in model.named_parameters(remove_duplicate=False):
-        if param.ndim == 2:
+        inside = name.startswith(prefix + ".")
+        if param.ndim == 2 or (param.ndim == 3 and inside):
             aliases.setdefault(id(param), []).append(name)
             params[id(param)] = param
+            if inside and (param.ndim == 3 or name.endswith(".weight")):
+                matrices.add(id(param))
 
     def matches(pattern: str, key: int) -> bool:
         return any(re.search(pattern, name) for name in aliases[key])
@@ -97,19 +118,19 @@ def find_targets(model: nn.Module, include: list[str] | tuple[str, ...] = (),
     for pattern in (*include, *exclude):
         if not any(matches(pattern, key) for key in aliases):
             names = [n for names in aliases.values() for n in names]
-            raise ESAError(f"target pattern '{pattern}' matches no 2-D weight; names look like: "
+            raise ESAError(f"target pattern '{pattern}' matches no weight matrix; names look like: "
                              f"{_examples(names, prefix)}")
     chosen = [key for key in aliases
-              if (key in linear or any(matches(p, key) for p in include))
+              if (key in matrices or any(matches(p, key) for p in include))
               and not any(matches(p, key) for p in exclude)]
     if not chosen:
         raise ESAError(f"no target weights left (include={list(include)}, exclude={list(exclude)})")
-    return [_describe(aliases[key][0], params[key], prefix) for key in chosen]
+    return [t for key in chosen for t in _describe(aliases[key][0], params[key], prefix, key in transposed)]
 
 
 def target_table(targets: list[Target]) -> pd.DataFrame:
-    """One row per target: tensor, layer, module, rows, cols, numel (the model's tensor shapes)."""
-    rows = [(t.name, t.layer, t.module, t.rows, t.cols, t.numel) for t in targets]
+    """One row per target: tensor, layer, module, expert, rows, cols, numel (its shape)."""
+    rows = [(t.name, t.layer, t.module, t.expert, t.rows, t.cols, t.numel) for t in targets]
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 

@@ -32,6 +32,37 @@ def make_tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 16, intermedia
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
+# text of i.i.d. tokens from a geometric unigram over 64 tokens (entropy 2.04 nats): a planted
+# super weight writes its log-probabilities, so the model is good exactly while it stands
+UNIGRAM = 0.7 ** torch.arange(64, dtype=torch.float32)
+UNIGRAM /= UNIGRAM.sum()
+
+
+def unigram_text(windows: int, seed: int, length: int = 32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.multinomial(UNIGRAM.expand(windows, len(UNIGRAM)), length, replacement=True, generator=generator)
+
+
+def confirm_by_activation(model, top_n: int = 5):
+    """Score ``model`` by activation_magnitude on one unigram text and confirm its global
+    top-``top_n`` on another: ``(Confirmation, baseline metrics)``."""
+    from esa.candidates import build_candidates
+    from esa.confirm import confirm_super_weights
+    from esa.evaluation import evaluate
+    from esa.scores import compute_scores
+    from esa.targets import find_targets, target_table
+
+    calib, evaluation = unigram_text(8, seed=1), unigram_text(8, seed=2)  # scored on one, judged on another
+    baseline = evaluate(model, evaluation, batch_size=4).metrics()
+    targets = find_targets(model)
+    scores = compute_scores(model, targets, calib, ["activation_magnitude"], batch_size=4, seed=0,
+                            progress=False)["activation_magnitude"]
+    candidates = build_candidates(targets, scores.weights, scores.stat, scores.score, m=top_n)
+    return confirm_super_weights(model, {"activation_magnitude": candidates},
+                                 {"activation_magnitude": target_table(targets)}, evaluation, batch_size=4,
+                                 baseline=baseline, top_n=top_n, factor=1.5), baseline
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors: a second thread only adds overhead, and spins when the machine is busy."""

@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import UNIGRAM, confirm_by_activation, make_tiny_llama, unigram_text
 from torch import nn
 from transformers import FalconH1Config, FalconH1ForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
@@ -22,8 +22,6 @@ from esa.targets import Target, find_targets, target_table
 HIDDEN, INTERMEDIATE, VOCAB = 32, 64, 64
 ROW, COL = 5, 7  # the planted super weight: layer 0 mlp.down_proj[ROW, COL]
 DOWN = "model.layers.0.mlp.down_proj.weight"
-UNIGRAM = 0.7 ** torch.arange(VOCAB, dtype=torch.float32)
-UNIGRAM /= UNIGRAM.sum()  # text = i.i.d. tokens, geometric unigram: entropy 2.04 nats
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,24 +52,10 @@ def _planted_model():
     return model
 
 
-def _text(windows: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.multinomial(UNIGRAM.expand(windows, VOCAB), 32, replacement=True, generator=generator)
-
-
 def test_confirm_finds_exactly_the_planted_super_weight():
     model = _planted_model()
-    calib, evaluation = _text(8, seed=1), _text(8, seed=2)  # scored on one text, judged on another
-    baseline = evaluate(model, evaluation, batch_size=4).metrics()
-    targets = find_targets(model)
-    scores = compute_scores(model, targets, calib, ["activation_magnitude"], batch_size=4, seed=0,
-                            progress=False)["activation_magnitude"]
-    candidates = build_candidates(targets, scores.weights, scores.stat, scores.score, m=10)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-
-    confirmation = confirm_super_weights(model, {"activation_magnitude": candidates},
-                                         {"activation_magnitude": target_table(targets)}, evaluation,
-                                         batch_size=4, baseline=baseline, top_n=10, factor=1.5)
+    confirmation, baseline = confirm_by_activation(model, top_n=10)
     result = confirmation.super_weights
 
     # super_weights.parquet's layout: metric, rank (int64), the weight's key, the rest of COLUMNS
@@ -95,14 +79,14 @@ def test_confirm_finds_exactly_the_planted_super_weight():
     for name, p in model.named_parameters():  # every zeroing was undone bit-exactly
         assert torch.equal(p, before[name]), name
     assert confirmation.rerun.metrics() == baseline
-    pd.testing.assert_frame_equal(confirmation.activations, activation_trace(model, evaluation, 4))
+    pd.testing.assert_frame_equal(confirmation.activations, activation_trace(model, unigram_text(8, seed=2), 4))
 
 
 def test_factor_is_the_confirmation_line():
     model = _planted_model()
-    evaluation = _text(4, seed=2)
+    evaluation = unigram_text(4, seed=2)
     baseline = evaluate(model, evaluation, batch_size=4).metrics()
-    candidates = pd.DataFrame({"tensor": DOWN, "layer": 0, "module": "mlp.down_proj", "row": [ROW],
+    candidates = pd.DataFrame({"tensor": DOWN, "layer": 0, "module": "mlp.down_proj", "expert": -1, "row": [ROW],
                                "col": [COL], "flat_index": [ROW * INTERMEDIATE + COL], "weight": [1.0],
                                "stat": [1.0], "score": [1.0], "rank_in_tensor": [0], "end": "top"})
 
@@ -139,7 +123,7 @@ def test_confirm_tests_each_weight_of_the_metrics_top_n_once():
     """A weight in two metrics' top-N is zeroed once and reported under both, with the row
     (score included) of the metric listed first; the rest of the layout is that of one metric."""
     model = _planted_model()
-    evaluation = _text(4, seed=2)
+    evaluation = unigram_text(4, seed=2)
     baseline = evaluate(model, evaluation, batch_size=4).metrics()
     targets = find_targets(model)
     table = target_table(targets)
@@ -170,7 +154,7 @@ def test_confirm_tests_each_weight_of_the_metrics_top_n_once():
 
 def test_activation_trace_locates_the_massive_activation():
     model = _planted_model()
-    windows = _text(6, seed=4)
+    windows = unigram_text(6, seed=4)
     trace = activation_trace(model, windows, batch_size=4)
     assert list(trace.columns) == TRACE_COLUMNS and len(trace) == 4  # 2 layers x (input, output)
     layer0 = trace[trace["layer"] == 0].set_index("side")
@@ -211,7 +195,7 @@ def _largest_entries(model: nn.Module, names: list[str]) -> pd.DataFrame:
     for rank, name in enumerate(names):
         w = model.get_parameter(name).detach()
         flat = int(w.abs().argmax())
-        rows.append({"tensor": name, "layer": 0, "module": "", "row": flat // w.shape[1],
+        rows.append({"tensor": name, "layer": 0, "module": "", "expert": -1, "row": flat // w.shape[1],
                      "col": flat % w.shape[1], "flat_index": flat, "weight": float(w.flatten()[flat]),
                      "score": float(len(names) - rank), "end": "top"})
     return pd.DataFrame(rows)

@@ -85,7 +85,7 @@ def test_build_stats_round_trips_through_parquet(tmp_path):
     scores = {"a.weight": heavy_tailed(3, 4), "lm_head.weight": heavy_tailed(5, 2, seed=1)}
     frame = build_stats(targets, scores)
     assert frame["tensor"].tolist() == ["a.weight", "lm_head.weight"]
-    assert list(frame.columns[:6]) == ["tensor", "layer", "module", "rows", "cols", "numel"]
+    assert list(frame.columns[:7]) == ["tensor", "layer", "module", "expert", "rows", "cols", "numel"]
     back = pd.read_parquet(write_parquet_atomic(frame, tmp_path / "stats.parquet"))
     pd.testing.assert_frame_equal(back.drop(columns="log10_hist"),
                                   frame.drop(columns="log10_hist"))

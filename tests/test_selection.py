@@ -126,7 +126,7 @@ def top_set() -> pd.DataFrame:
 
 def test_random_control_matches_per_tensor_counts_and_avoids_the_top(top_set):
     control = random_control(top_set, TABLE, seed=0)
-    assert list(control.columns) == ["tensor", "layer", "module", "row", "col", "flat_index"]
+    assert list(control.columns) == ["tensor", "layer", "module", "expert", "row", "col", "flat_index"]
     assert control.groupby("tensor").size().to_dict() == top_set.groupby("tensor").size().to_dict()
     key = ["tensor", "flat_index"]
     assert control.merge(top_set[key], on=key).empty

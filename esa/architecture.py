@@ -1,0 +1,110 @@
+"""Where a causal LM keeps what ESA needs, whatever its family: the decoder blocks, the weight
+matrices inside them and how each is stored, and each block's MLP output projection.
+
+- Decoder blocks: the ``nn.ModuleList`` of ``config.num_hidden_layers`` modules
+  (``model.layers`` in Llama-like models, ``transformer.h`` in GPT-2, ``gpt_neox.layers``,
+  ``model.decoder.layers`` in OPT).
+- Weight matrices: the 2-D weights of ``nn.Linear`` and of GPT-2's ``Conv1D``. A Conv1D stores
+  its weight as [in, out] (``y = x W + b``), the transpose of ``nn.Linear``'s [out, in]; ESA
+  reports every matrix in the Linear convention, row = output channel, col = input channel,
+  and ``flat_index = row * cols + col`` in that convention (:func:`storage_index` maps it to
+  the parameter's own memory order).
+- MLP output projection: the matrix whose output is added to the residual stream at the end
+  of a block's MLP (``mlp.down_proj``, GPT-2's ``mlp.c_proj``, GPT-NeoX's
+  ``mlp.dense_4h_to_h``, OPT's ``fc2``, Falcon-H1's ``feed_forward.down_proj``; in a
+  mixture-of-experts block the expert stack, whose experts' ``down_proj`` outputs, weighted
+  by the router, are added); massive activations enter the residual stream there. For an
+  expert stack the trace's input side is the stack's input, the block's hidden state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import ESAError
+
+MATRIX_MODULES = (nn.Linear, Conv1D)
+# a block's MLP output projection: a matrix module named one of MLP_OUTPUT_LEAVES, directly in
+# the block (OPT's fc2) or in a submodule named one of MLP_PARENTS (so GPT-2's attn.c_proj is not)
+MLP_OUTPUT_LEAVES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2")
+MLP_PARENTS = ("mlp", "feed_forward", "ffn")
+
+
+def _layer_count(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config  # multimodal wrappers
+    return getattr(config, "num_hidden_layers", None)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks, in order: the model's ``nn.ModuleList`` of ``num_hidden_layers``
+    modules (the first in module order when several match)."""
+    return model.get_submodule(decoder_layers_name(model))
+
+
+def decoder_layers_name(model: nn.Module) -> str:
+    """Qualified name of the decoder blocks' list, e.g. ``model.layers`` or ``transformer.h``."""
+    count = _layer_count(model)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count and count:
+            return name
+    raise ESAError(f"cannot find the decoder layers of {type(model).__name__}: no nn.ModuleList of "
+                   f"config.num_hidden_layers={count} modules")
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """Whether ``module`` stores its weight as [in, out] (GPT-2's Conv1D)."""
+    return isinstance(module, Conv1D)
+
+
+def storage_index(flat_index: np.ndarray, rows: int, cols: int, transposed: bool) -> np.ndarray:
+    """Position in the parameter's memory of ``flat_index = row * cols + col`` of a (rows x
+    cols) matrix in the Linear convention: itself, or ``col * rows + row`` when transposed."""
+    if not transposed:
+        return flat_index
+    row, col = np.divmod(flat_index, cols)
+    return col * rows + row
+
+
+def expert_key(param_name: str, expert: int) -> str:
+    """The tensor key of one expert's matrix in a 3-D [experts, out, in] parameter."""
+    return f"{param_name}[{expert}]"
+
+
+def split_expert(tensor: str) -> tuple[str, int]:
+    """``(parameter name, expert)`` of a tensor key; expert -1 for a plain matrix."""
+    name, bracket, rest = tensor.partition("[")
+    return (name, int(rest.rstrip("]"))) if bracket else (tensor, -1)
+
+
+def mlp_output_projections(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
+    """``(layer, name inside the layer, module)`` of every block's MLP output projection (or
+    expert stack).
+
+    A block without one (a family ESA does not know) stops with one line naming the model
+    class and the names looked for.
+    """
+    found = []
+    for index, layer in enumerate(decoder_layers(model)):
+        match = next(((name, module) for name, module in layer.named_modules() if _is_mlp_output(name, module)),
+                     None)
+        if match is None:
+            raise ESAError(f"cannot find the MLP output projection of {type(model).__name__} layer {index}: "
+                           f"no Linear/Conv1D named {'|'.join(MLP_OUTPUT_LEAVES)} in the block or in its "
+                           f"{'|'.join(MLP_PARENTS)}")
+        found.append((index, *match))
+    return found
+
+
+def is_expert_stack(module: nn.Module) -> bool:
+    """Whether ``module`` holds a mixture of experts' matrices as 3-D parameters [experts, out, in]."""
+    down = getattr(module, "down_proj", None)
+    return isinstance(down, nn.Parameter) and down.ndim == 3
+
+
+def _is_mlp_output(name: str, module: nn.Module) -> bool:
+    parent, _, leaf = name.rpartition(".")
+    return is_expert_stack(module) or (isinstance(module, MATRIX_MODULES) and leaf in MLP_OUTPUT_LEAVES
+                                       and (not parent or parent.rpartition(".")[2] in MLP_PARENTS))
