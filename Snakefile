@@ -14,6 +14,9 @@ min_version("8.0")
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
+include: "rules/common.smk"
+
+
 wildcard_constraints:
     seed=r"\d+",
     group=r"\d+",
@@ -21,9 +24,9 @@ wildcard_constraints:
     metric=alternatives(METRICS),
     mode=alternatives(MODES),
     part=alternatives(DATA_PARTS),
+    model=alternatives(LAYOUT.models),
 
 
-include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/baseline.smk"
 include: "rules/scores.smk"
@@ -33,10 +36,15 @@ include: "rules/report.smk"
 
 
 onsuccess:
-    if config["report"] and os.path.exists(LAYOUT.report_files()["verdicts"]):
-        from esa.summary import summary_text
+    from esa.summary import summary_text
 
-        print(summary_text(LAYOUT.root))
+    done = [
+        LAYOUT.of(m).root
+        for m in LAYOUT.models
+        if os.path.exists(LAYOUT.of(m).report_files()["verdicts"])
+    ]
+    if config["report"] and done:
+        print(summary_text(*done))
 
 
 rule all:

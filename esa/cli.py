@@ -14,7 +14,8 @@ from .errors import ESAError
 
 # step -> module: the table steps (esa.steps) never import torch, so their jobs start fast
 MODEL_STEPS = ("model", "data", "baseline", "scores", "perturb", "confirm")
-TABLE_STEPS = ("topk", "plots", "activation_plot", "stability", "agreement", "report", "merge_scores")
+TABLE_STEPS = ("topk", "plots", "activation_plot", "stability", "agreement", "report", "merge_scores",
+               "comparison")
 
 
 def step_function(step: str):
@@ -47,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("step", choices=sorted(MODEL_STEPS + TABLE_STEPS))
     run.add_argument("--spec", required=True, help="JSON object of the step's parameters")
     run.add_argument("paths", nargs="*", metavar="name=path", help="the step's inputs and outputs")
-    summary = sub.add_parser("summary", help="one-screen summary of a model's results directory")
-    summary.add_argument("results_dir", help="e.g. results/smollm2-135m")
+    summary = sub.add_parser("summary", help="one-screen summary of each model's results directory")
+    summary.add_argument("results_dirs", nargs="+", metavar="results_dir", help="e.g. results/smollm2-135m")
     return parser
 
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .summary import summary_text
 
-            print(summary_text(args.results_dir), end="")
+            print(summary_text(*args.results_dirs), end="")
     except (ESAError, json.JSONDecodeError) as err:
         print(f"esa: error: {err}", file=sys.stderr)
         return 2

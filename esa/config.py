@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ESAError
+from .layout import COMPARISON
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "config" / "schema.yaml"
@@ -49,12 +50,21 @@ def validate_config(config: dict) -> dict:
             except re.error as err:
                 raise ESAError(f"invalid config at scoring.targets.{key}: {pattern!r} is not a "
                                f"regular expression ({err})") from None
-    names = [e["name"] for e in config["experiments"]]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ESAError(f"invalid config at experiments: names must be unique; "
-                       f"repeated: {', '.join(repeated)}")
+    for key, names in (("experiments", [e["name"] for e in config["experiments"]]),
+                       ("models", [m["name"] for m in study_models(config)])):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ESAError(f"invalid config at {key}: names must be unique; repeated: {', '.join(repeated)}")
+    if COMPARISON in (m["name"] for m in study_models(config)):
+        raise ESAError(f"invalid config at models: {COMPARISON!r} is the comparison page's directory "
+                       f"under results/; name the model otherwise")
     return config
+
+
+def study_models(config: dict) -> list[dict]:
+    """The study's models (name, source): ``models`` when given (it replaces ``model``, which
+    the default config always holds), else the one ``model``."""
+    return config["models"] if "models" in config else [config["model"]]
 
 
 @functools.cache

@@ -23,6 +23,10 @@ so ``ppl_after`` is bit-identical to evaluating the whole model. This holds when
 layer's output depends only on its input and its own parameters (not on state another layer
 leaves behind, such as a KV cache shared across layers). The kept inputs take
 windows x seq_len x hidden x dtype bytes per distinct candidate layer, on the model's device.
+
+A *super expert* is the mixture-of-experts analogue: one expert whose removal alone destroys
+the model. :func:`confirm_super_experts` ranks the experts by score mass (an expert's
+matrices summed) and zeroes each of every metric's top-N whole, one at a time.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .architecture import decoder_layers, split_expert
+from .architecture import decoder_layers, is_expert_stack, split_expert
 from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK, Evaluation, batches, evaluate
 from .names import GLOBAL, ZERO
@@ -48,6 +52,12 @@ COLUMNS = ["tensor", "layer", "module", "expert", "row", "col", "flat_index", "w
 WEIGHT_KEY = ["tensor", "flat_index"]
 # super_weights.parquet: one row per (metric, rank), the weight's key first
 SUPER_WEIGHT_COLUMNS = ["metric", "rank", *WEIGHT_KEY, *(c for c in COLUMNS if c not in WEIGHT_KEY)]
+EXPERT_KEY = ["layer", "stack", "expert"]
+# super_experts.parquet: one row per (metric, rank), the expert's key first
+SUPER_EXPERT_COLUMNS = ["metric", "rank", *EXPERT_KEY, "score_mass", "ppl_before", "ppl_after", "ppl_ratio",
+                        "confirmed"]
+_EXPERT_DTYPES = {"rank": "int64", "layer": "int32", "expert": "int32", "score_mass": "float64",
+                  "ppl_before": "float64", "ppl_after": "float64", "ppl_ratio": "float64", "confirmed": "bool"}
 
 
 @dataclass(frozen=True)
@@ -208,6 +218,88 @@ def zero_each(model: torch.nn.Module, weights: pd.DataFrame, eval_windows: torch
         ppl_before=before, ppl_after=after, ppl_ratio=ratio, confirmed=ratio >= factor)
     rerun = evaluate(model, eval_windows, batch_size, chunk_size=chunk_size)
     return Confirmation(table[COLUMNS], trace, rerun)
+
+
+def expert_mass(stats: pd.DataFrame) -> pd.DataFrame:
+    """The experts of one metric's stats.parquet ranked by score mass: one row per expert (a
+    ``(layer, stack, expert)``, ``stack`` the expert stack's module path inside the layer, e.g.
+    ``mlp.experts``), ``score_mass`` = the sum of ``sum`` over its matrices' rows (its
+    ``gate_up_proj[e]`` and ``down_proj[e]``), ``path`` = the stack's qualified module name.
+
+    Highest mass first; equal masses keep the order of the experts' first rows in ``stats``
+    (model order). No expert rows (a dense model): an empty frame.
+    """
+    rows = stats[stats["expert"] >= 0]
+
+    def parent(name: str) -> str:
+        return name.rpartition(".")[0]
+
+    keyed = pd.DataFrame({"layer": rows["layer"], "stack": rows["module"].map(parent),
+                          "expert": rows["expert"],
+                          "path": rows["tensor"].map(lambda tensor: parent(split_expert(tensor)[0])),
+                          "score_mass": rows["sum"].astype("float64")})
+    mass = keyed.groupby([*EXPERT_KEY, "path"], sort=False)["score_mass"].sum().reset_index()
+    return mass.sort_values("score_mass", ascending=False, kind="stable", ignore_index=True)
+
+
+def expert_selection(model: torch.nn.Module, path: str, expert: int) -> pd.DataFrame:
+    """Every entry of expert ``expert`` of the expert stack ``path``, as a selection for
+    :func:`esa.perturb.perturbed` (columns tensor, flat_index): the ``expert``-th block of each
+    of the stack's own parameters with one block per expert (``gate_up_proj``, ``down_proj``
+    and, in families that have them, the experts' biases)."""
+    stack = model.get_submodule(path)
+    if not is_expert_stack(stack):
+        raise ESAError(f"{path} is not an expert stack (no 3-D down_proj parameter)")
+    count = stack.down_proj.shape[0]
+    parts = []
+    for name, param in stack.named_parameters(recurse=False):
+        if param.ndim >= 2 and param.shape[0] == count:
+            size = param[0].numel()
+            parts.append(pd.DataFrame({"tensor": f"{path}.{name}",
+                                       "flat_index": np.arange(expert * size, (expert + 1) * size)}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def confirm_super_experts(model: torch.nn.Module, stats: Mapping[str, pd.DataFrame], eval_windows: torch.Tensor,
+                          batch_size: int, baseline: dict, top_n: int = 10, factor: float = 1.5,
+                          chunk_size: int = DEFAULT_CHUNK) -> pd.DataFrame:
+    """Zero each of every metric's ``top_n`` experts by score mass whole, alone, once, and
+    measure the PPL.
+
+    ``stats``: metric -> its stats.parquet (tensor, layer, module, expert, ..., sum). An
+    expert is one ``(layer, stack, expert)``; its score mass is the sum of ``sum`` over its
+    matrices (:func:`expert_mass`), and each metric's top-``top_n`` are its ``top_n`` largest
+    masses (all its experts when it has fewer). Every expert in the union is ablated once, in
+    first-seen order (metrics in the order of ``stats``): every entry of its matrices (and
+    biases, where the family has them; :func:`expert_selection`) is zeroed together with
+    ``esa.perturb.perturbed`` (restored and verified bit-exactly), the whole model is evaluated
+    on ``eval_windows`` and
+
+        ppl_ratio = PPL(expert <- 0) / PPL(baseline),   confirmed = ppl_ratio >= factor,
+
+    ``ppl_before`` being ``baseline["ppl"]``; a non-finite loss gives ``ppl_after = inf`` and
+    counts as confirmed. Zeroing an expert's matrices makes its output 0 wherever the router
+    sends a token; the router still sends them, so the expert's share of the routing weight
+    is lost rather than handed to the others.
+
+    Returns one row per (metric, rank), ``rank`` 0 = the metric's largest mass, columns
+    ``SUPER_EXPERT_COLUMNS`` (``score_mass`` the metric's own); a dense model (no expert
+    rows) gives an empty frame with those columns. Zeroing an expert holds an int64 index and
+    a copy of each of its entries until restored.
+    """
+    before = float(baseline["ppl"])
+    tops = pd.concat([expert_mass(stats[metric]).head(top_n).assign(
+        metric=metric, rank=lambda top: np.arange(len(top))) for metric in stats], ignore_index=True)
+    tested = tops.drop_duplicates(EXPERT_KEY)[[*EXPERT_KEY, "path"]]
+    after = []
+    for expert in tested.itertuples(index=False):
+        with perturbed(model, expert_selection(model, expert.path, expert.expert), ZERO):
+            after.append(evaluate(model, eval_windows, batch_size, chunk_size=chunk_size).ppl)
+    after = np.asarray(after, dtype=np.float64)
+    tested = tested[EXPERT_KEY].assign(ppl_before=before, ppl_after=after, ppl_ratio=after / before)
+    table = tops.drop(columns="path").merge(tested, on=EXPERT_KEY).assign(
+        confirmed=lambda frame: frame["ppl_ratio"] >= factor)
+    return table[SUPER_EXPERT_COLUMNS].astype(_EXPERT_DTYPES)
 
 
 def activation_trace(model: torch.nn.Module, windows: torch.Tensor, batch_size: int,

@@ -19,6 +19,7 @@ from .errors import ESAError
 from .names import ACTIVATION_MAGNITUDE, GAUSSIAN, METRICS, RELATIVE
 
 KEY_SEP = "/"
+COMPARISON = "comparison"  # results/comparison/: the page comparing a study's models
 
 BASELINE_FILES = {"metrics": "metrics.json", "windows": "windows.parquet",
                   "manifest": "experiment_manifest.json", "config": "config.json"}
@@ -28,8 +29,8 @@ FULL_SCORES_FILE = "scores.safetensors"  # scoring.save_full_scores
 PLOT_FILES = {"distribution": "distribution.png", "hotspots": "hotspots.png"}
 PERTURB_FILES = {"results": "results.parquet", "manifest": "experiment_manifest.json"}
 STABILITY_FILES = {"pairs": "pairs.parquet", "summary": "summary.json"}
-CONFIRM_FILES = {"super_weights": "super_weights.parquet", "activations": "activations.parquet",
-                 "rerun": "baseline_rerun.json"}
+CONFIRM_FILES = {"super_weights": "super_weights.parquet", "super_experts": "super_experts.parquet",
+                 "activations": "activations.parquet", "rerun": "baseline_rerun.json"}
 REPORT_FILES = {"verdicts": "verdict.json", "index": "index.html", "plots": "plots"}
 
 
@@ -83,19 +84,30 @@ def _in(directory: str, files: Mapping[str, str]) -> dict[str, str]:
 
 
 class Layout:
-    """Output paths of one model's results directory, and the files each experiment needs.
+    """Output paths of a study's results directories, and the files each experiment needs.
 
-    ``Layout(config)`` for a study; ``Layout(root=DIR)`` for the paths inside an existing
-    results directory (no experiments).
+    ``Layout(config)`` gives patterns with a ``{model}`` wildcard (``results/{model}/...``),
+    ``Layout(config).of(name)`` the paths of one model, ``Layout(root=DIR)`` the paths inside
+    an existing results directory (no experiments).
     """
 
-    def __init__(self, config: dict | None = None, *, root: str | None = None):
+    def __init__(self, config: dict | None = None, *, root: str | None = None, model: str = "{model}"):
         self.config = config or {}
-        name = self.config["model"]["name"] if config else None
-        self.root = root if root is not None else f"results/{name}"
-        self.logs = f"logs/{name}"
+        self.model = model
+        self.models = [m["name"] for m in self.config.get("models", [])] or (
+            [self.config["model"]["name"]] if "model" in self.config else [])
+        self.root = root if root is not None else f"results/{model}"
+        self.logs = f"logs/{model}"
         self.experiments = {e["name"]: {"seeds": self.config["seeds"], **e}
                             for e in self.config.get("experiments", [])}
+
+    def of(self, model: str) -> Layout:
+        """The paths of one model of the study."""
+        return Layout(self.config, model=model)
+
+    def comparison(self) -> str:
+        """The page comparing the study's models side by side."""
+        return f"results/{COMPARISON}/index.html"
 
     # ---- one path (pattern) per output -------------------------------------------------
     @property
@@ -249,9 +261,33 @@ class Layout:
             inputs.update(self.confirm_files())
         return inputs
 
-    def all_files(self) -> list[str]:
+    def model_files(self) -> list[str]:
+        """Everything one model's study produces (call on ``of(model)``)."""
         files = list(dict.fromkeys(f for name in self.experiments for f in self.experiment_targets(name)))
         files = (files or [self.baseline_files()["metrics"]]) + list(self.agreement_files().values())
         if self.config["report"]:
             files.append(self.report_files()["index"])
         return files
+
+    def compared(self) -> bool:
+        """Whether the study compares models: several of them, experiments, a report."""
+        return len(self.models) > 1 and bool(self.experiments) and self.config["report"]
+
+    def all_files(self) -> list[str]:
+        """Every model's files, and the comparison page when the study compares models."""
+        files = [f for model in self.models for f in self.of(model).model_files()]
+        return files + [self.comparison()] if self.compared() else files
+
+    def comparison_inputs(self) -> dict:
+        """What the comparison page reads, by name and model: the baseline, the confirmation,
+        every scored metric's stats on the confirm seed, and the agreement tables."""
+        inputs: dict = {"baseline": {}, "super_weights": {}, "activations": {}, "stats": {}, "agreement": {}}
+        for model in self.models:
+            layout = self.of(model)
+            confirm = layout.confirm_files()
+            inputs["baseline"][model] = layout.baseline_files()["metrics"]
+            inputs["super_weights"][model] = confirm["super_weights"]
+            inputs["activations"][model] = confirm["activations"]
+            inputs["stats"][model] = layout.confirm_inputs()["stats"]
+            inputs["agreement"][model] = layout.agreement_files()
+        return inputs

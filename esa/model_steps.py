@@ -155,16 +155,20 @@ def step_perturb(spec: dict, *, model: str, eval: str, baseline: str, masks: dic
 
 
 def step_confirm(spec: dict, *, model: str, eval: str, baseline: str, candidates: dict[str, str],
-                 stats: dict[str, str], super_weights: str, activations: str, rerun: str) -> None:
-    """Zero each of every metric's global top-N weights alone; trace the massive activations.
+                 stats: dict[str, str], super_weights: str, super_experts: str, activations: str,
+                 rerun: str) -> None:
+    """Zero each of every metric's global top-N weights alone, and each of its top-N experts by
+    score mass whole; trace the massive activations.
 
     ``candidates`` and ``stats``: metric -> that metric's candidates.parquet / stats.parquet
     (the confirm seed's), for every metric of ``spec["metrics"]``; stats give the tensor table
-    that makes each top-N exact (:func:`esa.confirm.global_top`). A weight in several metrics'
-    top-N is evaluated once. Also re-evaluates the unmodified model (the
-    baseline-identical-on-rerun check).
+    that makes each top-N exact (:func:`esa.confirm.global_top`) and the experts' score mass
+    (:func:`esa.confirm.confirm_super_experts`, same top-N and factor; a dense model writes an
+    empty table). A weight or expert in several metrics' top-N is evaluated once. The experts
+    go first, so the re-evaluation of the unmodified model at the end (the
+    baseline-identical-on-rerun check) follows every ablation.
     """
-    from .confirm import confirm_super_weights
+    from .confirm import confirm_super_experts, confirm_super_weights
 
     metrics = spec["metrics"]
     for name, paths in (("candidates", candidates), ("stats", stats)):
@@ -173,10 +177,14 @@ def step_confirm(spec: dict, *, model: str, eval: str, baseline: str, candidates
     lm = _load(spec, model)
     windows = torch.from_numpy(data.read_windows(eval))
     reference = json.loads(Path(baseline).read_text())
+    tables = {m: read_parquet(stats[m], columns=[*TABLE_COLUMNS, "sum"]) for m in metrics}
+    experts = confirm_super_experts(lm, tables, windows, spec["batch_size"], reference, top_n=spec["top_n"],
+                                    factor=spec["factor"], chunk_size=spec["loss_chunk"])
     result = confirm_super_weights(lm, {m: read_parquet(candidates[m]) for m in metrics},
-                                   {m: read_parquet(stats[m], columns=TABLE_COLUMNS) for m in metrics},
+                                   {m: table[TABLE_COLUMNS] for m, table in tables.items()},
                                    windows, spec["batch_size"], reference, top_n=spec["top_n"],
                                    factor=spec["factor"], chunk_size=spec["loss_chunk"])
     write_parquet_atomic(result.super_weights, super_weights)
+    write_parquet_atomic(experts, super_experts)
     write_parquet_atomic(result.activations, activations)
     write_json_atomic(result.rerun.metrics(), rerun)

@@ -6,7 +6,8 @@ error, the confirmed super weights with their PPL factor and the metrics that ra
 the verdict counts); the verdicts grouped by experiment, worst group first, a group with a
 bad or warn verdict open and an all-good group collapsed; then the figures: one section per
 experiment (score distribution, hotspots, dPPL of top vs controls with one dot per seed,
-Jaccard across seeds), metric agreement, the super weights and the massive-activation trace.
+Jaccard across seeds), metric agreement, the super weights, the super experts (a
+mixture-of-experts model's experts zeroed whole) and the massive-activation trace.
 A part whose inputs were not produced says "not run" rather than disappearing. The PNGs are
 also written to a plots folder (``report/plots/`` in the workflow).
 """
@@ -273,6 +274,21 @@ def _super_weight_section(weights: pd.DataFrame | None, plot_dir: Path, factor: 
             f"{figure}<h3>All weights tested</h3>{_table(weights)}</section>")
 
 
+def _super_expert_section(experts: pd.DataFrame | None, factor: float) -> str:
+    """Every expert confirm zeroed whole (one row per (metric, rank)), largest PPL factor first;
+    a dense model's empty table says it has no experts."""
+    if experts is None:
+        body = NOT_RUN
+    elif experts.empty:
+        body = "<p>The model has no experts (a dense model): no expert was zeroed.</p>"
+    else:
+        tested = experts.drop_duplicates(["layer", "stack", "expert"])
+        body = (f"<p>{int(tested['confirmed'].sum())} of {len(tested)} experts tested confirmed: zeroing the "
+                f"whole expert (each metric's top-N by score mass) multiplies PPL by >= {factor:g}.</p>"
+                + _table(experts.sort_values("ppl_ratio", ascending=False, kind="stable")))
+    return f'<section id="super-experts"><h2>Super experts</h2>{body}</section>'
+
+
 def _activation_section(trace: pd.DataFrame | None, plot_dir: Path) -> str:
     body = NOT_RUN if trace is None or trace.empty else _figure(
         plot_dir / "massive_activations.png", "massive activations",
@@ -284,7 +300,7 @@ def _activation_section(trace: pd.DataFrame | None, plot_dir: Path) -> str:
 def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None,
                  super_weights_path=None, activations_path=None, verdicts_path=None,
                  out_html="index.html", *, baseline_config, plot_dir, model: str,
-                 factor: float = 1.5, title: str = "ESA report") -> str:
+                 factor: float = 1.5, title: str = "ESA report", super_experts_path=None) -> str:
     """Write the self-contained report to ``out_html`` (its figures to ``plot_dir``) and
     return its HTML.
 
@@ -295,8 +311,8 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
     seed, results, stability, stability_pairs). ``agreement_paths``: one agreement parquet or a
     list (one per mode and k). Every other input is a path; any of them None makes its section
     say "not run": super weights as confirm writes them (``esa.confirm.SUPER_WEIGHT_COLUMNS``,
-    tested with ``factor``), activation trace parquet
-    (``esa.scores.TRACE_COLUMNS``), verdict JSON.
+    tested with ``factor``), super experts likewise (``esa.confirm.SUPER_EXPERT_COLUMNS``),
+    activation trace parquet (``esa.scores.TRACE_COLUMNS``), verdict JSON.
     """
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -310,6 +326,7 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
         *(_experiment_section(load_experiment(entry), plot_dir) for entry in experiments),
         _agreement_section(read_agreement(agreement_paths), plot_dir),
         _super_weight_section(weights, plot_dir, factor),
+        _super_expert_section(read_optional(super_experts_path, read_parquet), factor),
         _activation_section(read_optional(activations_path, read_parquet), plot_dir),
     ]
     if not experiments:

@@ -148,7 +148,7 @@ def gather_phase_outputs(config: dict, name: str, workdir: Path, out_dir: Path, 
 
     from .io import read_parquet, write_json_atomic
 
-    layout = Layout(config)
+    layout = Layout(config).of(config["model"]["name"])
     e = layout.experiments[name]
     files = layout.experiment_files(name)
     manifests = {}
@@ -185,7 +185,7 @@ def phase_main(argv: list[str] | None = None) -> int:
     args = phase_parser().parse_args(argv)
     try:
         config, name = phase_config(args)
-        files = Layout(config).experiment_targets(name)
+        files = Layout(config).of(config["model"]["name"]).experiment_targets(name)
         run_workflow(config, files, args.out_dir, args.cores, args.workdir)
         gather_phase_outputs(config, name, args.workdir, args.out_dir, list(argv if argv is not None else sys.argv[1:]))
     except ESAError as err:

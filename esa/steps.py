@@ -80,8 +80,8 @@ def step_agreement(spec: dict, *, masks: dict, agreement: str) -> None:
 def step_report(spec: dict, *, verdicts: str, index: str, plots: str, baseline: str, baseline_config: str,
                 stats: dict, masks: dict, results: dict | None = None, stability: dict | None = None,
                 stability_pairs: dict | None = None, agreement: dict | None = None,
-                super_weights: str | None = None, activations: str | None = None,
-                rerun: str | None = None) -> None:
+                super_weights: str | None = None, super_experts: str | None = None,
+                activations: str | None = None, rerun: str | None = None) -> None:
     """verdict.json and the self-contained index.html (figures in ``plots``) of the whole study.
 
     ``spec["experiments"]``: name, metric, mode, k, seeds of each experiment; ``stats`` and
@@ -102,7 +102,7 @@ def step_report(spec: dict, *, verdicts: str, index: str, plots: str, baseline: 
     write_json_atomic(table, verdicts)
     build_report(baseline, entries, agreement_paths, super_weights, activations, verdicts, index,
                  baseline_config=baseline_config, plot_dir=plots, model=spec["model"],
-                 factor=spec["factor"], title=f"ESA report: {spec['model']}")
+                 factor=spec["factor"], title=f"ESA report: {spec['model']}", super_experts_path=super_experts)
 
 
 def step_merge_scores(spec: dict, *, parts: dict, **outputs: dict) -> None:
@@ -129,3 +129,19 @@ def step_merge_scores(spec: dict, *, parts: dict, **outputs: dict) -> None:
         write_json_atomic({**manifests[0], "parts": manifests,
                            "wall_seconds": sum(m["wall_seconds"] for m in manifests),
                            "targets": sum(m["targets"] for m in manifests)}, out["manifest"])
+
+
+def step_comparison(spec: dict, *, index: str, baseline: dict, super_weights: dict, activations: dict,
+                    stats: dict, agreement: dict | None = None) -> None:
+    """The comparison page of the models of ``spec["models"]``: every input maps model -> its
+    file (``stats``: model -> metric -> path; ``agreement``: model -> "{mode}_k{k}" -> path)."""
+    from .comparison import build_comparison
+
+    agreement = agreement or {}
+    for name, files in (("baseline", baseline), ("super_weights", super_weights), ("activations", activations),
+                        ("stats", stats)):
+        if sorted(files) != sorted(spec["models"]):
+            raise ESAError(f"comparison needs {name} of the models {spec['models']}, got {sorted(files)}")
+    build_comparison(index, baseline={m: baseline[m] for m in spec["models"]}, super_weights=super_weights,
+                     activations=activations, stats=stats,
+                     agreement={m: agreement.get(m, {}) for m in spec["models"]}, factor=spec["factor"])

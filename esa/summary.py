@@ -1,5 +1,5 @@
 """One screen of a finished study: baseline PPL, confirmed super weights, verdict counts and
-the bad verdicts, read from ``results/{model}/`` (``esa summary RESULTS_DIR``).
+the bad verdicts, read from ``results/{model}/`` (``esa summary RESULTS_DIR [RESULTS_DIR ...]``).
 
 Files read, each optional (a missing one prints "not run"): ``baseline/metrics.json``,
 ``confirm/super_weights.parquet`` (``esa.confirm.SUPER_WEIGHT_COLUMNS``), ``report/verdict.json``.
@@ -52,10 +52,14 @@ def _verdict_lines(path: Path) -> list[str]:
     return lines
 
 
-def summary_text(results_dir: str | Path) -> str:
-    """The summary of ``results_dir`` (``results/{model}``) as text, newline-terminated."""
-    layout = Layout(root=str(results_dir))
-    lines = [f"ESA summary: {results_dir}", _baseline_line(Path(layout.baseline_files()["metrics"])),
-             *_super_weight_lines(Path(layout.confirm_files()["super_weights"])),
-             *_verdict_lines(Path(layout.report_files()["verdicts"]))]
-    return "\n".join(lines) + "\n"
+def summary_text(*results_dirs: str | Path) -> str:
+    """The summary of each results directory (``results/{model}``) as text, one block per
+    directory separated by a blank line, newline-terminated."""
+    blocks = []
+    for results_dir in results_dirs:
+        layout = Layout(root=str(results_dir))
+        lines = [f"ESA summary: {results_dir}", _baseline_line(Path(layout.baseline_files()["metrics"])),
+                 *_super_weight_lines(Path(layout.confirm_files()["super_weights"])),
+                 *_verdict_lines(Path(layout.report_files()["verdicts"]))]
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)

@@ -13,7 +13,9 @@ rule baseline:
         **res("baseline"),
     params:
         code=code_version("baseline"),
-        spec=runtime_spec(batch_size=config["baseline"]["batch_size"], data=config["data"]),
+        spec=lambda wildcards: runtime_spec(
+            wildcards.model, batch_size=config["baseline"]["batch_size"], data=config["data"]
+        ),
         paths=step_paths,
     shell:
         esa_shell("baseline")

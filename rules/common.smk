@@ -12,9 +12,9 @@ import shlex
 # jobs (local, conda or Slurm) run `python -m esa` from the workflow checkout, installed or not
 shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
-from esa.config import validate_config
+from esa.config import study_models, validate_config
 from esa.errors import ESAError
-from esa.layout import Layout, flatten_paths
+from esa.layout import COMPARISON, Layout, flatten_paths
 from esa.names import ACTIVATION_MAGNITUDE, HUTCHINSON_DIAG, SCORE_JOBS
 from esa.provenance import code_version
 
@@ -24,7 +24,8 @@ except ESAError as err:
     raise WorkflowError(str(err))
 
 ENV = os.path.join(workflow.basedir, "envs", "esa.yaml")
-LAYOUT = Layout(config)
+SOURCES = {m["name"]: m["source"] for m in study_models(config)}  # model name -> source
+LAYOUT = Layout({**config, "models": study_models(config)})  # paths with a {model} wildcard
 EXPERIMENTS = LAYOUT.experiments
 LAYER_GROUPS = config["scoring"]["layer_groups"]
 SPLIT = LAYER_GROUPS > 1
@@ -81,8 +82,8 @@ def named(paths):
     return flatten_paths(paths)
 
 
-def model_spec():
-    return spec(source=config["model"]["source"])
+def model_spec(wildcards):
+    return spec(source=SOURCES[wildcards.model])
 
 
 DATA_KEYS = {
@@ -91,18 +92,18 @@ DATA_KEYS = {
 }
 
 
-def data_spec(part):
+def data_spec(model, part):
     """What one part's windows depend on: the evaluation settings never touch the pool."""
     data = {key: config["data"][key] for key in DATA_KEYS[part]}
     data.setdefault("calib_split", None)
     data.setdefault("eval_split", None)
-    return spec(model=config["model"]["source"], part=part, **data)
+    return spec(model=SOURCES[model], part=part, **data)
 
 
-def runtime_spec(**params):
+def runtime_spec(model, **params):
     """Parameters of a step that runs the model: where, in which precision, how the loss is chunked."""
     keys = ("device", "dtype", "attn_implementation", "loss_chunk", "device_map")
-    return spec(model=config["model"]["source"], **{k: config[k] for k in keys}, **params)
+    return spec(model=SOURCES[model], **{k: config[k] for k in keys}, **params)
 
 
 def check_experiments():
@@ -138,7 +139,8 @@ def scores_spec(job):
 
     def job_spec(wildcards):
         return runtime_spec(
-            data=json.loads(data_spec("calib")),
+            wildcards.model,
+            data=json.loads(data_spec(wildcards.model, "calib")),
             metrics=metrics,
             seed=int(wildcards.seed),
             max_samples=(scoring["hutchinson"]["max_samples"] if hutchinson else None)
@@ -162,40 +164,42 @@ def perturb_params(wildcards):
 
 
 def perturb_inputs(wildcards):
-    e = perturb_params(wildcards)
-    masks = {s: LAYOUT.mask(e["metric"], e["mode"], e["topk"], s) for s in e["seeds"]}
+    e, layout = perturb_params(wildcards), LAYOUT.of(wildcards.model)
+    masks = {s: layout.mask(e["metric"], e["mode"], e["topk"], s) for s in e["seeds"]}
     return named(
         {
-            "model": LAYOUT.model_ref,
-            "eval": LAYOUT.data_files("eval")["windows"],
-            "baseline": LAYOUT.baseline_files()["metrics"],
+            "model": layout.model_ref,
+            "eval": layout.data_files("eval")["windows"],
+            "baseline": layout.baseline_files()["metrics"],
             "masks": masks,
         }
     )
 
 
 def stability_inputs(wildcards):
-    seeds = LAYOUT.seeds_of(wildcards.metric, wildcards.mode, int(wildcards.k))
+    seeds, layout = LAYOUT.seeds_of(wildcards.metric, wildcards.mode, int(wildcards.k)), LAYOUT.of(
+        wildcards.model
+    )
     return named(
         {
-            "masks": {s: LAYOUT.mask(**wildcards, seed=s) for s in seeds},
-            "candidates": {s: LAYOUT.score_files(wildcards.metric, s)["candidates"] for s in seeds},
+            "masks": {s: layout.mask(wildcards.metric, wildcards.mode, wildcards.k, s) for s in seeds},
+            "candidates": {s: layout.score_files(wildcards.metric, s)["candidates"] for s in seeds},
         }
     )
 
 
 def agreement_inputs(wildcards):
-    return named({"masks": LAYOUT.agreement_masks(wildcards.mode, wildcards.k)})
+    return named({"masks": LAYOUT.of(wildcards.model).agreement_masks(wildcards.mode, wildcards.k)})
 
 
-def report_spec():
+def report_spec(wildcards):
     """What the report step reads of the config: the experiments, the confirm factor, the thresholds."""
     experiments = [
         {"name": name, "metric": e["metric"], "mode": e["mode"], "k": e["topk"], "seeds": e["seeds"]}
         for name, e in EXPERIMENTS.items()
     ]
     return spec(
-        model=config["model"]["name"],
+        model=wildcards.model,
         experiments=experiments,
         factor=config["confirm"]["factor"],
         thresholds=config["verdicts"],

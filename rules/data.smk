@@ -10,7 +10,7 @@ rule model:
         **res("model"),
     params:
         code=code_version("model"),
-        spec=model_spec(),
+        spec=model_spec,
         paths=step_paths,
     shell:
         esa_shell("model")
@@ -30,7 +30,7 @@ rule data:
         **res("data"),
     params:
         code=code_version("data"),
-        spec=lambda wildcards: data_spec(wildcards.part),
+        spec=lambda wildcards: data_spec(wildcards.model, wildcards.part),
         paths=step_paths,
     shell:
         esa_shell("data")

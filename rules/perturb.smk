@@ -14,6 +14,7 @@ rule perturb:
     params:
         code=code_version("perturb"),
         spec=lambda wildcards: runtime_spec(
+            wildcards.model,
             **{
                 key: perturb_params(wildcards)[key]
                 for key in ("perturb", "scale", "noise", "controls", "seeds")

@@ -20,7 +20,8 @@ rule confirm:
         **res("confirm"),
     params:
         code=code_version("confirm"),
-        spec=runtime_spec(
+        spec=lambda wildcards: runtime_spec(
+            wildcards.model,
             metrics=LAYOUT.scored_metrics(),
             seed=LAYOUT.confirm_seed(),
             top_n=config["confirm"]["top_n"],
@@ -49,7 +50,28 @@ rule report:
         **res("report"),
     params:
         code=code_version("report"),
-        spec=report_spec(),
+        spec=report_spec,
         paths=step_paths,
     shell:
         esa_shell("report")
+
+
+rule comparison:
+    """The study's models side by side: baseline, super weights, massive activations, heavy tails, agreement."""
+    input:
+        **named(LAYOUT.comparison_inputs()),
+    output:
+        index=LAYOUT.comparison(),
+    log:
+        f"logs/{COMPARISON}.log",
+    conda:
+        ENV
+    threads: threads("report")
+    resources:
+        **res("report"),
+    params:
+        code=code_version("comparison"),
+        spec=spec(models=LAYOUT.models, metrics=LAYOUT.scored_metrics(), factor=config["confirm"]["factor"]),
+        paths=step_paths,
+    shell:
+        esa_shell("comparison")

@@ -39,7 +39,8 @@ def main(argv=None) -> int:
         overrides["baseline"] = {"batch_size": args.batch_size}
     try:
         config = resolve(overrides, args.config)
-        files = {Path(path).name: path for path in Layout(config).baseline_files().values()}
+        baseline = Layout(config).of(config["model"]["name"]).baseline_files()
+        files = {Path(path).name: path for path in baseline.values()}
         run_workflow(config, list(files.values()), args.out_dir, args.cores, args.workdir)
         copy_outputs(files, args.workdir, args.out_dir)
     except ESAError as err:

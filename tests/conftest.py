@@ -1,6 +1,9 @@
 """Shared fixtures: tiny random Llama models built from a config (no hub access), and the
 workflow run as a Snakemake subprocess."""
 
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +114,33 @@ def tiny_model_dir(tmp_path_factory, bundled_checkpoint):
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, installed with apt-get if missing; CI=true fails rather than skips."""
+    path = shutil.which("chromium")
+    if path is None and shutil.which("apt-get") and os.geteuid() == 0:
+        policy = subprocess.run(["apt-cache", "policy", "chromium"], capture_output=True, text=True)
+        if re.search(r"Candidate: (?!\(none\))", policy.stdout):
+            subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, timeout=1200,
+                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            path = shutil.which("chromium")
+    if path is None:
+        message = "headless chromium is not installed and `apt-get install -y chromium` did not work"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               "--hide-scrollbars", f"--user-data-dir={profile}", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+
+
+def chromium_dom(binary: str, page: Path, tmp_path: Path) -> str:
+    """The DOM of ``page`` after headless Chromium has loaded and laid it out."""
+    return run_chromium(binary, tmp_path / "profile", "--virtual-time-budget=5000", "--window-size=1280,800",
+                        "--dump-dom", page.as_uri()).stdout

@@ -11,11 +11,13 @@ from torch import nn
 from transformers import FalconH1Config, FalconH1ForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
 from esa.candidates import build_candidates
-from esa.confirm import (COLUMNS, SUPER_WEIGHT_COLUMNS, activation_trace, confirm_super_weights,
-                         first_changed_layer, global_top, zero_each)
+from esa.confirm import (COLUMNS, SUPER_EXPERT_COLUMNS, SUPER_WEIGHT_COLUMNS, activation_trace,
+                         confirm_super_experts, confirm_super_weights, first_changed_layer, global_top,
+                         zero_each)
 from esa.errors import ESAError
 from esa.evaluation import evaluate
 from esa.perturb import perturbed
+from esa.score_stats import build_stats
 from esa.scores import TRACE_COLUMNS, compute_scores
 from esa.targets import Target, find_targets, target_table
 
@@ -252,3 +254,16 @@ def test_first_changed_layer_follows_the_parameter():
     layers = model.model.layers
     layers[3].self_attn.q_proj.weight = layers[1].self_attn.q_proj.weight  # one weight, two layers
     assert first_changed_layer(model, "model.layers.3.self_attn.q_proj.weight") == 1
+
+
+def test_a_dense_model_has_no_super_experts(monkeypatch):
+    """No expert rows in the stats: nothing is zeroed or evaluated, the table is empty."""
+    model = make_tiny_llama()
+    targets = find_targets(model)
+    stats = build_stats(targets, {t.name: torch.rand(t.rows, t.cols) for t in targets})
+    monkeypatch.setattr("esa.confirm.evaluate", lambda *args, **kwargs: pytest.fail("evaluated a dense model"))
+    result = confirm_super_experts(model, {"activation_magnitude": stats, "grad_x_weight": stats},
+                                   unigram_text(2, seed=2), batch_size=2, baseline={"ppl": 7.5})
+    assert result.empty and list(result.columns) == SUPER_EXPERT_COLUMNS
+    assert [str(result[c].dtype) for c in ("rank", "layer", "expert", "ppl_ratio", "confirmed")] == [
+        "int64", "int32", "int32", "float64", "bool"]

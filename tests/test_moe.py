@@ -9,12 +9,13 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import UNIGRAM, confirm_by_activation
+from conftest import UNIGRAM, confirm_by_activation, unigram_text
 
 from esa.architecture import mlp_output_projections, split_expert
-from esa.confirm import activation_trace
-from esa.evaluation import mean_token_loss
+from esa.confirm import SUPER_EXPERT_COLUMNS, activation_trace, confirm_super_experts
+from esa.evaluation import evaluate, mean_token_loss
 from esa.perturb import perturbed
+from esa.score_stats import build_stats
 from esa.scores import compute_scores
 from esa.targets import find_targets
 
@@ -175,3 +176,71 @@ def test_a_super_weight_planted_in_an_expert_is_found_and_confirmed(family):
         f"model.layers.0.mlp.experts.down_proj[{EXPERT}]", ROW, COL, ROW * inter + COL)
     assert result["confirmed"].tolist() == [True, False, False, False, False]
     assert first["ppl_ratio"] > 3
+
+
+def _activation_stats(model: torch.nn.Module) -> pd.DataFrame:
+    """stats.parquet of activation_magnitude on the unigram text confirm_by_activation scores on."""
+    targets = find_targets(model)
+    scores = compute_scores(model, targets, unigram_text(8, seed=1), ["activation_magnitude"], batch_size=4,
+                            seed=0, progress=False)["activation_magnitude"]
+    return build_stats(targets, scores.score)
+
+
+def test_the_expert_holding_a_planted_super_weight_is_the_one_super_expert(family):
+    model = _planted(family)
+    stats = _activation_stats(model)
+    evaluation = unigram_text(8, seed=2)
+    baseline = evaluate(model, evaluation, batch_size=4).metrics()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = confirm_super_experts(model, {"activation_magnitude": stats}, evaluation, batch_size=4,
+                                   baseline=baseline, top_n=3, factor=1.5)
+    for n, p in model.named_parameters():  # restored bit-exactly
+        assert torch.equal(p.detach().view(torch.int32), before[n].view(torch.int32)), n
+    assert list(result.columns) == SUPER_EXPERT_COLUMNS
+    assert [str(result[c].dtype) for c in ("rank", "layer", "expert")] == ["int64", "int32", "int32"]
+    assert result["metric"].tolist() == ["activation_magnitude"] * 3 and result["rank"].tolist() == [0, 1, 2]
+    first = result.iloc[0]
+    assert (first["layer"], first["stack"], first["expert"]) == (0, "mlp.experts", EXPERT)
+    # its score mass: the sum over its gate_up_proj and down_proj scores, the largest of all experts
+    mine = stats["tensor"].isin([f"model.layers.0.mlp.experts.{part}[{EXPERT}]"
+                                 for part in ("gate_up_proj", "down_proj")])
+    assert first["score_mass"] == pytest.approx(stats.loc[mine, "sum"].sum(), rel=1e-12)
+    assert result["score_mass"].is_monotonic_decreasing and result["score_mass"].iloc[1] < first["score_mass"]
+    assert result["confirmed"].tolist() == [True, False, False]
+    assert first["ppl_ratio"] > 3 and result["ppl_ratio"].iloc[1:].lt(1.01).all()  # the others cost nothing
+    assert (result["ppl_before"] == baseline["ppl"]).all()
+    assert (result["ppl_ratio"] == result["ppl_after"] / baseline["ppl"]).all()
+    # ppl_after is the full evaluation of the model with the expert's matrices zeroed
+    stack = model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        stack.gate_up_proj[EXPERT] = 0
+        stack.down_proj[EXPERT] = 0
+    assert first["ppl_after"] == evaluate(model, evaluation, batch_size=4).ppl
+
+
+def test_an_expert_several_metrics_rank_is_zeroed_once(family, monkeypatch):
+    """Two metrics' top-2 share one expert: three experts zeroed, four rows, each metric's own mass."""
+    model = _model(family)
+    table = find_targets(model)
+    stats = {}
+    for metric, mass in (("grad_x_weight", {(0, 1): 9.0, (1, 3): 5.0}), ("grad_squared", {(1, 3): 7.0, (0, 2): 6.0})):
+        stats[metric] = pd.DataFrame({"tensor": [t.name for t in table], "layer": [t.layer for t in table],
+                                      "module": [t.module for t in table], "expert": [t.expert for t in table],
+                                      "sum": [mass.get((t.layer, t.expert), 0.5) / 2 if t.expert >= 0 else 100.0
+                                              for t in table]})
+    zeroed = []
+
+    def counting(model, *args, **kwargs):
+        stacks = [layer.mlp.experts for layer in model.model.layers]
+        zeroed.append([(i, e) for i, s in enumerate(stacks) for e in range(EXPERTS)
+                       if not s.down_proj[e].any() and not s.gate_up_proj[e].any()])
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr("esa.confirm.evaluate", counting)
+    result = confirm_super_experts(model, stats, _windows(2, seed=5), batch_size=2, baseline={"ppl": 64.0}, top_n=2)
+    assert zeroed == [[(0, 1)], [(1, 3)], [(0, 2)]]  # first-seen order, one expert at a time
+    assert list(zip(result["metric"], result["rank"], result["layer"], result["expert"], result["score_mass"])) == [
+        ("grad_x_weight", 0, 0, 1, 9.0), ("grad_x_weight", 1, 1, 3, 5.0),
+        ("grad_squared", 0, 1, 3, 7.0), ("grad_squared", 1, 0, 2, 6.0)]
+    shared = result[(result["layer"] == 1) & (result["expert"] == 3)]
+    assert shared["ppl_after"].nunique() == 1

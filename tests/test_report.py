@@ -4,19 +4,18 @@ and the one-screen summary."""
 import html
 import json
 import math
-import os
 import re
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from conftest import chromium_dom, run_chromium
 
 from esa.candidates import build_candidates
-from esa.confirm import COLUMNS as SUPER_COLUMNS
+from esa.confirm import COLUMNS as SUPER_COLUMNS, SUPER_EXPERT_COLUMNS
 from esa.io import write_json_atomic
 from esa.report import build_report
 from esa.score_stats import build_stats
@@ -79,6 +78,17 @@ def _super_weights(after=(1250.0, 12.2, 30.0)) -> pd.DataFrame:
     return ranks.merge(tested, on="flat_index")[["metric", "rank", *SUPER_COLUMNS]]
 
 
+def _super_experts() -> pd.DataFrame:
+    """super_experts.parquet as confirm writes it: one row per (metric, rank); expert 2 of
+    layer 0 is both metrics' #1 and the one confirmed."""
+    rows = [("grad_x_weight", 0, 0, 2, 40.0, 120.0), ("grad_x_weight", 1, 1, 0, 12.0, 12.5),
+            ("activation_magnitude", 0, 0, 2, 900.0, 120.0), ("activation_magnitude", 1, 1, 3, 300.0, 14.0)]
+    frame = pd.DataFrame(rows, columns=["metric", "rank", "layer", "expert", "score_mass", "ppl_after"])
+    frame = frame.assign(stack="mlp.experts", ppl_before=BASELINE["ppl"],
+                         ppl_ratio=frame["ppl_after"] / BASELINE["ppl"])
+    return frame.assign(confirmed=frame["ppl_ratio"] >= 1.5)[SUPER_EXPERT_COLUMNS]
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> dict:
     """The files of a small study: one full experiment, one scored-only experiment."""
@@ -114,6 +124,7 @@ def study(tmp_path_factory) -> dict:
     agreement.assign(mode="per_layer", k=5).to_parquet(root / "agreement_per_layer_k5.parquet")
     (root / "confirm").mkdir()
     _super_weights().to_parquet(root / "confirm/super_weights.parquet")
+    _super_experts().to_parquet(root / "confirm/super_experts.parquet")
     pd.DataFrame([{"layer": layer, "module": "mlp.down_proj", "side": side, "value": value, "channel": 7,
                    "window": 0, "position": 0, "token": 1}
                   for layer, values in enumerate([(900.0, 850.0), (3.0, 2.5)])
@@ -133,7 +144,8 @@ def _build(study, out: Path, full: bool = True) -> str:
                         root / "confirm/super_weights.parquet" if full else None,
                         root / "activations.parquet" if full else None,
                         root / "report/verdict.json" if full else None, out,
-                        baseline_config=root / "baseline/config.json", plot_dir=out.parent / "plots", model=MODEL)
+                        baseline_config=root / "baseline/config.json", plot_dir=out.parent / "plots", model=MODEL,
+                        super_experts_path=root / "confirm/super_experts.parquet" if full else None)
 
 
 def test_report_is_self_contained_with_every_section(study, tmp_path):
@@ -149,7 +161,8 @@ def test_report_is_self_contained_with_every_section(study, tmp_path):
     assert 'id="baseline"' not in page  # its numbers are in the summary
     assert len(study["verdicts"]) == 9 and len(re.findall(r'<td class="status">', page)) == 9
     assert page.count("bottom_k weights all have score 0 (zero-gradient): a trivial control") == 1
-    assert "<th>n_seeds</th><th>n_pairs</th><th>jaccard_mean</th>" in page and "<th>metric</th>" not in page
+    assert "<th>n_seeds</th><th>n_pairs</th><th>jaccard_mean</th>" in page
+    assert "<th>metric</th>" not in page[:page.index('id="super-experts"')]  # the stability table: numbers only
     assert "<td>-2.75</td>" in page and "<td>1250</td>" in page  # the confirmed super weight
     # the super-weight tables list each weight once, with the metrics that ranked it
     tested = page[page.index('id="super-weights"'):page.index('id="activations"')]
@@ -163,11 +176,46 @@ def test_report_is_self_contained_with_every_section(study, tmp_path):
 def test_missing_sections_say_not_run(study, tmp_path):
     page = _build(study, tmp_path / "index.html", full=False)
     assert "<img" not in page
-    # verdicts, experiments, agreement, super weights, activations
-    assert page.count('<p class="not-run">not run</p>') == 5
+    # verdicts, experiments, agreement, super weights, super experts, activations
+    assert page.count('<p class="not-run">not run</p>') == 6
+    assert '<section id="super-experts"><h2>Super experts</h2><p class="not-run">not run</p></section>' in page
     summary = page[page.index('id="summary"'):page.index('id="verdict-section"')]
     assert summary.count('<span class="not-run">not run</span>') == 2  # super weights, verdicts
     assert f"PPL {BASELINE['ppl']:.4g}" in summary
+
+
+def _section(page: str, name: str) -> str:
+    return re.search(rf'<section id="{name}">.*?</section>', page, re.S).group(0)
+
+
+def test_super_experts_are_listed_largest_ppl_factor_first(study, tmp_path):
+    page = _build(study, tmp_path / "index.html")
+    assert page.index('id="super-weights"') < page.index('id="super-experts"') < page.index('id="activations"')
+    section = _section(page, "super-experts")
+    assert "<h2>Super experts</h2><p>1 of 3 experts tested confirmed: zeroing the whole expert" in section
+    assert "multiplies PPL by >= 1.5.</p>" in section
+    head = re.search(r"<thead><tr>(.*?)</tr></thead>", section).group(1)
+    assert re.findall(r"<th>([^<]*)</th>", head) == SUPER_EXPERT_COLUMNS
+    rows = [re.findall(r"<td>([^<]*)</td>", row) for row in re.findall(r"<tr>(<td>.*?)</tr>", section)]
+    ppl = BASELINE["ppl"]
+    assert [(r[0], r[1], r[2], r[3], r[4], r[5], r[7], r[8], r[9]) for r in rows] == [
+        ("grad_x_weight", "0", "0", "mlp.experts", "2", "40", "120", f"{120 / ppl:.4g}", "True"),
+        ("activation_magnitude", "0", "0", "mlp.experts", "2", "900", "120", f"{120 / ppl:.4g}", "True"),
+        ("activation_magnitude", "1", "1", "mlp.experts", "3", "300", "14", f"{14 / ppl:.4g}", "False"),
+        ("grad_x_weight", "1", "1", "mlp.experts", "0", "12", "12.5", f"{12.5 / ppl:.4g}", "False")]
+
+
+def test_a_dense_model_says_it_has_no_experts(study, tmp_path):
+    shutil.copytree(study["root"], tmp_path / MODEL)
+    root = tmp_path / MODEL
+    _super_experts().iloc[:0].to_parquet(root / "confirm/super_experts.parquet")
+    page = build_report(root / "baseline/metrics.json", [], None, root / "confirm/super_weights.parquet", None, None,
+                        tmp_path / "index.html", baseline_config=root / "baseline/config.json",
+                        plot_dir=tmp_path / "plots", model=MODEL,
+                        super_experts_path=root / "confirm/super_experts.parquet")
+    assert _section(page, "super-experts") == ('<section id="super-experts"><h2>Super experts</h2>'
+                                               "<p>The model has no experts (a dense model): no expert was zeroed."
+                                               "</p></section>")
 
 
 # ---- summary and verdict groups ---------------------------------------------------------
@@ -238,7 +286,7 @@ def test_verdicts_are_grouped_by_experiment_bad_and_warn_open(study, tmp_path):
     assert len(groups) == len(by_experiment)
 
 
-# ---- headless Chromium ------------------------------------------------------------------
+# ---- headless Chromium (the chromium fixture and helpers: conftest.py) ------------------
 
 # Runs in the load event, which waits for every image: by then a decoded image has its size.
 PROBE = """<script>
@@ -267,36 +315,11 @@ window.addEventListener('load', () => {
 </script>"""
 
 
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's chromium, installed with apt-get if missing; CI=true fails rather than skips."""
-    path = shutil.which("chromium")
-    if path is None and shutil.which("apt-get") and os.geteuid() == 0:
-        policy = subprocess.run(["apt-cache", "policy", "chromium"], capture_output=True, text=True)
-        if re.search(r"Candidate: (?!\(none\))", policy.stdout):
-            subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, timeout=1200,
-                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-            path = shutil.which("chromium")
-    if path is None:
-        message = "headless chromium is not installed and `apt-get install -y chromium` did not work"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-def _chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-               "--hide-scrollbars", f"--user-data-dir={profile}", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
-
-
 def _probe(binary: str, page: str, tmp_path: Path) -> dict:
     """Load ``page`` with the probe script and read what it wrote into the DOM."""
     probed = tmp_path / "probed.html"
     probed.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    dom = _chromium(binary, tmp_path / "profile", "--virtual-time-budget=5000", "--window-size=1280,800", "--dump-dom",
-                    probed.as_uri()).stdout
+    dom = chromium_dom(binary, probed, tmp_path)
     found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
     assert found, f"probe did not run; DOM starts {dom[:300]!r}"
     return json.loads(found.group(1).replace("&quot;", '"'))
@@ -327,8 +350,8 @@ def test_report_renders_in_headless_chromium(study, tmp_path, chromium):
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "report_screenshot.png"
     shot.unlink(missing_ok=True)
-    _chromium(chromium, tmp_path / "profile", "--window-size=1280,2400",
-              f"--screenshot={shot}", (tmp_path / "report/index.html").as_uri())
+    run_chromium(chromium, tmp_path / "profile", "--window-size=1280,2400",
+                 f"--screenshot={shot}", (tmp_path / "report/index.html").as_uri())
     assert _png_size(shot) == (1280, 2400) and shot.stat().st_size > 50_000
     print(f"report screenshot: {shot}")
 
