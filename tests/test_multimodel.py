@@ -33,13 +33,12 @@ def _config(models: list[dict]) -> dict:
     return {
         "models": models, "device": "cpu", "plots": False,
         "resources": {"default": {"threads": 1}},  # tiny models: two jobs side by side
-        "data": {"source": "builtin:pydoc", "seq_len": 32, "eval_windows": 4},
+        "data": {"source": "builtin:pydoc", "seq_len": 32, "eval_windows": 2},
         "seeds": [0],
         "scoring": {"max_samples": 2, "batch_size": 2, "candidates": 20},
         "confirm": {"top_n": 3},
         "experiments": [
-            {"name": "gxw", "metric": "grad_x_weight", "mode": "per_layer", "topk": 10, "perturb": "zero",
-             "controls": ["random_k"]},
+            {"name": "gxw", "metric": "grad_x_weight", "mode": "per_layer", "topk": 10},
             {"name": "act", "metric": "activation_magnitude", "mode": "per_layer", "topk": 10},
         ],
     }
