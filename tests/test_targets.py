@@ -1,8 +1,10 @@
 """Target selection: defaults, include/exclude patterns, errors, tied weights, the shape table."""
 
 import pytest
+import torch
 from torch import nn
 
+from esa.errors import ESAError
 from esa.targets import TABLE_COLUMNS, Target, find_targets, target_module, target_parameter, target_table
 
 MODULES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -56,3 +58,20 @@ def test_target_table(tiny_llama):
     assert list(table.columns) == TABLE_COLUMNS
     assert len(table) == 14 and table["numel"].sum() == 2 * (256 + 128 + 128 + 256 + 3 * 512)
     assert (table["numel"] == table["rows"] * table["cols"]).all()
+
+
+def test_a_model_whose_layout_cannot_be_resolved_stops_with_one_line(tiny_llama):
+    """No block list of num_hidden_layers modules, or a block without an MLP output projection:
+    one ESAError naming the model class and what was not found."""
+    from esa.architecture import decoder_layers, mlp_output_projections
+
+    tiny_llama.config.num_hidden_layers = 3  # the model holds 2 blocks
+    with pytest.raises(ESAError, match=r"^cannot find the decoder layers of LlamaForCausalLM: no nn.ModuleList "
+                                       r"of config.num_hidden_layers=3 modules$"):
+        decoder_layers(tiny_llama)
+    tiny_llama.config.num_hidden_layers = 2
+    tiny_llama.model.layers[1].mlp.down_proj = torch.nn.Identity()
+    with pytest.raises(ESAError, match=r"^cannot find the MLP output projection of LlamaForCausalLM layer 1: "
+                                       r"no Linear/Conv1D named down_proj\|c_proj\|dense_4h_to_h\|fc2\|w2 in the "
+                                       r"block or in its mlp\|feed_forward\|ffn$"):
+        mlp_output_projections(tiny_llama)
