@@ -19,6 +19,8 @@ matrices inside them and how each is stored, and each block's MLP output project
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -77,6 +79,45 @@ def split_expert(tensor: str) -> tuple[str, int]:
     """``(parameter name, expert)`` of a tensor key; expert -1 for a plain matrix."""
     name, bracket, rest = tensor.partition("[")
     return (name, int(rest.rstrip("]"))) if bracket else (tensor, -1)
+
+
+@dataclass(frozen=True)
+class FusedSplit:
+    """How the output rows of a fused projection divide into its parts: consecutive blocks of
+    ``sizes`` rows named ``names``, repeating every ``period`` rows when ``period`` > 0 (GPT-NeoX
+    interleaves q, k, v per head)."""
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    period: int = 0
+
+    def part(self, rows: np.ndarray) -> np.ndarray:
+        """The part name of each output row."""
+        within = np.asarray(rows) % self.period if self.period else np.asarray(rows)
+        return np.asarray(self.names, dtype=object)[np.searchsorted(np.cumsum(self.sizes), within, side="right")]
+
+
+def fused_split(model: nn.Module, module: str, rows: int) -> FusedSplit | None:
+    """The parts of a fused projection named ``module`` (its name inside a block) with ``rows``
+    output rows, where the family's layout is known: ``qkv_proj`` (Phi-3: q, k, v of the heads
+    and the key/value heads), ``c_attn`` (GPT-2: thirds), ``query_key_value`` (GPT-NeoX: q, k, v
+    interleaved per head), ``gate_up_proj`` (halves, also an expert's); None otherwise."""
+    config = getattr(model.config, "text_config", None) or model.config
+    leaf = module.rpartition(".")[2]
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    if leaf == "gate_up_proj" and rows % 2 == 0:
+        return FusedSplit(("gate", "up"), (rows // 2, rows // 2))
+    if leaf == "c_attn" and rows % 3 == 0:
+        return FusedSplit(("q", "k", "v"), (rows // 3,) * 3)
+    if leaf == "query_key_value" and head_dim and rows == 3 * heads * head_dim:
+        return FusedSplit(("q", "k", "v"), (head_dim,) * 3, period=3 * head_dim)
+    if leaf == "qkv_proj" and head_dim:
+        q = heads * head_dim
+        kv = (rows - q) // 2
+        if kv > 0 and q + 2 * kv == rows:
+            return FusedSplit(("q", "k", "v"), (q, kv, kv))
+    return None
 
 
 def mlp_output_projections(model: nn.Module) -> list[tuple[int, str, nn.Module]]:

@@ -12,9 +12,10 @@ by score ascending, and equal scores rank by the lower flat index (row-major,
 ``flat_index = row * cols + col``). ``rank_in_tensor`` is 0 for the highest (top) or lowest
 (bottom) entry. If M >= numel, each end holds the whole tensor.
 
-Columns: tensor, layer, module (str/int32/str, from the target), row, col (int32),
-flat_index (int64), weight, stat, score (float32; weight cast from the model dtype),
-rank_in_tensor (int64), end ("top" | "bottom").
+Columns: tensor, layer, module, expert (str/int32/str/int32, from the target), part (the
+fused part of the row, e.g. "q" or "up", where the target is a fused projection of a known
+layout; "" otherwise), row, col (int32), flat_index (int64), weight, stat, score (float32;
+weight cast from the model dtype), rank_in_tensor (int64), end ("top" | "bottom").
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .names import END_BOTTOM, END_TOP
 if TYPE_CHECKING:
     from .targets import Target
 
-COLUMNS = ["tensor", "layer", "module", "expert", "row", "col", "flat_index", "weight", "stat", "score",
+COLUMNS = ["tensor", "layer", "module", "expert", "part", "row", "col", "flat_index", "weight", "stat", "score",
            "rank_in_tensor", "end"]
 LARGEST = {END_TOP: True, END_BOTTOM: False}  # end -> torch.topk(largest=...)
 _CHUNK = 1 << 22  # elements per scan step when resolving ties, to bound temporary memory
@@ -104,6 +105,7 @@ def tensor_candidates(meta: Target, weight: torch.Tensor, stat: torch.Tensor, sc
             "layer": np.full(flat.size, meta.layer, dtype=np.int32),
             "module": meta.module,
             "expert": np.full(flat.size, meta.expert, dtype=np.int32),
+            "part": meta.fused.part(flat // meta.cols) if meta.fused else "",
             "row": (flat // meta.cols).astype(np.int32),
             "col": (flat % meta.cols).astype(np.int32),
             "flat_index": flat,

@@ -31,6 +31,7 @@ matrices summed) and zeroes each of every metric's top-N whole, one at a time.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -47,12 +48,13 @@ from .perturb import perturbed
 from .scores import massive_activation_trace
 from .selection import select_topk
 
-COLUMNS = ["tensor", "layer", "module", "expert", "row", "col", "flat_index", "weight", "score",
+COLUMNS = ["tensor", "layer", "module", "expert", "part", "row", "col", "flat_index", "weight", "score",
            "ppl_before", "ppl_after", "ppl_ratio", "confirmed"]
 WEIGHT_KEY = ["tensor", "flat_index"]
 # super_weights.parquet: one row per (metric, rank), the weight's key first
 SUPER_WEIGHT_COLUMNS = ["metric", "rank", *WEIGHT_KEY, *(c for c in COLUMNS if c not in WEIGHT_KEY)]
 EXPERT_KEY = ["layer", "stack", "expert"]
+_STACK = re.compile(r"^(.*experts)(?:\.\d+)?\..*$")  # a matrix's name -> its expert stack's
 # super_experts.parquet: one row per (metric, rank), the expert's key first
 SUPER_EXPERT_COLUMNS = ["metric", "rank", *EXPERT_KEY, "score_mass", "ppl_before", "ppl_after", "ppl_ratio",
                         "confirmed"]
@@ -214,7 +216,8 @@ def zero_each(model: torch.nn.Module, weights: pd.DataFrame, eval_windows: torch
     kept.clear()  # up to one hidden state of every window per layer: free it before the rerun
     after = np.asarray(after, dtype=np.float64)
     ratio = after / before
-    table = weights[["tensor", "layer", "module", "expert", "row", "col", "flat_index", "weight", "score"]].assign(
+    table = weights[["tensor", "layer", "module", "expert", "part", "row", "col", "flat_index", "weight",
+                     "score"]].assign(
         ppl_before=before, ppl_after=after, ppl_ratio=ratio, confirmed=ratio >= factor)
     rerun = evaluate(model, eval_windows, batch_size, chunk_size=chunk_size)
     return Confirmation(table[COLUMNS], trace, rerun)
@@ -224,19 +227,20 @@ def expert_mass(stats: pd.DataFrame) -> pd.DataFrame:
     """The experts of one metric's stats.parquet ranked by score mass: one row per expert (a
     ``(layer, stack, expert)``, ``stack`` the expert stack's module path inside the layer, e.g.
     ``mlp.experts``), ``score_mass`` = the sum of ``sum`` over its matrices' rows (its
-    ``gate_up_proj[e]`` and ``down_proj[e]``), ``path`` = the stack's qualified module name.
+    ``gate_up_proj[e]`` and ``down_proj[e]``, or the matrices of a ``ModuleList``'s expert e),
+    ``path`` = the stack's qualified module name.
 
     Highest mass first; equal masses keep the order of the experts' first rows in ``stats``
     (model order). No expert rows (a dense model): an empty frame.
     """
     rows = stats[stats["expert"] >= 0]
 
-    def parent(name: str) -> str:
-        return name.rpartition(".")[0]
+    def stack(name: str) -> str:  # "mlp.experts.down_proj" and "mlp.experts.3.down_proj" -> "mlp.experts"
+        return _STACK.sub(r"\1", name)
 
-    keyed = pd.DataFrame({"layer": rows["layer"], "stack": rows["module"].map(parent),
+    keyed = pd.DataFrame({"layer": rows["layer"], "stack": rows["module"].map(stack),
                           "expert": rows["expert"],
-                          "path": rows["tensor"].map(lambda tensor: parent(split_expert(tensor)[0])),
+                          "path": rows["tensor"].map(lambda tensor: stack(split_expert(tensor)[0])),
                           "score_mass": rows["sum"].astype("float64")})
     mass = keyed.groupby([*EXPERT_KEY, "path"], sort=False)["score_mass"].sum().reset_index()
     return mass.sort_values("score_mass", ascending=False, kind="stable", ignore_index=True)
@@ -246,10 +250,14 @@ def expert_selection(model: torch.nn.Module, path: str, expert: int) -> pd.DataF
     """Every entry of expert ``expert`` of the expert stack ``path``, as a selection for
     :func:`esa.perturb.perturbed` (columns tensor, flat_index): the ``expert``-th block of each
     of the stack's own parameters with one block per expert (``gate_up_proj``, ``down_proj``
-    and, in families that have them, the experts' biases)."""
+    and, in families that have them, the experts' biases), or every parameter of module
+    ``expert`` of a ``ModuleList`` of experts."""
     stack = model.get_submodule(path)
+    if isinstance(stack, torch.nn.ModuleList):
+        return pd.concat([pd.DataFrame({"tensor": f"{path}.{expert}.{name}", "flat_index": np.arange(p.numel())})
+                          for name, p in stack[expert].named_parameters()], ignore_index=True)
     if not is_expert_stack(stack):
-        raise ESAError(f"{path} is not an expert stack (no 3-D down_proj parameter)")
+        raise ESAError(f"{path} is not an expert stack (no 3-D down_proj parameter, not a ModuleList)")
     count = stack.down_proj.shape[0]
     parts = []
     for name, param in stack.named_parameters(recurse=False):

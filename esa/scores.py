@@ -398,7 +398,7 @@ def _activation_metric(model: nn.Module, targets: list[Target], windows: list[to
     owner = {}  # target name -> the hook that accumulates its input channels
     for t in targets:
         module, device = target_module(model, t), target_parameter(model, t).device
-        if t.expert >= 0:  # one hook per expert stack serves all its experts' matrices
+        if t.stacked:  # one hook per expert stack serves all its experts' matrices
             key = id(module)
             if key not in hooks:
                 hooks[key] = (module, _ExpertChannelStats(module, device))

@@ -33,7 +33,7 @@ from .errors import ESAError
 from .names import (CONTROLS, END_BOTTOM, END_TOP, GLOBAL, MODES, PER_LAYER, PER_TENSOR,
                     RANDOM_K, TOP)
 
-SELECTED_COLUMNS = ["tensor", "layer", "module", "expert", "row", "col", "flat_index", "weight", "stat",
+SELECTED_COLUMNS = ["tensor", "layer", "module", "expert", "part", "row", "col", "flat_index", "weight", "stat",
                     "score", "rank"]
 MASK_COLUMNS = ["set", "tensor", "layer", "module", "expert", "row", "col", "flat_index", "score"]
 

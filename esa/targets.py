@@ -4,7 +4,9 @@ By default the targets are the weight matrices inside the decoder blocks
 (:func:`esa.architecture.decoder_layers`), in model order: every 2-D ``weight`` (``nn.Linear``,
 GPT-2 ``Conv1D``, a mixture-of-experts router: attention q/k/v/o or fused qkv, MLP
 gate/up/down or fc1/fc2...) and every expert of a 3-D expert parameter ([experts, out, in],
-one target per expert, named ``<parameter>[<expert>]``). Each is reported in the Linear
+one target per expert, named ``<parameter>[<expert>]``; the experts of a ``ModuleList`` of
+expert modules, ``...experts.<e>....weight``, are plain matrices with ``expert`` e). Each is
+reported in the Linear
 convention (rows = output channels, cols = input channels; :mod:`esa.architecture`).
 ``include`` patterns add any other 2-D parameter (embeddings, lm_head), ``exclude`` patterns
 remove targets; both are regular expressions searched (``re.search``) in parameter names.
@@ -16,15 +18,17 @@ first name in model order; patterns see all of its names.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import torch
 from torch import nn
 
-from .architecture import decoder_layers_name, expert_key, is_transposed, split_expert
+from .architecture import FusedSplit, decoder_layers_name, expert_key, fused_split, is_transposed, split_expert
 from .errors import ESAError
 from .names import TABLE_COLUMNS
+
+LISTED_EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)\.")
 
 
 
@@ -39,7 +43,8 @@ class Target:
     rows: int  # output channels
     cols: int  # input channels
     transposed: bool = False  # stored as [cols, rows] (GPT-2 Conv1D)
-    expert: int = -1  # index into a 3-D [experts, rows, cols] parameter; -1 for a plain matrix
+    expert: int = -1  # the mixture-of-experts expert the matrix belongs to; -1 for none
+    fused: FusedSplit | None = None  # the parts of a fused projection's rows (q/k/v, gate/up)
 
     @property
     def numel(self) -> int:
@@ -47,9 +52,14 @@ class Target:
 
     def matrix(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (shaped like the parameter) as the (rows, cols) matrix: a view."""
-        if self.expert >= 0:
+        if self.stacked:
             return tensor[self.expert]
         return tensor.t() if self.transposed else tensor
+
+    @property
+    def stacked(self) -> bool:
+        """Whether the matrix is one expert's block of a 3-D [experts, rows, cols] parameter."""
+        return split_expert(self.name)[1] >= 0
 
     @property
     def param_name(self) -> str:
@@ -83,7 +93,8 @@ def _describe(name: str, param: torch.Tensor, prefix: str, transposed: bool) -> 
         return [Target(expert_key(name, e), layer, module, param.shape[1], param.shape[2], expert=e)
                 for e in range(param.shape[0])]
     rows, cols = reversed(param.shape) if transposed else param.shape
-    return [Target(name, layer, module, rows, cols, transposed)]
+    listed = LISTED_EXPERT.search(module) if layer >= 0 else None  # an expert of a ModuleList
+    return [Target(name, layer, module, rows, cols, transposed, expert=int(listed.group(1)) if listed else -1)]
 
 
 def _examples(names: list[str], prefix: str) -> str:
@@ -125,7 +136,8 @@ def find_targets(model: nn.Module, include: list[str] | tuple[str, ...] = (),
               and not any(matches(p, key) for p in exclude)]
     if not chosen:
         raise ESAError(f"no target weights left (include={list(include)}, exclude={list(exclude)})")
-    return [t for key in chosen for t in _describe(aliases[key][0], params[key], prefix, key in transposed)]
+    return [replace(t, fused=fused_split(model, t.module, t.rows)) if t.layer >= 0 else t
+            for key in chosen for t in _describe(aliases[key][0], params[key], prefix, key in transposed)]
 
 
 def target_table(targets: list[Target]) -> pd.DataFrame:

@@ -88,7 +88,8 @@ def test_factor_is_the_confirmation_line():
     model = _planted_model()
     evaluation = unigram_text(4, seed=2)
     baseline = evaluate(model, evaluation, batch_size=4).metrics()
-    candidates = pd.DataFrame({"tensor": DOWN, "layer": 0, "module": "mlp.down_proj", "expert": -1, "row": [ROW],
+    candidates = pd.DataFrame({"tensor": DOWN, "layer": 0, "module": "mlp.down_proj", "expert": -1, "part": "",
+                               "row": [ROW],
                                "col": [COL], "flat_index": [ROW * INTERMEDIATE + COL], "weight": [1.0],
                                "stat": [1.0], "score": [1.0], "rank_in_tensor": [0], "end": "top"})
 
@@ -197,7 +198,7 @@ def _largest_entries(model: nn.Module, names: list[str]) -> pd.DataFrame:
     for rank, name in enumerate(names):
         w = model.get_parameter(name).detach()
         flat = int(w.abs().argmax())
-        rows.append({"tensor": name, "layer": 0, "module": "", "expert": -1, "row": flat // w.shape[1],
+        rows.append({"tensor": name, "layer": 0, "module": "", "expert": -1, "part": "", "row": flat // w.shape[1],
                      "col": flat % w.shape[1], "flat_index": flat, "weight": float(w.flatten()[flat]),
                      "score": float(len(names) - rank), "end": "top"})
     return pd.DataFrame(rows)

@@ -68,7 +68,7 @@ def _super_weights(after=(1250.0, 12.2, 30.0)) -> pd.DataFrame:
     metrics rank appears twice. ``after``: PPL with each of the three weights zeroed alone."""
     tested = pd.DataFrame({
         "tensor": [TARGETS[1].name, TARGETS[1].name, TARGETS[3].name], "layer": [0, 0, 1],
-        "module": "mlp.down_proj", "expert": -1, "row": [3, 9, 5], "col": [7, 2, 11],
+        "module": "mlp.down_proj", "expert": -1, "part": "", "row": [3, 9, 5], "col": [7, 2, 11],
         "flat_index": [3 * 40 + 7, 9 * 40 + 2, 5 * 40 + 11], "weight": [-2.75, 0.125, 4.5],
         "score": [1e4, 30.0, 20.0], "ppl_before": BASELINE["ppl"], "ppl_after": list(after)})
     tested = tested.assign(ppl_ratio=tested["ppl_after"] / BASELINE["ppl"])
@@ -383,7 +383,7 @@ def test_summary_counts_a_weight_several_metrics_rank_once(tmp_path):
     """confirm writes one row per (metric, rank); the same weight found twice is one super weight."""
     from esa.summary import summary_text
 
-    row = {"tensor": "model.layers.1.mlp.down_proj.weight", "layer": 1, "module": "mlp.down_proj", "expert": -1, "row": 3,
+    row = {"tensor": "model.layers.1.mlp.down_proj.weight", "layer": 1, "module": "mlp.down_proj", "expert": -1, "part": "", "row": 3,
            "col": 7, "flat_index": 3 * 16 + 7, "weight": -2.5, "score": 1.0, "ppl_before": 10.0,
            "ppl_after": 40.0, "ppl_ratio": 4.0, "confirmed": True}
     other = {**row, "col": 8, "flat_index": 3 * 16 + 8, "ppl_after": 10.5, "ppl_ratio": 1.05, "confirmed": False}

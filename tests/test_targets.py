@@ -75,3 +75,96 @@ def test_a_model_whose_layout_cannot_be_resolved_stops_with_one_line(tiny_llama)
                                        r"no Linear/Conv1D named down_proj\|c_proj\|dense_4h_to_h\|fc2\|w2 in the "
                                        r"block or in its mlp\|feed_forward\|ffn$"):
         mlp_output_projections(tiny_llama)
+
+
+def _fused_models():
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, MixtralConfig,
+                              MixtralForCausalLM, Phi3Config, Phi3ForCausalLM)
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    torch.manual_seed(0)
+    return {
+        "phi3": Phi3ForCausalLM(Phi3Config(**common, num_key_value_heads=2, pad_token_id=0)),
+        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4)),
+        "gpt_neox": GPTNeoXForCausalLM(GPTNeoXConfig(**common)),
+        "mixtral": MixtralForCausalLM(MixtralConfig(**common, num_key_value_heads=2, num_local_experts=2)),
+    }
+
+
+# rows of each part, written out: Phi-3 q = 4 heads x 8, k = v = 2 kv heads x 8; GPT-2 thirds of
+# 96; GPT-NeoX [head][q|k|v][8] for 4 heads; gate_up_proj halves (also an expert's)
+FUSED = {
+    ("phi3", "self_attn.qkv_proj"): ["q"] * 32 + ["k"] * 16 + ["v"] * 16,
+    ("phi3", "mlp.gate_up_proj"): ["gate"] * 64 + ["up"] * 64,
+    ("gpt2", "attn.c_attn"): ["q"] * 32 + ["k"] * 32 + ["v"] * 32,
+    ("gpt_neox", "attention.query_key_value"): (["q"] * 8 + ["k"] * 8 + ["v"] * 8) * 4,
+    ("mixtral", "mlp.experts.gate_up_proj"): ["gate"] * 64 + ["up"] * 64,
+}
+
+
+def test_fused_projections_name_the_part_of_each_row():
+    import numpy as np
+
+    from esa.candidates import build_candidates
+
+    for family, model in _fused_models().items():
+        targets = find_targets(model)
+        for t in targets:
+            expected = FUSED.get((family, t.module))
+            assert (t.fused is None) == (expected is None), (family, t.module)
+            if expected is None:
+                continue
+            assert list(t.fused.part(np.arange(t.rows))) == expected, (family, t.module)
+        # the candidates carry the part of each weight's row ("" for a plain matrix)
+        fused = [t for t in targets if t.fused]
+        scores = {t.name: torch.rand(t.rows, t.cols, generator=torch.Generator().manual_seed(1)) for t in targets}
+        table = build_candidates(targets, scores, scores, scores, m=50)
+        for t in targets:
+            rows = table[table["tensor"] == t.name]
+            want = [FUSED[(family, t.module)][r] for r in rows["row"]] if t in fused else [""] * len(rows)
+            assert rows["part"].tolist() == want, (family, t.module)
+
+
+class _ListedExperts(nn.Module):
+    """A block whose MLP is a ModuleList of experts (the layout before 3-D expert stacks)."""
+
+    def __init__(self, hidden: int, experts: int):
+        super().__init__()
+        self.mlp = nn.Module()
+        self.mlp.gate = nn.Linear(hidden, experts, bias=False)
+        self.mlp.experts = nn.ModuleList(
+            nn.ModuleDict({"up_proj": nn.Linear(hidden, 2 * hidden), "down_proj": nn.Linear(2 * hidden, hidden)})
+            for _ in range(experts))
+
+
+def test_experts_of_a_module_list_are_addressable_and_ablated_whole():
+    from transformers import PretrainedConfig
+
+    from esa.confirm import expert_mass, expert_selection
+    from esa.perturb import perturbed
+
+    model = nn.Module()
+    model.config = PretrainedConfig(num_hidden_layers=2)
+    model.layers = nn.ModuleList(_ListedExperts(4, 3) for _ in range(2))
+    targets = find_targets(model)
+    assert [(t.name, t.expert, t.stacked) for t in targets[:4]] == [
+        ("layers.0.mlp.gate.weight", -1, False), ("layers.0.mlp.experts.0.up_proj.weight", 0, False),
+        ("layers.0.mlp.experts.0.down_proj.weight", 0, False), ("layers.0.mlp.experts.1.up_proj.weight", 1, False)]
+    up = targets[1]
+    weight = model.get_parameter(up.name)
+    assert (up.rows, up.cols) == (8, 4) and up.matrix(weight) is weight
+
+    table = target_table(targets).assign(sum=[float(i) for i in range(len(targets))])
+    mass = expert_mass(table)
+    assert mass[["layer", "stack", "expert", "path"]].values.tolist()[:2] == [
+        [1, "mlp.experts", 2, "layers.1.mlp.experts"], [1, "mlp.experts", 1, "layers.1.mlp.experts"]]
+    assert mass["score_mass"].tolist()[:2] == [12.0 + 13.0, 10.0 + 11.0]  # its up_proj and down_proj rows
+
+    selection = expert_selection(model, "layers.1.mlp.experts", 2)
+    expert = dict(model.layers[1].mlp.experts[2].named_parameters())
+    assert len(selection) == sum(p.numel() for p in expert.values())  # weights and biases
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with perturbed(model, selection, "zero"):
+        for name, p in model.named_parameters():
+            assert bool((p == 0).all()) == name.startswith("layers.1.mlp.experts.2."), name
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
