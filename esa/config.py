@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ESAError
-from .layout import COMPARISON
+from .names import COMPARISON
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "config" / "schema.yaml"

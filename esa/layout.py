@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from .config import study_models
 from .errors import ESAError
-from .names import ACTIVATION_MAGNITUDE, GAUSSIAN, METRICS, RELATIVE
+from .names import ACTIVATION_MAGNITUDE, COMPARISON, GAUSSIAN, METRICS, RELATIVE
 
 KEY_SEP = "/"
-COMPARISON = "comparison"  # results/comparison/: the page comparing a study's models
 
 BASELINE_FILES = {"metrics": "metrics.json", "windows": "windows.parquet",
                   "manifest": "experiment_manifest.json", "config": "config.json"}
@@ -94,8 +94,7 @@ class Layout:
     def __init__(self, config: dict | None = None, *, root: str | None = None, model: str = "{model}"):
         self.config = config or {}
         self.model = model
-        self.models = [m["name"] for m in self.config.get("models", [])] or (
-            [self.config["model"]["name"]] if "model" in self.config else [])
+        self.models = [m["name"] for m in study_models(self.config)] if self.config else []
         self.root = root if root is not None else f"results/{model}"
         self.logs = f"logs/{model}"
         self.experiments = {e["name"]: {"seeds": self.config["seeds"], **e}

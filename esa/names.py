@@ -48,6 +48,8 @@ NOISE_MODES = (RELATIVE, ABSOLUTE, TENSOR_STD)
 # its index in a 3-D expert parameter, -1 for a plain matrix
 TABLE_COLUMNS = ["tensor", "layer", "module", "expert", "rows", "cols", "numel"]
 
+COMPARISON = "comparison"  # results/comparison/: the page comparing a study's models, not a model name
+
 TOP_DENOMINATOR = 10_000  # the top 0.01%: ceil(n / 10_000) in exact integer arithmetic
 HIST_LOW, HIST_HIGH, HIST_BINS = -12.0, 4.0, 64
 

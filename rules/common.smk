@@ -14,8 +14,8 @@ shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH
 
 from esa.config import study_models, validate_config
 from esa.errors import ESAError
-from esa.layout import COMPARISON, Layout, flatten_paths
-from esa.names import ACTIVATION_MAGNITUDE, HUTCHINSON_DIAG, SCORE_JOBS
+from esa.layout import Layout, flatten_paths
+from esa.names import ACTIVATION_MAGNITUDE, COMPARISON, HUTCHINSON_DIAG, SCORE_JOBS
 from esa.provenance import code_version
 
 try:
@@ -25,7 +25,7 @@ except ESAError as err:
 
 ENV = os.path.join(workflow.basedir, "envs", "esa.yaml")
 SOURCES = {m["name"]: m["source"] for m in study_models(config)}  # model name -> source
-LAYOUT = Layout({**config, "models": study_models(config)})  # paths with a {model} wildcard
+LAYOUT = Layout(config)  # paths with a {model} wildcard
 EXPERIMENTS = LAYOUT.experiments
 LAYER_GROUPS = config["scoring"]["layer_groups"]
 SPLIT = LAYER_GROUPS > 1

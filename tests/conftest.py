@@ -41,6 +41,18 @@ UNIGRAM = 0.7 ** torch.arange(64, dtype=torch.float32)
 UNIGRAM /= UNIGRAM.sum()
 
 
+def shared_sign_direction(model, row: int) -> torch.Tensor:
+    """Add one +-1 direction s (0 at residual channel ``row``) to every token embedding and
+    return s: the MLP rows a planted super weight reads point along it, so its input channel
+    is a massive activation on every token."""
+    embedding = model.get_input_embeddings().weight
+    signs = torch.randint(0, 2, (embedding.shape[1],), generator=torch.Generator().manual_seed(3)).float() * 2 - 1
+    signs[row] = 0
+    with torch.no_grad():
+        embedding += signs
+    return signs
+
+
 def unigram_text(windows: int, seed: int, length: int = 32) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.multinomial(UNIGRAM.expand(windows, len(UNIGRAM)), length, replacement=True, generator=generator)

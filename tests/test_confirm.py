@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import UNIGRAM, confirm_by_activation, make_tiny_llama, unigram_text
+from conftest import UNIGRAM, confirm_by_activation, make_tiny_llama, shared_sign_direction, unigram_text
 from torch import nn
 from transformers import FalconH1Config, FalconH1ForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
@@ -42,10 +42,8 @@ def _planted_model():
     by ~2 next to ~100 and costs nothing.
     """
     model = make_tiny_llama(hidden=HIDDEN, intermediate=INTERMEDIATE, vocab=VOCAB)
-    signs = torch.randint(0, 2, (HIDDEN,), generator=torch.Generator().manual_seed(3)).float() * 2 - 1
-    signs[ROW] = 0
+    signs = shared_sign_direction(model, ROW)
     with torch.no_grad():
-        model.model.embed_tokens.weight += signs
         mlp = model.model.layers[0].mlp
         mlp.gate_proj.weight[COL] = 10 * signs / (HIDDEN - 1)
         mlp.up_proj.weight[COL] = 10 * signs / (HIDDEN - 1)

@@ -24,7 +24,7 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
                           OPTForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-from conftest import UNIGRAM, confirm_by_activation, unigram_text
+from conftest import UNIGRAM, confirm_by_activation, shared_sign_direction, unigram_text
 
 from esa.architecture import mlp_output_projections
 from esa.confirm import activation_trace
@@ -341,11 +341,9 @@ def _planted(family: Family) -> nn.Module:
     """
     model = family.build()
     hidden = model.config.hidden_size
-    signs = torch.randint(0, 2, (hidden,), generator=torch.Generator().manual_seed(3)).float() * 2 - 1
-    signs[ROW] = 0
+    signs = shared_sign_direction(model, ROW)
     block = model.get_submodule(family.layers)[0]
     with torch.no_grad():
-        model.get_input_embeddings().weight += signs
         for name, offset, gain in family.feeds:
             module = block.get_submodule(name)
             along = gain * signs / (hidden - 1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import UNIGRAM, confirm_by_activation, unigram_text
+from conftest import UNIGRAM, confirm_by_activation, shared_sign_direction, unigram_text
 
 from esa.architecture import mlp_output_projections, split_expert
 from esa.confirm import SUPER_EXPERT_COLUMNS, activation_trace, confirm_super_experts
@@ -153,10 +153,8 @@ def _planted(family: str) -> torch.nn.Module:
     tests/test_confirm.py, inside one expert)."""
     model = _model(family)
     inter = model.model.layers[0].mlp.experts.down_proj.shape[2]
-    signs = torch.randint(0, 2, (HIDDEN,), generator=torch.Generator().manual_seed(3)).float() * 2 - 1
-    signs[ROW] = 0
+    signs = shared_sign_direction(model, ROW)
     with torch.no_grad():
-        model.model.embed_tokens.weight += signs
         mlp = model.model.layers[0].mlp
         mlp.gate.weight[EXPERT] = 10 * signs / (HIDDEN - 1)
         stack = mlp.experts
