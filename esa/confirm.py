@@ -14,15 +14,10 @@ spiking far above the rest) meets a large weight; :func:`activation_trace` recor
 decoder layer's down_proj, the largest |input| and |output| with its channel, window,
 position and token.
 
-Zeroing a weight of decoder layer L leaves the outputs of layers 0..L-1 unchanged, so the
-unmodified model's pass that traces the activations also keeps, per batch, the input of every
-layer L that holds a candidate (the output of layer L-1), and each ablation in layer L runs the
-model's own forward with layers 0..L-1 returning that kept output instead of computing: layers
-L..end, final norm, LM head and loss run exactly as in a full evaluation, on the same inputs,
-so ``ppl_after`` is bit-identical to evaluating the whole model. This holds whenever a decoder
-layer's output depends only on its input and its own parameters (not on state another layer
-leaves behind, such as a KV cache shared across layers). The kept inputs take
-windows x seq_len x hidden x dtype bytes per distinct candidate layer, on the model's device.
+Each ablation is measured by :class:`esa.damage.DamageMeter` (PPL, its bootstrap interval
+against the baseline, KL from and top-1 agreement with the unmodified model), running only the
+decoder layers from the weight's own on (:mod:`esa.replay`): ``ppl_after`` is bit-identical to
+evaluating the whole model.
 
 A *super expert* is the mixture-of-experts analogue: one expert whose removal alone destroys
 the model. :func:`confirm_super_experts` ranks the experts by score mass (an expert's
@@ -33,33 +28,36 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .architecture import decoder_layers, is_expert_stack, split_expert
+from .architecture import is_expert_stack, split_expert
+from .damage import Baseline, Bootstrap, DamageMeter
 from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK, Evaluation, batches, evaluate
 from .names import GLOBAL, ZERO
-from .perturb import perturbed
+from .perturb import first_changed_layer_of, perturbed
+from .replay import first_changed_layer
 from .scores import massive_activation_trace
 from .selection import select_topk
 
+# each ablation's damage (esa.damage): PPL after, its ratio to before, the bootstrap interval of
+# PPL after - before, the mean KL from and the top-1 agreement with the unmodified model
+DAMAGE = ["ppl_before", "ppl_after", "ppl_ratio", "delta_ppl_lo", "delta_ppl_hi", "kl", "top1"]
 COLUMNS = ["tensor", "layer", "module", "expert", "part", "row", "col", "flat_index", "weight", "score",
-           "ppl_before", "ppl_after", "ppl_ratio", "confirmed"]
+           *DAMAGE, "confirmed"]
 WEIGHT_KEY = ["tensor", "flat_index"]
 # super_weights.parquet: one row per (metric, rank), the weight's key first
 SUPER_WEIGHT_COLUMNS = ["metric", "rank", *WEIGHT_KEY, *(c for c in COLUMNS if c not in WEIGHT_KEY)]
 EXPERT_KEY = ["layer", "stack", "expert"]
 _STACK = re.compile(r"^(.*experts)(?:\.\d+)?\..*$")  # a matrix's name -> its expert stack's
 # super_experts.parquet: one row per (metric, rank), the expert's key first
-SUPER_EXPERT_COLUMNS = ["metric", "rank", *EXPERT_KEY, "score_mass", "ppl_before", "ppl_after", "ppl_ratio",
-                        "confirmed"]
+SUPER_EXPERT_COLUMNS = ["metric", "rank", *EXPERT_KEY, "score_mass", *DAMAGE, "confirmed"]
 _EXPERT_DTYPES = {"rank": "int64", "layer": "int32", "expert": "int32", "score_mass": "float64",
-                  "ppl_before": "float64", "ppl_after": "float64", "ppl_ratio": "float64", "confirmed": "bool"}
+                  **dict.fromkeys(DAMAGE, "float64"), "confirmed": "bool"}
 
 
 @dataclass(frozen=True)
@@ -69,22 +67,6 @@ class Confirmation:
     super_weights: pd.DataFrame  # one row per weight tested (COLUMNS) or per (metric, rank)
     activations: pd.DataFrame  # esa.scores.TRACE_COLUMNS
     rerun: Evaluation  # evaluated after every ablation was undone
-
-
-@dataclass(frozen=True)
-class _LayerOutputs:
-    """What one decoder layer returned in the unmodified pass, batch by batch: the hidden state
-    and, when the layer returns a tuple, its length."""
-
-    hidden: list[torch.Tensor]
-    tuple_length: int | None
-
-    def replay(self, batch: int):
-        """Batch ``batch``'s output in the layer's return type. A fresh copy, so no later layer
-        can change the kept state in place; a tuple's other entries (attention weights, cache)
-        are not read by the loss and are None."""
-        hidden = self.hidden[batch].clone()
-        return hidden if self.tuple_length is None else (hidden, *(None,) * (self.tuple_length - 1))
 
 
 def global_top(candidates: pd.DataFrame, tensor_table: pd.DataFrame, top_n: int) -> pd.DataFrame:
@@ -100,80 +82,10 @@ def global_top(candidates: pd.DataFrame, tensor_table: pd.DataFrame, top_n: int)
         raise ESAError(f"confirm.top_n={top_n}: {err}") from None
 
 
-def first_changed_layer(model: torch.nn.Module, tensor: str) -> int:
-    """The first decoder layer whose input an edit of parameter ``tensor`` can change.
-
-    That is the lowest layer holding the parameter; 0 when the parameter is (also) used outside
-    the decoder layers (embeddings, lm_head, a tied pair), where the whole model must run.
-    """
-    param = model.get_parameter(split_expert(tensor)[0])
-
-    def uses(module: torch.nn.Module) -> int:
-        return sum(p is param for _, p in module.named_parameters(remove_duplicate=False))
-
-    per_layer = [uses(layer) for layer in decoder_layers(model)]
-    if sum(per_layer) < uses(model):
-        return 0
-    return next(i for i, n in enumerate(per_layer) if n)
-
-
-@contextmanager
-def _keep_layer_inputs(model: torch.nn.Module, layers: set[int]):
-    """While open, every forward pass appends the output of decoder layer L-1 (the input of
-    layer L) to ``kept[L]``, for each L >= 1 of ``layers``; yields ``kept``."""
-    blocks = decoder_layers(model)
-    kept: dict[int, _LayerOutputs] = {}
-
-    def keeper(layer: int):
-        def hook(module: torch.nn.Module, args: tuple, output) -> None:
-            is_tuple = isinstance(output, tuple)
-            entry = kept.setdefault(layer, _LayerOutputs([], len(output) if is_tuple else None))
-            # a copy: layer L may update its input in place
-            entry.hidden.append((output[0] if is_tuple else output).detach().clone())
-        return hook
-
-    handles = [blocks[layer - 1].register_forward_hook(keeper(layer))
-               for layer in sorted(layers) if layer > 0]
-    try:
-        yield kept
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextmanager
-def _start_at(model: torch.nn.Module, start: int, kept: _LayerOutputs):
-    """Layers 0..start-1 return, batch after batch, ``kept`` (the unmodified outputs of layer
-    start-1) without computing; the model's forward, masks and embeddings run as usual."""
-    skipped = list(decoder_layers(model))[:start]
-    batch, output = -1, None
-
-    def first(*args, **kwargs):
-        nonlocal batch, output
-        batch += 1  # layer 0 runs once per batch, before every other layer
-        output = kept.replay(batch)
-        return output
-
-    def rest(*args, **kwargs):
-        return output
-
-    own = [layer.__dict__.get("forward") for layer in skipped]  # e.g. accelerate's device hooks
-    for i, layer in enumerate(skipped):
-        layer.forward = first if i == 0 else rest
-    try:
-        yield
-    finally:
-        for layer, forward in zip(skipped, own):
-            if forward is None:
-                del layer.forward
-            else:
-                layer.forward = forward
-
-
 def confirm_super_weights(model: torch.nn.Module, candidates: Mapping[str, pd.DataFrame],
                           tensor_tables: Mapping[str, pd.DataFrame], eval_windows: torch.Tensor,
-                          batch_size: int, baseline: dict, top_n: int = 10, factor: float = 1.5,
-                          chunk_size: int = DEFAULT_CHUNK) -> Confirmation:
+                          batch_size: int, baseline: Baseline, top_n: int = 10, factor: float = 1.5,
+                          chunk_size: int = DEFAULT_CHUNK, bootstrap: Bootstrap = Bootstrap()) -> Confirmation:
     """Zero each weight of every metric's global top-``top_n`` alone, once, and measure the PPL.
 
     ``candidates`` and ``tensor_tables``: metric -> its candidates and tensor table (the first
@@ -186,39 +98,42 @@ def confirm_super_weights(model: torch.nn.Module, candidates: Mapping[str, pd.Da
     tops = pd.concat([global_top(candidates[metric], tensor_tables[metric], top_n).assign(metric=metric)
                       for metric in candidates], ignore_index=True)
     result = zero_each(model, tops.drop_duplicates(WEIGHT_KEY), eval_windows, batch_size, baseline,
-                       factor, chunk_size)
+                       factor, chunk_size, bootstrap)
     table = tops[["metric", "rank", *WEIGHT_KEY]].merge(result.super_weights, on=WEIGHT_KEY)
     return replace(result, super_weights=table[SUPER_WEIGHT_COLUMNS])
 
 
-def zero_each(model: torch.nn.Module, weights: pd.DataFrame, eval_windows: torch.Tensor,
-              batch_size: int, baseline: dict, factor: float = 1.5,
-              chunk_size: int = DEFAULT_CHUNK) -> Confirmation:
-    """Zero each row of ``weights`` (tensor, layer, module, row, col, flat_index, weight,
-    score) alone and measure the PPL it costs.
+def _ablation(measured: dict, before: float, factor: float) -> dict:
+    """The ``DAMAGE`` columns and ``confirmed`` of one ablation's :mod:`esa.damage` numbers; a
+    non-finite loss gives ``ppl_after = inf`` and counts as confirmed."""
+    return {"ppl_before": before, "ppl_after": measured["ppl"], "ppl_ratio": measured["ppl_ratio"],
+            "delta_ppl_lo": measured["delta_ppl_lo"], "delta_ppl_hi": measured["delta_ppl_hi"],
+            "kl": measured["kl"], "top1": measured["top1"], "confirmed": measured["ppl_ratio"] >= factor}
 
-    ``baseline`` holds ``ppl`` of the unperturbed model on ``eval_windows`` (the baseline
-    step's metrics). The unmodified model runs twice: first the activation trace (which also
-    keeps the candidate layers' inputs), last the rerun, after every weight is restored; each
-    ablation in between runs from the first layer it changes (module docstring). The
-    table has one row per row of ``weights``, in their order, columns ``COLUMNS``; a
-    non-finite loss gives ``ppl_after = inf`` and counts as confirmed.
+
+def zero_each(model: torch.nn.Module, weights: pd.DataFrame, eval_windows: torch.Tensor,
+              batch_size: int, baseline: Baseline, factor: float = 1.5,
+              chunk_size: int = DEFAULT_CHUNK, bootstrap: Bootstrap = Bootstrap()) -> Confirmation:
+    """Zero each row of ``weights`` (tensor, layer, module, row, col, flat_index, weight,
+    score) alone and measure the damage (:mod:`esa.damage`) it does.
+
+    The unmodified model runs first for the activation trace, then as the
+    :class:`esa.damage.DamageMeter`'s reference (which keeps the candidate layers' inputs: each
+    ablation runs from the first layer it changes, :mod:`esa.replay`), and last as the rerun,
+    after every weight is restored. The table has one row per row of ``weights``, in their
+    order, columns ``COLUMNS``; ``ppl_before`` is the baseline's PPL.
     """
-    before = float(baseline["ppl"])
     starts = [first_changed_layer(model, tensor) for tensor in weights["tensor"]]
-    with _keep_layer_inputs(model, set(starts)) as kept:
-        trace = activation_trace(model, eval_windows, batch_size, chunk_size)
-    after = []
+    trace = activation_trace(model, eval_windows, batch_size, chunk_size)
+    meter = DamageMeter(model, eval_windows, batch_size, baseline, chunk_size, set(starts), bootstrap)
+    rows = []
     for i, start in enumerate(starts):
-        with perturbed(model, weights.iloc[i:i + 1], ZERO), \
-                (_start_at(model, start, kept[start]) if start else nullcontext()):
-            after.append(evaluate(model, eval_windows, batch_size, chunk_size=chunk_size).ppl)
-    kept.clear()  # up to one hidden state of every window per layer: free it before the rerun
-    after = np.asarray(after, dtype=np.float64)
-    ratio = after / before
-    table = weights[["tensor", "layer", "module", "expert", "part", "row", "col", "flat_index", "weight",
-                     "score"]].assign(
-        ppl_before=before, ppl_after=after, ppl_ratio=ratio, confirmed=ratio >= factor)
+        with perturbed(model, weights.iloc[i:i + 1], ZERO):
+            rows.append(_ablation(meter.measure(start), baseline.ppl, factor))
+    del meter  # up to one hidden state of every window per layer: free it before the rerun
+    table = pd.concat([weights[["tensor", "layer", "module", "expert", "part", "row", "col", "flat_index", "weight",
+                                "score"]].reset_index(drop=True),
+                       pd.DataFrame(rows, columns=[*DAMAGE, "confirmed"])], axis=1)
     rerun = evaluate(model, eval_windows, batch_size, chunk_size=chunk_size)
     return Confirmation(table[COLUMNS], trace, rerun)
 
@@ -269,8 +184,8 @@ def expert_selection(model: torch.nn.Module, path: str, expert: int) -> pd.DataF
 
 
 def confirm_super_experts(model: torch.nn.Module, stats: Mapping[str, pd.DataFrame], eval_windows: torch.Tensor,
-                          batch_size: int, baseline: dict, top_n: int = 10, factor: float = 1.5,
-                          chunk_size: int = DEFAULT_CHUNK) -> pd.DataFrame:
+                          batch_size: int, baseline: Baseline, top_n: int = 10, factor: float = 1.5,
+                          chunk_size: int = DEFAULT_CHUNK, bootstrap: Bootstrap = Bootstrap()) -> pd.DataFrame:
     """Zero each of every metric's ``top_n`` experts by score mass whole, alone, once, and
     measure the PPL.
 
@@ -285,7 +200,8 @@ def confirm_super_experts(model: torch.nn.Module, stats: Mapping[str, pd.DataFra
 
         ppl_ratio = PPL(expert <- 0) / PPL(baseline),   confirmed = ppl_ratio >= factor,
 
-    ``ppl_before`` being ``baseline["ppl"]``; a non-finite loss gives ``ppl_after = inf`` and
+    ``ppl_before`` being the baseline's PPL, with the rest of :mod:`esa.damage`'s numbers
+    (``DAMAGE``); each expert's evaluation runs from its layer (:mod:`esa.replay`). A non-finite loss gives ``ppl_after = inf`` and
     counts as confirmed. Zeroing an expert's matrices makes its output 0 wherever the router
     sends a token; the router still sends them, so the expert's share of the routing weight
     is lost rather than handed to the others.
@@ -295,16 +211,19 @@ def confirm_super_experts(model: torch.nn.Module, stats: Mapping[str, pd.DataFra
     rows) gives an empty frame with those columns. Zeroing an expert holds an int64 index and
     a copy of each of its entries until restored.
     """
-    before = float(baseline["ppl"])
     tops = pd.concat([expert_mass(stats[metric]).head(top_n).assign(
         metric=metric, rank=lambda top: np.arange(len(top))) for metric in stats], ignore_index=True)
     tested = tops.drop_duplicates(EXPERT_KEY)[[*EXPERT_KEY, "path"]]
-    after = []
-    for expert in tested.itertuples(index=False):
-        with perturbed(model, expert_selection(model, expert.path, expert.expert), ZERO):
-            after.append(evaluate(model, eval_windows, batch_size, chunk_size=chunk_size).ppl)
-    after = np.asarray(after, dtype=np.float64)
-    tested = tested[EXPERT_KEY].assign(ppl_before=before, ppl_after=after, ppl_ratio=after / before)
+    selections = [expert_selection(model, expert.path, expert.expert) for expert in tested.itertuples(index=False)]
+    starts = [first_changed_layer_of(model, selection) for selection in selections]
+    rows = []
+    if selections:
+        meter = DamageMeter(model, eval_windows, batch_size, baseline, chunk_size, set(starts), bootstrap)
+        for selection, start in zip(selections, starts):
+            with perturbed(model, selection, ZERO):
+                rows.append(_ablation(meter.measure(start), baseline.ppl, factor))
+    tested = pd.concat([tested[EXPERT_KEY].reset_index(drop=True),
+                        pd.DataFrame(rows, columns=[*DAMAGE, "confirmed"]).drop(columns="confirmed")], axis=1)
     table = tops.drop(columns="path").merge(tested, on=EXPERT_KEY).assign(
         confirmed=lambda frame: frame["ppl_ratio"] >= factor)
     return table[SUPER_EXPERT_COLUMNS].astype(_EXPERT_DTYPES)

@@ -25,6 +25,14 @@ from tqdm.auto import tqdm
 DEFAULT_CHUNK = 256
 
 
+def _logits(head, softcap: float | None, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head's logits in at least fp32 (float64 stays float64), soft-capped where the
+    family caps them."""
+    logits = head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
 def _head_nll(head: torch.nn.Module, softcap: float | None, hidden: torch.Tensor,
               targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Summed NLL per window (float64) of one chunk of positions.
@@ -34,13 +42,52 @@ def _head_nll(head: torch.nn.Module, softcap: float | None, hidden: torch.Tensor
     float64. ``F.cross_entropy`` on a [B, V, T] layout is ~10x less accurate in fp32 on CPU
     (1e-5 relative at 262k classes); this is within ~1e-8 of a float64 log-softmax.
     """
-    logits = head(hidden)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = _logits(head, softcap, hidden)
     target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     nll = torch.logsumexp(logits, dim=-1) - target_logit
     return (nll.double() * valid).sum(dim=1)
+
+
+def _head_divergence(head, reference_head, softcap: float | None, hidden: torch.Tensor,
+                     reference_hidden: torch.Tensor, targets: torch.Tensor,
+                     valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed NLL, KL divergence and top-1 agreements per window (float64) of one chunk.
+
+    With q the model's and p the reference's next-token distribution at a position
+    (log-softmax of the logits, in at least fp32),
+
+        KL(p || q) = sum_v p_v (log p_v - log q_v),   agree = [argmax_v p_v == argmax_v q_v],
+
+    each summed over the chunk's predicted positions; the NLL is :func:`_head_nll`'s, bit for
+    bit, so an unchanged model scores exactly its baseline. A q that underflows to 0 where p does
+    not gives KL = inf (a destroyed model), never a NaN from 0 * -inf.
+    """
+    logits = _logits(head, softcap, hidden)
+    normalizer = torch.logsumexp(logits, dim=-1)
+    nll = normalizer - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # as _head_nll, bit for bit
+    log_q = logits - normalizer.unsqueeze(-1)
+    reference = _logits(reference_head, softcap, reference_hidden)
+    log_p = reference - torch.logsumexp(reference, dim=-1, keepdim=True)  # as log_q: p = q gives KL 0 exactly
+    p = log_p.exp()
+    kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
+    agree = (log_p.argmax(dim=-1) == log_q.argmax(dim=-1)).to(torch.float64)
+    return tuple((term.double() * valid).sum(dim=1) for term in (nll, kl, agree))
+
+
+def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The final hidden states (the LM head's input) of a batch of windows."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _shifted(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """Targets (token t+1 of each position t) and their validity (float64): a target counts only
+    when both it and its context position are unmasked."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    return input_ids[:, 1:], (attention_mask[:, 1:] * attention_mask[:, :-1]).to(torch.float64)
 
 
 def window_nll(model: torch.nn.Module, input_ids: torch.Tensor,
@@ -51,17 +98,20 @@ def window_nll(model: torch.nn.Module, input_ids: torch.Tensor,
     Returns ``(nll[B], tokens[B])``. Position t's hidden state predicts token t+1; a target
     counts only when both it and its context position are unmasked.
     """
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return hidden_nll(model, decoder_hidden(model, input_ids, attention_mask), input_ids, attention_mask,
+                      chunk_size)
+
+
+def hidden_nll(model: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
+               attention_mask: torch.Tensor | None = None,
+               chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`window_nll` from the windows' final hidden states (:func:`decoder_hidden`)."""
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    targets = input_ids[:, 1:]
-    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(torch.float64)
-    n_pred = targets.shape[1]
+    targets, valid = _shifted(input_ids, attention_mask)
     total = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=input_ids.device)
-    for start in range(0, n_pred, chunk_size):
-        end = min(start + chunk_size, n_pred)
+    for start in range(0, targets.shape[1], chunk_size):
+        end = min(start + chunk_size, targets.shape[1])
         args = (hidden[:, start:end], targets[:, start:end], valid[:, start:end])
         if torch.is_grad_enabled() and hidden.requires_grad:
             part = checkpoint(_head_nll, head, softcap, *args, use_reentrant=False)
@@ -69,6 +119,27 @@ def window_nll(model: torch.nn.Module, input_ids: torch.Tensor,
             part = _head_nll(head, softcap, *args)
         total = total + part
     return total, valid.sum(dim=1)
+
+
+@torch.no_grad()
+def window_divergence(model: torch.nn.Module, input_ids: torch.Tensor, reference_hidden: torch.Tensor,
+                      reference_head, chunk_size: int = DEFAULT_CHUNK):
+    """Per window of a batch: summed NLL, predicted tokens, summed KL(reference || model) and
+    top-1 agreements (see :func:`_head_divergence`); ``reference_hidden`` is the reference
+    model's :func:`decoder_hidden` of the same windows, ``reference_head`` its LM head."""
+    hidden = decoder_hidden(model, input_ids)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    targets, valid = _shifted(input_ids, None)
+    sums = [torch.zeros(input_ids.shape[0], dtype=torch.float64, device=input_ids.device) for _ in range(3)]
+    for start in range(0, targets.shape[1], chunk_size):
+        end = min(start + chunk_size, targets.shape[1])
+        parts = _head_divergence(head, reference_head, softcap, hidden[:, start:end],
+                                 reference_hidden[:, start:end].to(hidden.device), targets[:, start:end],
+                                 valid[:, start:end])
+        sums = [total + part for total, part in zip(sums, parts)]
+    nll, kl, agree = sums
+    return nll, valid.sum(dim=1), kl, agree
 
 
 def mean_token_loss(model: torch.nn.Module, input_ids: torch.Tensor,
@@ -84,6 +155,8 @@ class Evaluation:
 
     nll: np.ndarray  # float64 [W], summed NLL of each window
     tokens: np.ndarray  # int64 [W], predicted tokens of each window
+    kl: np.ndarray | None = None  # float64 [W], summed KL(reference || model), against a reference
+    agree: np.ndarray | None = None  # float64 [W], positions whose top-1 token matches the reference's
 
     @property
     def loss(self) -> float:
@@ -113,6 +186,16 @@ class Evaluation:
         """Standard error of the mean per-window loss."""
         per = self.window_loss
         return float(per.std(ddof=1) / math.sqrt(len(per))) if len(per) > 1 else 0.0
+
+    @property
+    def mean_kl(self) -> float:
+        """Mean KL(reference || model) per predicted token (NaN without a reference)."""
+        return math.nan if self.kl is None else float(self.kl.sum() / self.tokens.sum())
+
+    @property
+    def top1(self) -> float:
+        """Share of predicted positions whose top-1 token is the reference's (NaN without one)."""
+        return math.nan if self.agree is None else float(self.agree.sum() / self.tokens.sum())
 
     def metrics(self) -> dict:
         return {"loss": self.loss, "ppl": self.ppl, "tokens": int(self.tokens.sum()),

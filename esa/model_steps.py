@@ -17,6 +17,7 @@ import torch
 
 from . import data, models
 from .candidates import build_candidates
+from .damage import Baseline, Bootstrap
 from .errors import ESAError
 from .evaluation import evaluate
 from .io import read_parquet, write_atomic, write_json_atomic, write_parquet_atomic
@@ -136,27 +137,35 @@ def step_scores(spec: dict, *, model: str, calib: str, **outputs: dict) -> None:
                                         targets=len(targets)), out["manifest"])
 
 
-def step_perturb(spec: dict, *, model: str, eval: str, baseline: str, masks: dict, results: str,
-                 manifest: str) -> None:
+def read_baseline(metrics: str, windows: str) -> Baseline:
+    """The baseline step's metrics.json and per-window windows.parquet, as :mod:`esa.damage` takes them."""
+    return Baseline.from_frames(read_parquet(windows), json.loads(Path(metrics).read_text()))
+
+
+def step_perturb(spec: dict, *, model: str, eval: str, baseline: str, baseline_windows: str, masks: dict,
+                 results: str, manifest: str) -> None:
     """Perturb the top-k and each control of every seed in place, evaluate, restore bit-exactly.
 
-    ``masks``: seed -> path, one mask per seed of ``spec["seeds"]``.
+    ``masks``: seed -> path, one mask per seed of ``spec["seeds"]``; ``baseline`` and
+    ``baseline_windows``: the baseline step's metrics and per-window NLL (each dPPL's paired
+    bootstrap interval, with ``spec["bootstrap"]``).
     """
     device = models.resolve_device(spec["device"])
     record = RunRecord(spec, device, spec["dtype"], "perturb")
     masks_by_seed = {seed: read_parquet(path) for seed, path in by_seed(masks, spec["seeds"]).items()}
-    reference = json.loads(Path(baseline).read_text())
+    reference = read_baseline(baseline, baseline_windows)
     lm = _load(spec, model)
     table = run_perturbations(lm, masks_by_seed, torch.from_numpy(data.read_windows(eval)),
                               spec["batch_size"], reference, spec["perturb"], spec["scale"],
-                              spec["noise"], sets=(TOP, *spec["controls"]), chunk_size=spec["loss_chunk"])
+                              spec["noise"], sets=(TOP, *spec["controls"]), chunk_size=spec["loss_chunk"],
+                              bootstrap=Bootstrap(**spec["bootstrap"]))
     write_parquet_atomic(table, results)
-    write_json_atomic(record.finish(baseline_ppl=reference["ppl"]), manifest)
+    write_json_atomic(record.finish(baseline_ppl=reference.ppl), manifest)
 
 
-def step_confirm(spec: dict, *, model: str, eval: str, baseline: str, candidates: dict[str, str],
-                 stats: dict[str, str], super_weights: str, super_experts: str, activations: str,
-                 rerun: str) -> None:
+def step_confirm(spec: dict, *, model: str, eval: str, baseline: str, baseline_windows: str,
+                 candidates: dict[str, str], stats: dict[str, str], super_weights: str, super_experts: str,
+                 activations: str, rerun: str) -> None:
     """Zero each of every metric's global top-N weights alone, and each of its top-N experts by
     score mass whole; trace the massive activations.
 
@@ -176,14 +185,15 @@ def step_confirm(spec: dict, *, model: str, eval: str, baseline: str, candidates
             raise ESAError(f"confirm needs {name} of the metrics {metrics}, got {sorted(paths)}")
     lm = _load(spec, model)
     windows = torch.from_numpy(data.read_windows(eval))
-    reference = json.loads(Path(baseline).read_text())
+    reference = read_baseline(baseline, baseline_windows)
+    bootstrap = Bootstrap(**spec["bootstrap"])
     tables = {m: read_parquet(stats[m], columns=[*TABLE_COLUMNS, "sum"]) for m in metrics}
     experts = confirm_super_experts(lm, tables, windows, spec["batch_size"], reference, top_n=spec["top_n"],
-                                    factor=spec["factor"], chunk_size=spec["loss_chunk"])
+                                    factor=spec["factor"], chunk_size=spec["loss_chunk"], bootstrap=bootstrap)
     result = confirm_super_weights(lm, {m: read_parquet(candidates[m]) for m in metrics},
                                    {m: table[TABLE_COLUMNS] for m, table in tables.items()},
                                    windows, spec["batch_size"], reference, top_n=spec["top_n"],
-                                   factor=spec["factor"], chunk_size=spec["loss_chunk"])
+                                   factor=spec["factor"], chunk_size=spec["loss_chunk"], bootstrap=bootstrap)
     write_parquet_atomic(result.super_weights, super_weights)
     write_parquet_atomic(experts, super_experts)
     write_parquet_atomic(result.activations, activations)

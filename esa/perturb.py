@@ -31,12 +31,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .architecture import is_transposed, split_expert, storage_index
+from .damage import DAMAGE_COLUMNS, Baseline, Bootstrap, DamageMeter
 from .errors import ESAError
-from .evaluation import DEFAULT_CHUNK, evaluate
+from .evaluation import DEFAULT_CHUNK
 from .names import ABSOLUTE, NOISE_MODES, PERTURBATIONS, RELATIVE, SETS, SIGN_FLIP, ZERO
+from .replay import first_changed_layer
 
-RESULT_COLUMNS = ["set", "seed", "n_weights", "perturb", "scale", "noise", "loss", "ppl",
-                  "delta_loss", "delta_ppl", "ppl_ratio", "finite", "evaluated"]
+RESULT_COLUMNS = ["set", "seed", "n_weights", "perturb", "scale", "noise", *DAMAGE_COLUMNS, "evaluated"]
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -178,24 +179,29 @@ def perturbed(model: torch.nn.Module, selection: pd.DataFrame, kind: str, scale:
         _restore(touched)
 
 
+def first_changed_layer_of(model: torch.nn.Module, selection: pd.DataFrame) -> int:
+    """The first decoder layer an edit of the selection's weights can change
+    (:func:`esa.replay.first_changed_layer` of each of its tensors, the lowest)."""
+    return min(first_changed_layer(model, tensor) for tensor in selection["tensor"].unique())
+
+
 def run_perturbations(model: torch.nn.Module, mask_by_seed: dict[int, pd.DataFrame],
-                      eval_windows: torch.Tensor, batch_size: int, baseline: dict,
+                      eval_windows: torch.Tensor, batch_size: int, baseline: Baseline,
                       perturb: str, scale: float = 1.0, noise: str = RELATIVE,
                       sets: tuple[str, ...] = SETS, chunk_size: int = DEFAULT_CHUNK,
-                      progress: bool = True) -> pd.DataFrame:
+                      bootstrap: Bootstrap = Bootstrap(), progress: bool = True) -> pd.DataFrame:
     """For every seed and set: perturb that set of the seed's mask, evaluate, restore.
 
-    The noise of seed s is drawn with seed s. ``baseline`` holds ``loss`` and ``ppl`` of the
-    unperturbed model on the same ``eval_windows``; then
-
-        delta_loss = loss - baseline loss,  delta_ppl = ppl - baseline ppl,
-        ppl_ratio  = ppl / baseline ppl.
+    The noise of seed s is drawn with seed s. Each row's damage columns (loss, ppl, their
+    deltas and ratio to ``baseline``, the paired bootstrap interval of delta_ppl, KL from and
+    top-1 agreement with the unperturbed model) are :mod:`esa.damage`'s, measured on
+    ``eval_windows`` from the first decoder layer the set changes.
 
     A non-finite loss is a result (``finite`` False, ppl inf), not an error. A set whose
     perturbation gives no weight a new value (sign_flip or relative noise of weights that are
     0, as a bottom_k of zero scores often is) leaves the model the same function: its row is
-    the baseline's result (delta 0), not evaluated again (``evaluated`` False). Returns one
-    row per (seed, set) with columns ``RESULT_COLUMNS``.
+    the baseline's (delta 0, KL 0, top-1 1), not evaluated again (``evaluated`` False).
+    Returns one row per (seed, set) with columns ``RESULT_COLUMNS``.
     """
     _check_choice(perturb, PERTURBATIONS, "perturbation")
     _check_choice(noise, NOISE_MODES, "noise mode")
@@ -208,19 +214,15 @@ def run_perturbations(model: torch.nn.Module, mask_by_seed: dict[int, pd.DataFra
             rows = mask[mask["set"] == name]
             if rows.empty:  # a missing control must not pass silently as "no damage"
                 raise ESAError(f"mask of seed {seed} has no rows of set {name!r}")
-            jobs.append((seed, name, rows))
+            jobs.append((seed, name, rows, first_changed_layer_of(model, rows)))
+    meter = DamageMeter(model, eval_windows, batch_size, baseline, chunk_size, {job[3] for job in jobs},
+                        bootstrap, progress)
     records = []
-    for seed, name, rows in tqdm(jobs, desc=f"perturb {perturb}", disable=not progress):
+    for seed, name, rows, start in tqdm(jobs, desc=f"perturb {perturb}", disable=not progress):
         with perturbed(model, rows, perturb, scale, noise, seed) as info:
             evaluated = info.n_changed > 0
-            if evaluated:
-                result = evaluate(model, eval_windows, batch_size, chunk_size=chunk_size)
-                loss, ppl, finite = result.loss, result.ppl, result.finite
-            else:
-                loss, ppl, finite = baseline["loss"], baseline["ppl"], baseline["finite"]
+            measured = meter.measure(start) if evaluated else meter.unchanged()
         records.append({"set": name, "seed": int(seed), "n_weights": info.n_weights,
-                        "perturb": perturb, "scale": float(scale), "noise": noise,
-                        "loss": loss, "ppl": ppl, "delta_loss": loss - baseline["loss"],
-                        "delta_ppl": ppl - baseline["ppl"], "ppl_ratio": ppl / baseline["ppl"],
-                        "finite": finite, "evaluated": evaluated})
+                        "perturb": perturb, "scale": float(scale), "noise": noise, **measured,
+                        "evaluated": evaluated})
     return pd.DataFrame(records, columns=RESULT_COLUMNS)

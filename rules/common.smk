@@ -171,6 +171,7 @@ def perturb_inputs(wildcards):
             "model": layout.model_ref,
             "eval": layout.data_files("eval")["windows"],
             "baseline": layout.baseline_files()["metrics"],
+            "baseline_windows": layout.baseline_files()["windows"],
             "masks": masks,
         }
     )

@@ -20,6 +20,7 @@ rule perturb:
                 for key in ("perturb", "scale", "noise", "controls", "seeds")
             },
             batch_size=config["baseline"]["batch_size"],
+            bootstrap=config["bootstrap"],
         ),
         paths=step_paths,
     shell:

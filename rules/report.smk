@@ -6,6 +6,7 @@ rule confirm:
                 "model": LAYOUT.model_ref,
                 "eval": LAYOUT.data_files("eval")["windows"],
                 "baseline": LAYOUT.baseline_files()["metrics"],
+                "baseline_windows": LAYOUT.baseline_files()["windows"],
                 **LAYOUT.confirm_inputs(),
             }
         ),
@@ -27,6 +28,7 @@ rule confirm:
             top_n=config["confirm"]["top_n"],
             factor=config["confirm"]["factor"],
             batch_size=config["baseline"]["batch_size"],
+            bootstrap=config["bootstrap"],
         ),
         paths=step_paths,
     shell:
