@@ -26,9 +26,12 @@ The checks, with the keys of their thresholds (defaults: the ``verdicts`` sectio
   tensor holds; bad when it reaches ``max_tensor_share`` (all top-k in one tensor: a bug
   signal), else good; warn for k = 1, which is always in one tensor.
 - ``separation_random_k`` / ``separation_bottom_k``: per seed, ``top = dPPL(top)`` against
-  ``ctl = dPPL(control)``, ``ratio = top / ctl`` (defined for ctl > 0). A seed separates when
-  ``top > 0`` and ``top >= separation_ratio * max(ctl, 0)`` and ``top > ctl``. Good when every
-  seed separates, bad when any seed has ``top <= ctl``, warn otherwise. If every bottom_k
+  ``ctl = dPPL(control)``, ``ratio = top / ctl`` (defined for ctl > 0), and their paired
+  bootstrap intervals ``[top_lo, top_hi]``, ``[ctl_lo, ctl_hi]`` (esa/damage.py). A seed
+  separates when ``top > 0`` and ``top >= separation_ratio * max(ctl, 0)`` and ``top > ctl``
+  and the intervals are apart, ``top_lo > ctl_hi``: the point ratio alone can rest on window
+  noise. Good when every seed separates, bad when any seed has ``top <= ctl``, warn otherwise
+  (saying in which seeds the intervals overlap). If every bottom_k
   weight of every seed has score 0 (zero-gradient weights) the bottom_k control is trivial,
   and a good becomes warn saying so. A seed is *saturated* when the perturbed losses of both
   top and the control are at the uniform-output level, ``|loss - ln V| <= saturation_tol *
@@ -201,7 +204,9 @@ def _seed_detail(seed: int, values: Mapping, control: str) -> str:
         return (f"seed {seed}: loss top {values['top_loss']:.4g} and {control} "
                 f"{values['control_loss']:.4g} (saturated)")
     ratio = f" (x{values['ratio']:.3g})" if not math.isnan(values["ratio"]) else ""
-    return f"seed {seed}: dPPL top {values[TOP]:.4g} vs {control} {values['control']:.4g}{ratio}"
+    (top_lo, top_hi), (ctl_lo, ctl_hi) = values["top_interval"], values["control_interval"]
+    return (f"seed {seed}: dPPL top {values[TOP]:.4g} [{top_lo:.3g}, {top_hi:.3g}] vs {control} "
+            f"{values['control']:.4g} [{ctl_lo:.3g}, {ctl_hi:.3g}]{ratio}")
 
 
 def _separation(name: str, control: str, rows: pd.DataFrame, trivial: bool,
@@ -211,27 +216,31 @@ def _separation(name: str, control: str, rows: pd.DataFrame, trivial: bool,
     limits = {key: thresholds[key] for key in ("separation_ratio", "saturation_tol")}
     r, tol = limits["separation_ratio"], limits["saturation_tol"]
     first = rows.drop_duplicates(["seed", "set"]).set_index("seed")
-    paired = first.loc[first["set"] == TOP, ["delta_ppl", "loss"]].merge(
-        first.loc[first["set"] == control, ["delta_ppl", "loss"]], left_index=True, right_index=True,
-        suffixes=("", "_control"))
-    per_seed, separates, fails, saturated = {}, [], [], []
-    for seed, (top, top_loss, ctl, ctl_loss) in paired.sort_index().iterrows():
+    columns = ["delta_ppl", "loss", "delta_ppl_lo", "delta_ppl_hi"]
+    paired = first.loc[first["set"] == TOP, columns].merge(
+        first.loc[first["set"] == control, columns], left_index=True, right_index=True, suffixes=("", "_control"))
+    per_seed, separates, fails, saturated, overlap = {}, [], [], [], []
+    for seed, (top, top_loss, top_lo, top_hi, ctl, ctl_loss, ctl_lo, ctl_hi) in paired.sort_index().iterrows():
+        interval = {"top_interval": [top_lo, top_hi], "control_interval": [ctl_lo, ctl_hi]}
         if _saturated(top_loss, uniform_loss, tol) and _saturated(ctl_loss, uniform_loss, tol):
             per_seed[int(seed)] = {TOP: top, "control": ctl, "ratio": math.nan, "top_loss": top_loss,
-                                   "control_loss": ctl_loss, "saturated": True}
+                                   "control_loss": ctl_loss, "saturated": True, **interval}
             saturated.append(int(seed))
             continue
         if math.isnan(top) or math.isnan(ctl):  # no dPPL to compare (a NaN loss on one side only)
             continue
         ratio = top / ctl if ctl > 0 else math.nan
+        apart = top_lo > ctl_hi  # NaN bounds (no interval) are never apart
         per_seed[int(seed)] = {TOP: top, "control": ctl, "ratio": ratio, "top_loss": top_loss,
-                               "control_loss": ctl_loss, "saturated": False}
-        separates.append(top > 0 and top > ctl and top >= r * max(ctl, 0.0))
+                               "control_loss": ctl_loss, "saturated": False, "apart": apart, **interval}
+        separates.append(top > 0 and top > ctl and top >= r * max(ctl, 0.0) and apart)
         fails.append(top <= ctl)
+        if not apart and top > ctl:
+            overlap.append(int(seed))
     ratios = [v["ratio"] for v in per_seed.values() if not math.isnan(v["ratio"])]
     numbers = {**perturbation, "seeds": len(per_seed), "min_ratio": min(ratios, default=math.nan),
                "trivial_control": trivial, "uniform_loss": uniform_loss, "saturated_seeds": saturated,
-               "per_seed": per_seed}
+               "overlapping_seeds": overlap, "per_seed": per_seed}
     detail = "; ".join(_seed_detail(seed, values, control) for seed, values in per_seed.items())
     if not per_seed:
         status, lead = "warn", f"no seed has both top and {control} results"
@@ -244,7 +253,11 @@ def _separation(name: str, control: str, rows: pd.DataFrame, trivial: bool,
                                 f"seed(s); the perturbation destroys the model whichever weights it "
                                 f"hits (lower the scale)")
     elif all(separates):
-        status, lead = "good", f"top beats {control} by >= x{r:g} in every seed"
+        status, lead = "good", (f"top beats {control} by >= x{r:g} in every seed, with the bootstrap "
+                                f"intervals of dPPL apart")
+    elif overlap:
+        status, lead = "warn", (f"top beats {control} on the point estimate, but the bootstrap intervals "
+                                f"of dPPL overlap in seed(s) {overlap}")
     else:
         status, lead = "warn", f"top beats {control} but not by x{r:g} in every seed"
     if trivial and status != "bad":

@@ -60,15 +60,16 @@ def unigram_text(windows: int, seed: int, length: int = 32) -> torch.Tensor:
 
 def confirm_by_activation(model, top_n: int = 5):
     """Score ``model`` by activation_magnitude on one unigram text and confirm its global
-    top-``top_n`` on another: ``(Confirmation, baseline metrics)``."""
+    top-``top_n`` on another: ``(Confirmation, its esa.damage.Baseline)``."""
     from esa.candidates import build_candidates
     from esa.confirm import confirm_super_weights
+    from esa.damage import Baseline
     from esa.evaluation import evaluate
     from esa.scores import compute_scores
     from esa.targets import find_targets, target_table
 
     calib, evaluation = unigram_text(8, seed=1), unigram_text(8, seed=2)  # scored on one, judged on another
-    baseline = evaluate(model, evaluation, batch_size=4).metrics()
+    baseline = Baseline.of(evaluate(model, evaluation, batch_size=4))
     targets = find_targets(model)
     scores = compute_scores(model, targets, calib, ["activation_magnitude"], batch_size=4, seed=0,
                             progress=False)["activation_magnitude"]

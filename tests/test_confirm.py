@@ -12,11 +12,12 @@ from transformers import FalconH1Config, FalconH1ForCausalLM, Gemma2Config, Gemm
 
 from esa.candidates import build_candidates
 from esa.confirm import (COLUMNS, SUPER_EXPERT_COLUMNS, SUPER_WEIGHT_COLUMNS, activation_trace,
-                         confirm_super_experts, confirm_super_weights, first_changed_layer, global_top,
-                         zero_each)
+                         confirm_super_experts, confirm_super_weights, global_top, zero_each)
+from esa.damage import Baseline
 from esa.errors import ESAError
 from esa.evaluation import evaluate
 from esa.perturb import perturbed
+from esa.replay import first_changed_layer
 from esa.score_stats import build_stats
 from esa.scores import TRACE_COLUMNS, compute_scores
 from esa.targets import Target, find_targets, target_table
@@ -71,21 +72,21 @@ def test_confirm_finds_exactly_the_planted_super_weight():
         DOWN, 0, "mlp.down_proj", ROW, COL, ROW * INTERMEDIATE + COL)
     assert hit["weight"] == 1.0 and result.index[result["confirmed"]].tolist() == [0]  # ranked first
     # baseline ~ exp(unigram entropy 2.04); without the weight the prediction is ~uniform over 64
-    assert baseline["ppl"] == pytest.approx(6.63, abs=0.05)
-    assert hit["ppl_before"] == baseline["ppl"]
+    assert baseline.ppl == pytest.approx(6.63, abs=0.05)
+    assert hit["ppl_before"] == baseline.ppl
     assert 40 < hit["ppl_after"] < 80 and hit["ppl_ratio"] > 6
     others = result[~result["confirmed"]]
     assert (others["ppl_ratio"] - 1).abs().max() < 0.01  # the rest of its column: harmless
     for name, p in model.named_parameters():  # every zeroing was undone bit-exactly
         assert torch.equal(p, before[name]), name
-    assert confirmation.rerun.metrics() == baseline
+    assert confirmation.rerun.nll.tolist() == baseline.nll.tolist()  # the rerun is the baseline, bit for bit
     pd.testing.assert_frame_equal(confirmation.activations, activation_trace(model, unigram_text(8, seed=2), 4))
 
 
 def test_factor_is_the_confirmation_line():
     model = _planted_model()
     evaluation = unigram_text(4, seed=2)
-    baseline = evaluate(model, evaluation, batch_size=4).metrics()
+    baseline = Baseline.of(evaluate(model, evaluation, batch_size=4))
     candidates = pd.DataFrame({"tensor": DOWN, "layer": 0, "module": "mlp.down_proj", "expert": -1, "part": "",
                                "row": [ROW],
                                "col": [COL], "flat_index": [ROW * INTERMEDIATE + COL], "weight": [1.0],
@@ -125,7 +126,7 @@ def test_confirm_tests_each_weight_of_the_metrics_top_n_once():
     (score included) of the metric listed first; the rest of the layout is that of one metric."""
     model = _planted_model()
     evaluation = unigram_text(4, seed=2)
-    baseline = evaluate(model, evaluation, batch_size=4).metrics()
+    baseline = Baseline.of(evaluate(model, evaluation, batch_size=4))
     targets = find_targets(model)
     table = target_table(targets)
     weights = {t.name: model.get_parameter(t.name).detach() for t in targets}
@@ -142,7 +143,7 @@ def test_confirm_tests_each_weight_of_the_metrics_top_n_once():
     result = confirm_super_weights(model, candidates, dict.fromkeys(candidates, table), evaluation, 4,
                                    baseline, top_n=2).super_weights
 
-    assert len(evaluated) == 4  # one batch: the trace, two distinct weights, the rerun
+    assert len(evaluated) == 5  # one batch: the trace, the reference, two distinct weights, the rerun
     assert list(result.columns) == SUPER_WEIGHT_COLUMNS
     planted_index, other_index = ROW * INTERMEDIATE + COL, 0
     assert list(zip(result["metric"], result["rank"], result["flat_index"], result["score"])) == [
@@ -218,7 +219,7 @@ def test_skipping_the_unchanged_layers_is_bit_exact(build, names):
     it (float64 rounding is no excuse here, every operation and its inputs are identical)."""
     model = build()
     windows = torch.randint(0, 64, (6, 12), generator=torch.Generator().manual_seed(1))  # 2 batches, 1 partial
-    baseline = evaluate(model, windows, 4).metrics()
+    baseline = Baseline.of(evaluate(model, windows, 4))
     candidates = _largest_entries(model, names)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     layers = model.get_decoder().layers
@@ -229,17 +230,18 @@ def test_skipping_the_unchanged_layers_is_bit_exact(build, names):
 
     result = zero_each(model, candidates, windows, 4, baseline)
 
-    # layer i ran in the trace pass, the rerun and every ablation starting at or below it
+    # layer i ran in the trace pass, the damage meter's reference pass, the rerun and every
+    # ablation starting at or below it
     starts = [first_changed_layer(model, name) for name in names]
-    assert computed == [2 * (2 + sum(s <= i for s in starts)) for i in range(len(layers))]
+    assert computed == [2 * (3 + sum(s <= i for s in starts)) for i in range(len(layers))]
     table = result.super_weights
     assert table["tensor"].tolist() == names
     for i, name in enumerate(names):
         with perturbed(model, candidates.iloc[i:i + 1], "zero"):
             full = evaluate(model, windows, 4).ppl
         assert table["ppl_after"].iloc[i] == full, name
-        assert full != baseline["ppl"], name  # the ablation did reach the loss
-    assert result.rerun.metrics() == baseline
+        assert full != baseline.ppl, name  # the ablation did reach the loss
+    assert result.rerun.nll.tolist() == baseline.nll.tolist()
     for name, p in model.named_parameters():  # zeroed entries and skipped layers restored
         assert torch.equal(p, before[name]), name
     assert not any("forward" in layer.__dict__ or layer._forward_hooks for layer in layers)
@@ -260,9 +262,11 @@ def test_a_dense_model_has_no_super_experts(monkeypatch):
     model = make_tiny_llama()
     targets = find_targets(model)
     stats = build_stats(targets, {t.name: torch.rand(t.rows, t.cols) for t in targets})
-    monkeypatch.setattr("esa.confirm.evaluate", lambda *args, **kwargs: pytest.fail("evaluated a dense model"))
+    windows = unigram_text(2, seed=2)
+    baseline = Baseline.of(evaluate(model, windows, 2))
+    monkeypatch.setattr("esa.confirm.DamageMeter", lambda *args, **kwargs: pytest.fail("evaluated a dense model"))
     result = confirm_super_experts(model, {"activation_magnitude": stats, "grad_x_weight": stats},
-                                   unigram_text(2, seed=2), batch_size=2, baseline={"ppl": 7.5})
+                                   windows, batch_size=2, baseline=baseline)
     assert result.empty and list(result.columns) == SUPER_EXPERT_COLUMNS
     assert [str(result[c].dtype) for c in ("rank", "layer", "expert", "ppl_ratio", "confirmed")] == [
         "int64", "int32", "int32", "float64", "bool"]

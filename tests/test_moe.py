@@ -13,6 +13,7 @@ from conftest import UNIGRAM, confirm_by_activation, shared_sign_direction, unig
 
 from esa.architecture import mlp_output_projections, split_expert
 from esa.confirm import SUPER_EXPERT_COLUMNS, activation_trace, confirm_super_experts
+from esa.damage import Baseline, DamageMeter
 from esa.evaluation import evaluate, mean_token_loss
 from esa.perturb import perturbed
 from esa.score_stats import build_stats
@@ -188,7 +189,7 @@ def test_the_expert_holding_a_planted_super_weight_is_the_one_super_expert(famil
     model = _planted(family)
     stats = _activation_stats(model)
     evaluation = unigram_text(8, seed=2)
-    baseline = evaluate(model, evaluation, batch_size=4).metrics()
+    baseline = Baseline.of(evaluate(model, evaluation, batch_size=4))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = confirm_super_experts(model, {"activation_magnitude": stats}, evaluation, batch_size=4,
                                    baseline=baseline, top_n=3, factor=1.5)
@@ -206,8 +207,8 @@ def test_the_expert_holding_a_planted_super_weight_is_the_one_super_expert(famil
     assert result["score_mass"].is_monotonic_decreasing and result["score_mass"].iloc[1] < first["score_mass"]
     assert result["confirmed"].tolist() == [True, False, False]
     assert first["ppl_ratio"] > 3 and result["ppl_ratio"].iloc[1:].lt(1.01).all()  # the others cost nothing
-    assert (result["ppl_before"] == baseline["ppl"]).all()
-    assert (result["ppl_ratio"] == result["ppl_after"] / baseline["ppl"]).all()
+    assert (result["ppl_before"] == baseline.ppl).all()
+    assert (result["ppl_ratio"] == result["ppl_after"] / baseline.ppl).all()
     # ppl_after is the full evaluation of the model with the expert's matrices zeroed
     stack = model.model.layers[0].mlp.experts
     with torch.no_grad():
@@ -228,14 +229,18 @@ def test_an_expert_several_metrics_rank_is_zeroed_once(family, monkeypatch):
                                               for t in table]})
     zeroed = []
 
-    def counting(model, *args, **kwargs):
-        stacks = [layer.mlp.experts for layer in model.model.layers]
+    measure = DamageMeter.measure
+
+    def counting(meter, start=0):
+        stacks = [layer.mlp.experts for layer in meter.model.model.layers]
         zeroed.append([(i, e) for i, s in enumerate(stacks) for e in range(EXPERTS)
                        if not s.down_proj[e].any() and not s.gate_up_proj[e].any()])
-        return evaluate(model, *args, **kwargs)
+        return measure(meter, start)
 
-    monkeypatch.setattr("esa.confirm.evaluate", counting)
-    result = confirm_super_experts(model, stats, _windows(2, seed=5), batch_size=2, baseline={"ppl": 64.0}, top_n=2)
+    monkeypatch.setattr(DamageMeter, "measure", counting)
+    windows = _windows(2, seed=5)
+    result = confirm_super_experts(model, stats, windows, batch_size=2, baseline=Baseline.of(evaluate(model, windows, 2)),
+                                   top_n=2)
     assert zeroed == [[(0, 1)], [(1, 3)], [(0, 2)]]  # first-seen order, one expert at a time
     assert list(zip(result["metric"], result["rank"], result["layer"], result["expert"], result["score_mass"])) == [
         ("grad_x_weight", 0, 0, 1, 9.0), ("grad_x_weight", 1, 1, 3, 5.0),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama
+from esa.damage import Baseline, DamageMeter
 from esa.evaluation import evaluate
 from esa.perturb import RESULT_COLUMNS, perturbed, run_perturbations
 
@@ -161,7 +162,7 @@ def test_empty_selection_leaves_the_loss_exactly_at_baseline(tiny_llama, tiny_wi
 
 def test_results_table_against_the_given_baseline(tiny_llama, tiny_windows):
     model, before = tiny_llama, snapshot(tiny_llama)
-    baseline = evaluate(model, tiny_windows, batch_size=4).metrics()
+    baseline = Baseline.of(evaluate(model, tiny_windows, batch_size=4))
     masks = {1: mask(model, 1), 0: mask(model, 0)}
     results = run_perturbations(model, masks, tiny_windows, 4, baseline, "zero", progress=False)
     assert list(results.columns) == RESULT_COLUMNS
@@ -171,15 +172,15 @@ def test_results_table_against_the_given_baseline(tiny_llama, tiny_windows):
         with perturbed(model, masks[row.seed][masks[row.seed].set == row.set], "zero"):
             direct = evaluate(model, tiny_windows, batch_size=4)
         assert row.loss == direct.loss and row.ppl == direct.ppl
-        assert row.delta_loss == direct.loss - baseline["loss"]
-        assert row.delta_ppl == direct.ppl - baseline["ppl"]
-        assert row.ppl_ratio == direct.ppl / baseline["ppl"]
+        assert row.delta_loss == direct.loss - baseline.loss
+        assert row.delta_ppl == direct.ppl - baseline.ppl
+        assert row.ppl_ratio == direct.ppl / baseline.ppl
     assert (results.delta_ppl != 0).all()
     assert_bit_identical(model, before)
 
     # Zero-scale noise writes the weights back unchanged: the deltas are exactly 0.
     unchanged = run_perturbations(model, masks, tiny_windows, 4, baseline, "gaussian", 0.0, progress=False)
-    assert (unchanged.delta_loss == 0).all() and (unchanged.ppl == baseline["ppl"]).all()
+    assert (unchanged.delta_loss == 0).all() and (unchanged.ppl == baseline.ppl).all()
     assert (unchanged.ppl_ratio == 1).all() and not unchanged.evaluated.any()
     assert results.evaluated.all()
 
@@ -187,21 +188,20 @@ def test_results_table_against_the_given_baseline(tiny_llama, tiny_windows):
 def test_a_set_that_changes_no_value_is_the_baseline_without_evaluating(tiny_llama, tiny_windows, monkeypatch):
     """sign_flip of weights that are 0 writes -0.0: the same function, so the row is the
     baseline's (equal to a real evaluation) and the model is not evaluated again."""
-    import esa.perturb
-
     model = tiny_llama
     name = TENSORS[0]
     with torch.no_grad():
         model.get_parameter(name).view(-1)[:4] = 0.0
-    baseline = evaluate(model, tiny_windows, batch_size=4).metrics()
+    baseline = Baseline.of(evaluate(model, tiny_windows, batch_size=4))
     zeros = pd.DataFrame({"set": "bottom_k", "tensor": name, "flat_index": np.arange(4)})
     with perturbed(model, zeros, "sign_flip") as info:
         assert info.n_changed == 0 and info.n_weights == 4
         assert torch.signbit(model.get_parameter(name).view(-1)[:4]).all()  # -0.0 was written
         direct = evaluate(model, tiny_windows, batch_size=4)
-    assert direct.loss == baseline["loss"]
+    assert direct.loss == baseline.loss
     calls = []
-    monkeypatch.setattr(esa.perturb, "evaluate", lambda *a, **k: calls.append(a) or evaluate(*a, **k))
+    measure = DamageMeter.measure
+    monkeypatch.setattr(DamageMeter, "measure", lambda *a, **k: calls.append(a) or measure(*a, **k))
     result = run_perturbations(model, {0: zeros}, tiny_windows, 4, baseline, "sign_flip",
                                sets=("bottom_k",), progress=False)
     assert calls == [] and not result.evaluated.item()
@@ -209,7 +209,7 @@ def test_a_set_that_changes_no_value_is_the_baseline_without_evaluating(tiny_lla
 
 
 def test_same_seed_gives_identical_results(tiny_llama, tiny_windows):
-    baseline = evaluate(tiny_llama, tiny_windows, batch_size=4).metrics()
+    baseline = Baseline.of(evaluate(tiny_llama, tiny_windows, batch_size=4))
     masks = {0: mask(tiny_llama, 0), 5: mask(tiny_llama, 5)}
 
     def run():
@@ -224,7 +224,7 @@ def test_same_seed_gives_identical_results(tiny_llama, tiny_windows):
 def test_non_finite_loss_is_recorded_not_raised(tiny_windows):
     model = make_tiny_llama(dtype=torch.float16)
     before = snapshot(model)
-    baseline = evaluate(model, tiny_windows, batch_size=4).metrics()
+    baseline = Baseline.of(evaluate(model, tiny_windows, batch_size=4))
     # 1e9 * eps overflows fp16 (max 65504): the selected weights become +-inf, the loss NaN.
     results = run_perturbations(model, {0: mask(model, 0)}, tiny_windows, 4, baseline, "gaussian", 1e9,
                                 "absolute", sets=("top",), progress=False)
@@ -233,7 +233,7 @@ def test_non_finite_loss_is_recorded_not_raised(tiny_windows):
 
 
 def test_overflowing_perplexity_is_inf_not_an_error(tiny_llama, tiny_windows):
-    baseline = evaluate(tiny_llama, tiny_windows, batch_size=4).metrics()
+    baseline = Baseline.of(evaluate(tiny_llama, tiny_windows, batch_size=4))
     # Huge lm_head weights give logits ~1e20: a finite loss far above log(float max) ~ 709.8.
     huge = pd.DataFrame({"set": "top", "tensor": "lm_head.weight", "flat_index": range(64 * 16)})
     results = run_perturbations(tiny_llama, {0: huge}, tiny_windows, 4, baseline, "sign_flip", 1e20,
@@ -242,7 +242,7 @@ def test_overflowing_perplexity_is_inf_not_an_error(tiny_llama, tiny_windows):
 
 
 def test_unknown_or_missing_set_is_an_error(tiny_llama, tiny_windows):
-    baseline = evaluate(tiny_llama, tiny_windows, batch_size=4).metrics()
+    baseline = Baseline.of(evaluate(tiny_llama, tiny_windows, batch_size=4))
     top_only = {0: selection(tiny_llama)}
     with pytest.raises(ValueError, match="top, random_k, bottom_k"):
         run_perturbations(tiny_llama, top_only, tiny_windows, 4, baseline, "zero", sets=("top", "random"))

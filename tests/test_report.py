@@ -58,7 +58,8 @@ def _results() -> pd.DataFrame:
                            ("bottom_k", 0.0)):
             rows.append({"set": name, "seed": seed, "n_weights": 20, "perturb": "zero", "scale": 1.0,
                          "noise": "relative", "loss": 2.5, "ppl": BASELINE["ppl"] + dppl, "delta_loss": 0.1,
-                         "delta_ppl": dppl, "ppl_ratio": 1 + dppl / BASELINE["ppl"],
+                         "delta_ppl": dppl, "delta_ppl_lo": dppl * 0.9, "delta_ppl_hi": dppl * 1.1,
+                         "ppl_ratio": 1 + dppl / BASELINE["ppl"], "kl": dppl / 100, "top1": 1 - dppl / 1000,
                          "finite": dppl < math.inf})
     return pd.DataFrame(rows)
 
@@ -71,7 +72,9 @@ def _super_weights(after=(1250.0, 12.2, 30.0)) -> pd.DataFrame:
         "module": "mlp.down_proj", "expert": -1, "part": "", "row": [3, 9, 5], "col": [7, 2, 11],
         "flat_index": [3 * 40 + 7, 9 * 40 + 2, 5 * 40 + 11], "weight": [-2.75, 0.125, 4.5],
         "score": [1e4, 30.0, 20.0], "ppl_before": BASELINE["ppl"], "ppl_after": list(after)})
-    tested = tested.assign(ppl_ratio=tested["ppl_after"] / BASELINE["ppl"])
+    dppl = tested["ppl_after"] - BASELINE["ppl"]
+    tested = tested.assign(ppl_ratio=tested["ppl_after"] / BASELINE["ppl"], delta_ppl_lo=dppl * 0.8,
+                           delta_ppl_hi=dppl * 1.25, kl=[6.5, 0.01, 0.2], top1=[0.125, 0.99, 0.9])
     tested = tested.assign(confirmed=tested["ppl_ratio"] >= 1.5)[SUPER_COLUMNS]
     ranks = pd.DataFrame({"metric": ["grad_x_weight", "grad_x_weight", "activation_magnitude", "grad_squared"],
                           "rank": [0, 1, 0, 0], "flat_index": [127, 362, 127, 211]})
@@ -85,7 +88,9 @@ def _super_experts() -> pd.DataFrame:
             ("activation_magnitude", 0, 0, 2, 900.0, 120.0), ("activation_magnitude", 1, 1, 3, 300.0, 14.0)]
     frame = pd.DataFrame(rows, columns=["metric", "rank", "layer", "expert", "score_mass", "ppl_after"])
     frame = frame.assign(stack="mlp.experts", ppl_before=BASELINE["ppl"],
-                         ppl_ratio=frame["ppl_after"] / BASELINE["ppl"])
+                         ppl_ratio=frame["ppl_after"] / BASELINE["ppl"],
+                         delta_ppl_lo=frame["ppl_after"] - BASELINE["ppl"] - 1,
+                         delta_ppl_hi=frame["ppl_after"] - BASELINE["ppl"] + 1, kl=0.5, top1=0.75)
     return frame.assign(confirmed=frame["ppl_ratio"] >= 1.5)[SUPER_EXPERT_COLUMNS]
 
 
@@ -198,7 +203,7 @@ def test_super_experts_are_listed_largest_ppl_factor_first(study, tmp_path):
     assert re.findall(r"<th>([^<]*)</th>", head) == SUPER_EXPERT_COLUMNS
     rows = [re.findall(r"<td>([^<]*)</td>", row) for row in re.findall(r"<tr>(<td>.*?)</tr>", section)]
     ppl = BASELINE["ppl"]
-    assert [(r[0], r[1], r[2], r[3], r[4], r[5], r[7], r[8], r[9]) for r in rows] == [
+    assert [(*r[:6], r[7], r[8], r[-1]) for r in rows] == [
         ("grad_x_weight", "0", "0", "mlp.experts", "2", "40", "120", f"{120 / ppl:.4g}", "True"),
         ("activation_magnitude", "0", "0", "mlp.experts", "2", "900", "120", f"{120 / ppl:.4g}", "True"),
         ("activation_magnitude", "1", "1", "mlp.experts", "3", "300", "14", f"{14 / ppl:.4g}", "False"),
@@ -242,10 +247,14 @@ def test_report_opens_with_the_summary(study, tmp_path):
     # each confirmed super weight once, largest factor first, with the metrics and ranks that found it
     assert "2 confirmed super weights of 3 tested" in text
     rows = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td><b>([^<]*)</b></td><td>[^<]*</td>"
-                      r"<td>([^<]*)</td></tr>", summary)
+                      r"<td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td></tr>", summary)
+    dppl = 1250 - BASELINE["ppl"]
     assert rows == [(f"{TARGETS[1].name}[3, 7]", "-2.75", f"&times;{1250 / BASELINE['ppl']:.3g}",
+                     f"{dppl * 0.8:.4g} &ndash; {dppl * 1.25:.4g}", "6.5", "0.125",
                      "grad_x_weight #1, activation_magnitude #1"),
-                    (f"{TARGETS[3].name}[5, 11]", "4.5", f"&times;{30 / BASELINE['ppl']:.3g}", "grad_squared #1")]
+                    (f"{TARGETS[3].name}[5, 11]", "4.5", f"&times;{30 / BASELINE['ppl']:.3g}",
+                     f"{(30 - BASELINE['ppl']) * 0.8:.4g} &ndash; {(30 - BASELINE['ppl']) * 1.25:.4g}", "0.2", "0.9",
+                     "grad_squared #1")]
     assert "[9, 2]" not in summary  # tested, not confirmed
     # the verdict counts of verdict.json
     stored = json.loads((study["root"] / "report/verdict.json").read_text())

@@ -10,6 +10,7 @@ import torch
 
 from conftest import make_tiny_llama
 from esa.config import validate_config
+from esa.damage import Baseline
 from esa.errors import ESAError
 from esa.evaluation import evaluate
 from esa.data import windows_frame
@@ -142,10 +143,12 @@ def test_topk_spread_flips_at_threshold_and_skips_other_modes():
 
 # ---- separation -------------------------------------------------------------------------
 
-def _results(rows: dict[int, tuple[float, float, float]], perturb="zero") -> pd.DataFrame:
-    """{seed: (dPPL top, dPPL random_k, dPPL bottom_k)} as perturb results rows."""
+def _results(rows: dict[int, tuple[float, float, float]], perturb="zero", spread: float = 0.0) -> pd.DataFrame:
+    """{seed: (dPPL top, dPPL random_k, dPPL bottom_k)} as perturb results rows, each dPPL's
+    bootstrap interval +- ``spread`` around it."""
     records = [{"set": name, "seed": seed, "n_weights": 4, "perturb": perturb, "scale": 1.0,
                 "noise": "relative", "delta_ppl": value, "ppl": 10.0 + value,
+                "delta_ppl_lo": value - spread, "delta_ppl_hi": value + spread,
                 "loss": math.log(10.0 + value), "finite": True}
                for seed, values in rows.items()
                for name, value in zip(("top", "random_k", "bottom_k"), values)]
@@ -175,13 +178,26 @@ def test_separation_flips_at_ratio(top, control, status):
     assert ratio == (pytest.approx(expected) if expected is not None else None)
 
 
+@pytest.mark.parametrize("spread, status", [(0.99, "good"), (1.0, "warn"), (3.0, "warn")])
+def test_separation_needs_the_intervals_apart(spread, status):
+    """dPPL 4 vs 2 (ratio 2): good only while top's lower bound (4 - spread) is above the
+    control's upper bound (2 + spread); overlapping intervals are a warn naming the seed."""
+    rows = _results({0: (4.0, 2.0, 2.0)}, spread=spread)
+    verdict = separation_verdicts(_experiment(results=rows), T)[0]
+    assert verdict["status"] == status
+    assert verdict["numbers"]["overlapping_seeds"] == ([] if status == "good" else [0])
+    if status == "warn":
+        assert "bootstrap intervals of dPPL overlap in seed(s) [0]" in verdict["message"]
+    assert f"dPPL top 4 [{4 - spread:.3g}, {4 + spread:.3g}] vs random_k 2" in verdict["message"]
+
+
 def test_separation_needs_every_seed():
     verdicts = _separation({0: (4.0, 1.0, 1.0), 1: (1.5, 1.0, 1.0)})
     assert verdicts["separation_random_k"]["status"] == "warn"
     assert verdicts["separation_random_k"]["numbers"]["min_ratio"] == 1.5
     verdicts = _separation({0: (4.0, 1.0, 1.0), 1: (0.9, 1.0, 1.0)})
     assert verdicts["separation_random_k"]["status"] == "bad"
-    assert "seed 1: dPPL top 0.9 vs random_k 1" in verdicts["separation_random_k"]["message"]
+    assert "seed 1: dPPL top 0.9 [0.9, 0.9] vs random_k 1 [1, 1]" in verdicts["separation_random_k"]["message"]
 
 
 def test_trivial_zero_score_bottom_k_is_flagged():
@@ -212,11 +228,12 @@ def test_saturated_perturbation_is_flagged_not_no_separation():
             if param.ndim == 2:
                 param.mul_(30)
     windows = torch.randint(0, 64, (6, 12), generator=torch.Generator().manual_seed(1))
-    baseline = {**evaluate(model, windows, 6).metrics(), "vocab_size": 64}
+    unmodified = evaluate(model, windows, 6)
+    baseline = {**unmodified.metrics(), "vocab_size": 64}
     picks = np.random.default_rng(0).choice(16 * 32, size=(2, 4), replace=False)
     mask = pd.DataFrame([{"tensor": "model.layers.0.mlp.down_proj.weight", "flat_index": int(i), "set": name,
                           "score": 1.0} for name, row in zip(("top", "random_k"), picks) for i in row])
-    results = run_perturbations(model, {0: mask}, windows, 6, baseline, "sign_flip", 1e30, "relative",
+    results = run_perturbations(model, {0: mask}, windows, 6, Baseline.of(unmodified), "sign_flip", 1e30, "relative",
                                 sets=("top", "random_k"), progress=False)
     assert np.allclose(results["loss"], math.log(64), rtol=1e-5)
     verdict = compute_verdicts(baseline, [_experiment(results=results)])[1]
@@ -254,6 +271,7 @@ def test_baseline_metrics_record_the_vocabulary_size(tmp_path):
 def test_saturation_flips_at_tolerance(top_loss, control_loss, status):
     results = _results({0: (5.0, 5.0, 5.0)}).query("set != 'bottom_k'").assign(
         loss=[top_loss, control_loss], delta_ppl=[math.exp(top_loss) - 10, math.exp(control_loss) - 10])
+    results = results.assign(delta_ppl_lo=results["delta_ppl"], delta_ppl_hi=results["delta_ppl"])
     verdict = separation_verdicts(_experiment(results=results), T, vocab_size=64)[0]
     assert verdict["status"] == status
     assert ("saturated" in verdict["message"]) == (status == "warn")
