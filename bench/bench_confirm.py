@@ -8,8 +8,9 @@ and activation_magnitude on 4 pydoc calibration windows, takes every metric's gl
 
 - old: each weight zeroed alone and the whole model evaluated, then the activation trace and
   the rerun of the unmodified model (three separate kinds of pass);
-- new: :func:`esa.confirm.zero_each`, as the confirm step runs it (trace pass keeps the candidate layers'
-  inputs, each ablation runs only its layer onwards, then the rerun).
+- new: :func:`esa.confirm.zero_each`, as the confirm step runs it (the trace pass, the damage
+  meter's reference pass that keeps the candidate layers' inputs, each ablation from its layer on
+  with its KL and bootstrap interval, then the rerun).
 
 and checks that both give the same ppl_after, trace and rerun, bit for bit.
 """
@@ -23,11 +24,13 @@ import pandas as pd
 import torch
 
 from esa.candidates import build_candidates
-from esa.confirm import WEIGHT_KEY, activation_trace, first_changed_layer, global_top, zero_each
+from esa.confirm import WEIGHT_KEY, activation_trace, global_top, zero_each
+from esa.damage import Baseline
 from esa.data import load_documents, make_windows
 from esa.evaluation import evaluate
 from esa.models import load_model, load_tokenizer, resolve_source
 from esa.perturb import perturbed
+from esa.replay import first_changed_layer
 from esa.scores import compute_scores
 from esa.targets import find_targets, target_table
 
@@ -57,7 +60,8 @@ def main() -> None:
     print(f"{len(chosen)} weights in layers {sorted(starts)}; {args.windows} windows x {args.seq_len} "
           f"tokens, threads {torch.get_num_threads()}")
     print(f"share of decoder-layer work left per ablation: {sum(layers - s for s in starts) / layers / len(starts):.2f}")
-    baseline = evaluate(model, windows, args.batch_size).metrics()
+    unmodified = evaluate(model, windows, args.batch_size)
+    baseline = Baseline.of(unmodified)
 
     start = time.perf_counter()
     old = []
@@ -76,7 +80,7 @@ def main() -> None:
           f"speed-up {old_seconds / new_seconds:.2f}x")
     assert new.super_weights["ppl_after"].tolist() == old, "ppl_after differs"
     pd.testing.assert_frame_equal(new.activations, old_trace)
-    assert new.rerun.metrics() == old_rerun.metrics() == baseline
+    assert new.rerun.metrics() == old_rerun.metrics() == unmodified.metrics()
     print("identical ppl_after, trace and rerun")
 
 
