@@ -32,6 +32,10 @@ include: "rules/baseline.smk"
 include: "rules/scores.smk"
 include: "rules/topk.smk"
 include: "rules/perturb.smk"
+include: "rules/culprits.smk"
+include: "rules/mechanism.smk"
+include: "rules/published.smk"
+include: "rules/quantize.smk"
 include: "rules/report.smk"
 
 

@@ -13,9 +13,9 @@ import sys
 from .errors import ESAError
 
 # step -> module: the table steps (esa.steps) never import torch, so their jobs start fast
-MODEL_STEPS = ("model", "data", "baseline", "scores", "perturb", "confirm")
+MODEL_STEPS = ("model", "data", "baseline", "scores", "perturb", "confirm", "mechanism", "culprits", "quantize")
 TABLE_STEPS = ("topk", "plots", "activation_plot", "stability", "agreement", "report", "merge_scores",
-               "comparison")
+               "comparison", "published", "protect_mask")
 
 
 def step_function(step: str):

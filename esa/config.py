@@ -2,7 +2,8 @@
 
 Beyond the schema, validation rejects what JSON schema cannot express: a number that is NaN
 or infinite (NaN passes every ``minimum``), a ``scoring.targets`` pattern that is not a
-regular expression, and experiment names used twice.
+regular expression, experiment names used twice, and a ``culprits`` entry that is not an
+experiment perturbing with zero or sign_flip (or a ``culprits.seed`` that is not its seed).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ESAError
-from .names import COMPARISON
+from .names import COMPARISON, CULPRIT_PERTURBATIONS
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "config" / "schema.yaml"
@@ -58,7 +59,24 @@ def validate_config(config: dict) -> dict:
     if COMPARISON in (m["name"] for m in study_models(config)):
         raise ESAError(f"invalid config at models: {COMPARISON!r} is the comparison page's directory "
                        f"under results/; name the model otherwise")
+    _check_culprits(config)
     return config
+
+
+def _check_culprits(config: dict) -> None:
+    """Each ``culprits.experiments`` name is an experiment perturbing with zero or sign_flip,
+    and a ``culprits.seed`` is one of its seeds."""
+    allowed = {e["name"]: e.get("seeds", config["seeds"]) for e in config["experiments"]
+               if e["perturb"] in CULPRIT_PERTURBATIONS}
+    seed = config["culprits"]["seed"]
+    for name in config["culprits"]["experiments"]:
+        if name not in allowed:
+            raise ESAError(f"invalid config at culprits.experiments: {name!r} is not an experiment with a "
+                           f"{' or '.join(CULPRIT_PERTURBATIONS)} perturbation; allowed: "
+                           f"{', '.join(allowed) or 'none'}")
+        if seed is not None and seed not in allowed[name]:
+            raise ESAError(f"invalid config at culprits.seed: {seed} is not a seed of experiment {name!r} "
+                           f"(seeds {allowed[name]})")
 
 
 def study_models(config: dict) -> list[dict]:

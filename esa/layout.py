@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from .config import study_models
 from .errors import ESAError
 from .names import ACTIVATION_MAGNITUDE, COMPARISON, GAUSSIAN, METRICS, RELATIVE
+from .published import coordinates_of
 
 KEY_SEP = "/"
 
@@ -32,6 +33,10 @@ STABILITY_FILES = {"pairs": "pairs.parquet", "summary": "summary.json"}
 CONFIRM_FILES = {"super_weights": "super_weights.parquet", "super_experts": "super_experts.parquet",
                  "activations": "activations.parquet", "rerun": "baseline_rerun.json"}
 REPORT_FILES = {"verdicts": "verdict.json", "index": "index.html", "plots": "plots"}
+CULPRIT_FILES = {"culprits": "culprits.parquet", "search": "search.parquet", "summary": "summary.json"}
+MECHANISM_FILES = {"sweep": "sweep.parquet", "restore": "restore.parquet", "control": "control.parquet"}
+PUBLISHED_FILES = {"matches": "matches.parquet"}
+QUANTIZE_FILES = {"results": "results.parquet", "manifest": "experiment_manifest.json"}
 
 
 def flatten_paths(paths: Mapping, prefix: str = "") -> dict[str, str]:
@@ -155,8 +160,30 @@ class Layout:
     def confirm_files(self) -> dict[str, str]:
         return _in(f"{self.root}/confirm", CONFIRM_FILES)
 
+    def culprit_files(self, experiment: str = "{experiment}") -> dict[str, str]:
+        """The culprit search of one experiment's top set (``esa.culprits``)."""
+        return _in(f"{self.root}/culprits/{experiment}", CULPRIT_FILES)
+
     def report_files(self) -> dict[str, str]:
         return _in(f"{self.root}/report", REPORT_FILES)
+
+    def mechanism_files(self) -> dict[str, str]:
+        return _in(f"{self.root}/mechanism", MECHANISM_FILES)
+
+    def mechanism(self) -> bool:
+        """Whether the study runs the super weights' mechanism: enabled, and confirm runs (any experiment)."""
+        return bool(self.experiments) and self.config["mechanism"]["enabled"]
+
+    def published_files(self) -> dict[str, str]:
+        return _in(f"{self.root}/published", PUBLISHED_FILES)
+
+    def quantize_files(self) -> dict[str, str]:
+        return _in(f"{self.root}/quantize", QUANTIZE_FILES)
+
+    def protect_mask_files(self, metric="{metric}", k="{k}") -> dict[str, str]:
+        """One metric's global top-k as an exportable protect mask (built on request only)."""
+        base = f"{self.root}/quantize/protect/{metric}_k{k}"
+        return {"mask": f"{base}.parquet", "tensors": f"{base}.safetensors"}
 
     def log(self, job: str) -> str:
         return f"{self.logs}/{job}.log"
@@ -240,9 +267,57 @@ class Layout:
         files = {m: self.score_files(m, self.confirm_seed()) for m in self.scored_metrics()}
         return {kind: {m: f[kind] for m, f in files.items()} for kind in ("candidates", "stats")}
 
+    def culprit_experiments(self) -> list[str]:
+        """The experiments whose top set a culprit search takes apart (config ``culprits``)."""
+        return list(self.config["culprits"]["experiments"]) if self.experiments else []
+
+    def culprit_seed(self, name: str) -> int:
+        """The seed of the mask searched: ``culprits.seed``, or the experiment's first seed."""
+        seed = self.config["culprits"]["seed"]
+        return seed if seed is not None else self.experiments[name]["seeds"][0]
+
+    def culprit_inputs(self, name: str) -> dict[str, str]:
+        """What one culprit search reads: the model, the evaluation windows, the baseline, the
+        experiment's mask of the culprit seed and confirm's super weights."""
+        e = self.experiments[name]
+        return {"model": self.model_ref, "eval": self.data_files("eval")["windows"],
+                "baseline": self.baseline_files()["metrics"], "baseline_windows": self.baseline_files()["windows"],
+                "mask": self.mask(**self._key(e), seed=self.culprit_seed(name)),
+                "super_weights": self.confirm_files()["super_weights"]}
+
+    def published(self) -> list[dict]:
+        """The published super-weight coordinates of this model (``esa.published``) when the
+        study scores any metric; none for a layout of patterns (call on ``of(model)``)."""
+        if not self.experiments or self.model not in self.models:
+            return []
+        return coordinates_of(self.config, self.model)
+
+    def published_inputs(self) -> dict:
+        """What the published step reads: the confirm step's inputs and its super weights."""
+        return {**self.confirm_inputs(), "super_weights": self.confirm_files()["super_weights"]}
+
+    def quantize(self) -> bool:
+        """Whether the study runs the quantize phase: any ``quantize.schemes``."""
+        return bool(self.config.get("quantize", {}).get("schemes"))
+
+    def quantize_metrics(self) -> list[str]:
+        """The metrics whose top-k quantization protects: ``quantize.metrics``, or every scored one."""
+        metrics = self.config["quantize"]["metrics"]
+        return list(metrics) if metrics is not None else self.scored_metrics()
+
+    def quantize_inputs(self) -> dict:
+        """What the quantize step reads: the model, the evaluation windows, the baseline, each
+        protecting metric's candidates on the confirm seed and confirm's super weights."""
+        return {"model": self.model_ref, "eval": self.data_files("eval")["windows"],
+                "baseline": self.baseline_files()["metrics"], "baseline_windows": self.baseline_files()["windows"],
+                "candidates": {m: self.score_files(m, self.confirm_seed())["candidates"]
+                               for m in self.quantize_metrics()},
+                "super_weights": self.confirm_files()["super_weights"]}
+
     def report_inputs(self) -> dict:
         """Everything the report reads, by name: per experiment (and seed) its files, the
-        agreement tables, the confirmation and the baseline."""
+        agreement tables, the confirmation, the culprit searches, the published super weights'
+        matches (when the model has any: call on ``of(model)``) and the baseline."""
         baseline = self.baseline_files()
         inputs: dict = {"baseline": baseline["metrics"], "baseline_config": baseline["config"], "stats": {}, "masks": {},
                         "results": {}, "stability": {}, "stability_pairs": {}}
@@ -258,12 +333,26 @@ class Layout:
         inputs["agreement"] = self.agreement_files()
         if self.experiments:
             inputs.update(self.confirm_files())
+        inputs["culprits"] = {name: self.culprit_files(name) for name in self.culprit_experiments()}
+        if self.mechanism():
+            inputs["mechanism"] = self.mechanism_files()
+        if self.published():
+            inputs["published"] = self.published_files()["matches"]
+        if self.quantize():
+            inputs["quantize"] = self.quantize_files()["results"]
         return inputs
 
     def model_files(self) -> list[str]:
         """Everything one model's study produces (call on ``of(model)``)."""
         files = list(dict.fromkeys(f for name in self.experiments for f in self.experiment_targets(name)))
         files = (files or [self.baseline_files()["metrics"]]) + list(self.agreement_files().values())
+        files += [self.culprit_files(name)["summary"] for name in self.culprit_experiments()]
+        if self.mechanism():
+            files += list(self.mechanism_files().values())
+        if self.published():
+            files.append(self.published_files()["matches"])
+        if self.quantize():
+            files.append(self.quantize_files()["results"])
         if self.config["report"]:
             files.append(self.report_files()["index"])
         return files

@@ -198,3 +198,85 @@ def step_confirm(spec: dict, *, model: str, eval: str, baseline: str, baseline_w
     write_parquet_atomic(experts, super_experts)
     write_parquet_atomic(result.activations, activations)
     write_json_atomic(result.rerun.metrics(), rerun)
+
+
+def step_mechanism(spec: dict, *, model: str, eval: str, baseline: str, baseline_windows: str, super_weights: str,
+                   sweep: str, restore: str, control: str) -> None:
+    """How each confirmed super weight of confirm's ``super_weights`` acts
+    (:func:`esa.mechanism.super_weight_mechanism`): the scale sweep over ``spec["scales"]``, the
+    massive-activation restore at ``spec["massive_fraction"]`` of the peak, the matched-magnitude
+    control. No confirmed super weight: the three tables are written empty, the model not loaded.
+    """
+    from .mechanism import Mechanism, confirmed_weights, super_weight_mechanism
+
+    table = read_parquet(super_weights)
+    if confirmed_weights(table).empty:
+        log.info("mechanism: no confirmed super weight")
+        result = Mechanism.of([], [], [])
+    else:
+        result = super_weight_mechanism(_load(spec, model), table, torch.from_numpy(data.read_windows(eval)),
+                                        spec["batch_size"], read_baseline(baseline, baseline_windows),
+                                        spec["scales"], spec["massive_fraction"], chunk_size=spec["loss_chunk"],
+                                        bootstrap=Bootstrap(**spec["bootstrap"]))
+    for frame, path in ((result.sweep, sweep), (result.restore, restore), (result.control, control)):
+        write_parquet_atomic(frame, path)
+
+
+def step_culprits(spec: dict, *, model: str, eval: str, baseline: str, baseline_windows: str, mask: str,
+                  super_weights: str, culprits: str, search: str, summary: str) -> None:
+    """Take the top set of one experiment's mask (seed ``spec["seed"]``) apart by adaptive group
+    testing (:func:`esa.culprits.find_culprits`): the experiment's perturbation
+    (``spec["perturb"]``, ``spec["scale"]``), destructive at ``spec["factor"]``, at most
+    ``spec["budget"]`` evaluations, groups of ``spec["min_group"]`` weights not split. A set
+    that is not destructive is evaluated once and written with no culprits. ``super_weights``:
+    confirm's, for the summary's confirmed super weights in the set.
+    """
+    from .culprits import culprit_summary, find_culprits, search_layers
+    from .damage import DamageMeter
+
+    chosen = read_parquet(mask)
+    top = chosen[chosen["set"] == TOP]
+    lm = _load(spec, model)
+    meter = DamageMeter(lm, torch.from_numpy(data.read_windows(eval)), spec["batch_size"],
+                        read_baseline(baseline, baseline_windows), spec["loss_chunk"], search_layers(lm, top),
+                        Bootstrap(**spec["bootstrap"]))
+    result = find_culprits(lm, top, meter, spec["perturb"], spec["scale"], spec["factor"], spec["budget"],
+                           spec["min_group"])
+    facts = culprit_summary(result, read_parquet(super_weights))
+    log.info("culprits of %s: %d weights, ppl ratio %.4g, %d evaluations, %d culprit weights", spec["experiment"],
+             facts["n_weights"], facts["set_ppl_ratio"], facts["evaluations"], facts["culprit_weights"])
+    write_parquet_atomic(result.culprits, culprits)
+    write_parquet_atomic(result.search, search)
+    write_json_atomic({key: spec[key] for key in ("experiment", "seed", "perturb", "scale", "factor", "min_group")}
+                      | facts, summary)
+
+
+def step_quantize(spec: dict, *, model: str, eval: str, baseline: str, baseline_windows: str,
+                  candidates: dict[str, str], super_weights: str, results: str, manifest: str) -> None:
+    """Quantize every target with each scheme of ``spec["schemes"]`` (RTN, :mod:`esa.quantize`)
+    under every protect condition (:mod:`esa.protect`: none, each metric's global top-k of
+    ``candidates`` (metric -> path on the confirm seed, for every metric of ``spec["metrics"]``)
+    at each k of ``spec["protect"]``, random_k drawn with ``spec["seed"]``, the confirmed super
+    weights of ``super_weights``) and measure the damage against the unquantized baseline.
+    """
+    from .mechanism import confirmed_weights
+    from .protect import protect_conditions
+    from .quantize import Scheme, run_quantization
+    from .targets import target_table
+
+    metrics = spec["metrics"]
+    if sorted(candidates) != sorted(metrics):
+        raise ESAError(f"quantize needs candidates of the metrics {metrics}, got {sorted(candidates)}")
+    device = models.resolve_device(spec["device"])
+    record = RunRecord(spec, device, spec["dtype"], "quantize")
+    lm = _load(spec, model)
+    targets = find_targets(lm, spec["targets"]["include"], spec["targets"]["exclude"])
+    schemes = [Scheme(s["bits"], s["group_size"]) for s in spec["schemes"]]
+    conditions = protect_conditions({m: read_parquet(candidates[m]) for m in metrics}, target_table(targets),
+                                    spec["protect"], spec["seed"], confirmed_weights(read_parquet(super_weights)))
+    reference = read_baseline(baseline, baseline_windows)
+    table = run_quantization(lm, targets, schemes, conditions, torch.from_numpy(data.read_windows(eval)),
+                             spec["batch_size"], reference, chunk_size=spec["loss_chunk"],
+                             bootstrap=Bootstrap(**spec["bootstrap"]))
+    write_parquet_atomic(table, results)
+    write_json_atomic(record.finish(baseline_ppl=reference.ppl), manifest)

@@ -6,7 +6,11 @@ error, the confirmed super weights with their PPL factor and the metrics that ra
 the verdict counts); the verdicts grouped by experiment, worst group first, a group with a
 bad or warn verdict open and an all-good group collapsed; then the figures: one section per
 experiment (score distribution, hotspots, dPPL of top vs controls with one dot per seed,
-Jaccard across seeds), metric agreement, the super weights, the super experts (a
+Jaccard across seeds), metric agreement, the super weights, how each acts (scale sweep,
+massive activation restored, matched control), the super weights published for
+the model (their rank under each metric, tested and confirmed or not), the culprits found in
+destructive top sets by group testing, what keeping weights in full precision buys under
+RTN quantization (PPL against k per scheme), the super experts (a
 mixture-of-experts model's experts zeroed whole) and the massive-activation trace.
 A part whose inputs were not produced says "not run" rather than disappearing. The PNGs are
 also written to a plots folder (``report/plots/`` in the workflow).
@@ -26,6 +30,7 @@ import pandas as pd
 
 from . import plots, report_plots
 from .io import read_parquet, write_atomic
+from .names import PROTECT_METRIC, PROTECT_NONE, RANDOM_K, RANK_EXACT, RANK_NOT_SCORED, SUPER_WEIGHTS
 from .results import ExperimentData, load_experiment, read_agreement, read_json, read_optional
 from .verdicts import count_statuses
 
@@ -174,13 +179,16 @@ def _headline_weights(weights: pd.DataFrame | None, factor: float) -> str:
                 f'ranked by {_e(top.ranked_by)}).</p><p class="note">{rule}</p>')
     rows = "".join(
         f"<tr><td>{_e(_weight_name(r))}</td><td>{_e(_fmt(r.weight))}</td><td><b>{_factor(r.ppl_ratio)}</b></td>"
-        f"<td>{_e(_fmt(r.ppl_before))} &rarr; {_e(_fmt(r.ppl_after))}</td><td>{_e(r.ranked_by)}</td></tr>"
+        f"<td>{_e(_fmt(r.ppl_before))} &rarr; {_e(_fmt(r.ppl_after))}</td>"
+        f"<td>{_e(_fmt(r.delta_ppl_lo))} &ndash; {_e(_fmt(r.delta_ppl_hi))}</td><td>{_e(_fmt(r.kl))}</td>"
+        f"<td>{_e(_fmt(r.top1))}</td><td>{_e(r.ranked_by)}</td></tr>"
         for r in confirmed.itertuples(index=False))
     return (f'<p class="headline"><b>{len(confirmed)} confirmed super weight{"s" * (len(confirmed) > 1)}</b> '
             f'of {len(weights)} tested</p><p class="note">{rule} Ranked by: the metrics whose top-N held '
             "the weight, at which rank (#1 = the metric's highest score).</p>"
             '<table class="super-weights"><thead><tr><th>weight</th><th>value</th><th>PPL factor</th>'
-            f"<th>PPL: baseline &rarr; zeroed</th><th>ranked by</th></tr></thead><tbody>{rows}</tbody></table>")
+            "<th>PPL: baseline &rarr; zeroed</th><th>dPPL 95% interval</th><th>KL (nats/token)</th><th>top-1 kept</th>"
+            f"<th>ranked by</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
 def _baseline_facts(baseline: Mapping) -> str:
@@ -239,7 +247,12 @@ def _experiment_section(exp: ExperimentData, plot_dir: Path) -> str:
         parts.append(_figure(plot_dir / f"{slug}_delta_ppl.png", f"{exp.name} dPPL",
                              lambda path: report_plots.plot_delta_ppl(exp.results, path,
                                                                       f"{exp.name}: dPPL per seed")))
-        columns = ["set", "seed", "n_weights", "perturb", "scale", "ppl", "delta_ppl", "ppl_ratio", "finite"]
+        columns = ["set", "seed", "n_weights", "perturb", "scale", "ppl", "delta_ppl", "delta_ppl_lo", "delta_ppl_hi",
+                   "ppl_ratio", "kl", "top1", "finite"]
+        parts.append('<p class="note">delta_ppl_lo / delta_ppl_hi: the paired bootstrap interval of dPPL over '
+                     "the evaluation windows; kl: mean KL divergence (nats per token) from the unperturbed "
+                     "model's next-token distribution; top1: share of positions whose top-1 token is "
+                     "unchanged.</p>")
         parts.append(_table(exp.results[columns].sort_values(["seed", "set"])))
     parts.append("<h3>Stability across seeds</h3>")
     if exp.stability_pairs is None or exp.stability_pairs.empty:
@@ -289,6 +302,148 @@ def _super_expert_section(experts: pd.DataFrame | None, factor: float) -> str:
     return f'<section id="super-experts"><h2>Super experts</h2>{body}</section>'
 
 
+def _published_rank(match) -> str:
+    """One metric's rank of a published weight (``esa.published``): #1 = its highest score."""
+    if match.status == RANK_NOT_SCORED:
+        return "not scored"
+    if match.status == RANK_EXACT:
+        return f"#{match.rank + 1}"
+    where = "not exactly ranked" if match.candidate else f"not among the top-{match.kept} candidates"
+    return f"{where} (rank &ge; #{match.rank + 1})"
+
+
+def _published_section(matches: pd.DataFrame | None) -> str:
+    """Each super weight published for the model: its rank under every metric on the confirm
+    seed, whether confirm tested (zeroed alone) and confirmed it, and the citation."""
+    if matches is None:
+        body = '<p class="not-run">no published coordinates for this model</p>'
+    else:
+        metrics = list(dict.fromkeys(matches["metric"]))
+        rows = []
+        for _, group in matches.groupby(["tensor", "row", "col"], sort=False):
+            first = group.iloc[0]
+            verdict = ("n/a" if not first.tested else
+                       f"{'<b>yes</b>' if first.confirmed else 'no'}, PPL {_factor(first.ppl_ratio)}")
+            ranks = dict(zip(group["metric"], (_published_rank(m) for m in group.itertuples(index=False))))
+            rows.append(f"<tr><td>{_e(_weight_name(first))}</td>"
+                        + "".join(f"<td>{ranks[m]}</td>" for m in metrics)
+                        + f"<td>{'yes' if first.tested else 'no'}</td><td>{verdict}</td>"
+                        f"<td>{_e(first.source)}</td></tr>")
+        published_as = ", ".join(dict.fromkeys(matches["model"]))
+        body = (f"<p>{len(rows)} super weight{'s' * (len(rows) != 1)} published for <b>{_e(published_as)}</b>: "
+                "the rank of each under every metric on the confirm seed (#1 = the metric's highest score), "
+                "and whether confirm tested it (zeroed it alone: it was in a metric's top-N) and confirmed it.</p>"
+                "<table><thead><tr><th>weight</th>" + "".join(f"<th>{_e(m)} rank</th>" for m in metrics)
+                + f"<th>tested by ESA</th><th>confirmed</th><th>source</th></tr></thead><tbody>{''.join(rows)}"
+                "</tbody></table>")
+    return f'<section id="published"><h2>Published super weights</h2>{body}</section>'
+
+
+def _mechanism_section(paths: Mapping | None, baseline_ppl: float, plot_dir: Path) -> str:
+    """How each confirmed super weight acts (``esa.mechanism``): PPL against its scale, its
+    massive activation restored, its tensor's matched-magnitude control, and the three tables."""
+    if paths is None:
+        body = NOT_RUN
+    else:
+        sweep, restore, control = (read_parquet(paths[name]) for name in ("sweep", "restore", "control"))
+        body = "<p>no confirmed super weight</p>" if restore.empty else (
+            '<p class="note">Scale: each confirmed super weight alone set to s &middot; w (0 zeroes it, -1 flips '
+            "its sign). Restored: the weight zeroed while its MLP output projection's output channel (its row) "
+            "gets back the unmodified model's values at the massive positions, where |value| is at least "
+            "mechanism.massive_fraction of its peak; recovered = (loss zeroed - loss restored) / (loss zeroed - "
+            "loss baseline). Matched control: the same number of the tensor's largest other |w| zeroed.</p>"
+            + _figure(plot_dir / "mechanism_scale.png", "PPL against the super weights' scale",
+                      lambda path: report_plots.plot_scale_sweep(sweep, baseline_ppl, path))
+            + _figure(plot_dir / "mechanism_restore.png", "super weights zeroed, restored, matched control",
+                      lambda path: report_plots.plot_mechanism_bars(restore, control, baseline_ppl, path))
+            + "<h3>Scale sweep</h3>" + _table(sweep[["tensor", "row", "col", "weight", "scale", "ppl", "ppl_ratio",
+                                                     "delta_ppl_lo", "delta_ppl_hi", "kl", "top1"]])
+            + "<h3>Massive activation restored</h3>" + _table(restore[[
+                "tensor", "row", "col", "projection", "positions", "peak", "ppl_zeroed", "kl_zeroed", "ppl_restored",
+                "kl_restored", "recovered", "reason"]])
+            + "<h3>Matched-magnitude control</h3>" + _table(control[[
+                "tensor", "set", "n_weights", "flat_indices", "abs_min", "abs_max", "ppl", "ppl_ratio", "kl", "top1"]]))
+    return f'<section id="mechanism"><h2>How each super weight acts</h2>{body}</section>'
+
+
+def _quantize_headline(part: pd.DataFrame) -> str:
+    """One scheme in a sentence: PPL with none kept, with the super weights kept, and the metric
+    whose top-k helped most at its k, against random_k at that k."""
+    def ppl(row) -> str:
+        return _e(_fmt(row["ppl"]))
+
+    none = part[part["protect"] == PROTECT_NONE].iloc[0]
+    text = f"none kept: PPL {ppl(none)}"
+    saved = part[part["protect"] == SUPER_WEIGHTS].iloc[0]
+    text += (f"; the {saved['n_protected']} confirmed super weight(s) kept: PPL {ppl(saved)}" if saved["n_protected"]
+             else "; no confirmed super weight to keep")
+    ranked = part[part["protect"] == PROTECT_METRIC]
+    if len(ranked):
+        best = ranked.loc[ranked["ppl"].idxmin()]
+        control = part[(part["protect"] == RANDOM_K) & (part["k"] == best["k"])].iloc[0]
+        text += (f"; best: {_e(best['metric'])} top-{best['k']} kept: PPL {ppl(best)} "
+                 f"(random_k {best['k']}: {ppl(control)})")
+    return text
+
+
+def _quantize_section(results: pd.DataFrame | None, baseline_ppl: float, plot_dir: Path) -> str:
+    """What keeping weights in full precision buys under RTN quantization (``esa.quantize``):
+    a sentence per scheme, PPL against k per scheme, and the results table."""
+    if results is None:
+        body = NOT_RUN
+    else:
+        schemes = results.groupby(["bits", "group_size"], sort=False)
+        lines = "".join(f"<li><b>{_e(report_plots.scheme_label(bits, group))}</b>: {_quantize_headline(part)}</li>"
+                        for (bits, group), part in schemes)
+        body = ('<p class="note">Round-to-nearest, asymmetric min-max quantization of every target weight, '
+                "per group of group_size weights along the input dimension (or per output channel); the weights "
+                "kept in full precision keep their value and are left out of their group's min and max. Kept: "
+                "nothing (none), a metric's global top-k, k random target weights (random_k), the confirmed "
+                f"super weights. Unquantized baseline PPL {_e(_fmt(baseline_ppl))}.</p><ul>{lines}</ul>"
+                + _figure(plot_dir / "quantize_protection.png", "PPL vs weights protected",
+                          lambda path: report_plots.plot_quantize_protection(results, baseline_ppl, path))
+                + _table(results[["bits", "group_size", "protect", "metric", "k", "n_protected", "ppl", "delta_ppl",
+                                  "delta_ppl_lo", "delta_ppl_hi", "kl", "top1", "finite"]]))
+    return f'<section id="quantize"><h2>Quantization: what protection buys</h2>{body}</section>'
+
+
+def _culprit_section(paths: Mapping | None, plot_dir: Path) -> str:
+    """Each culprit search (``esa.culprits``; ``paths``: experiment -> its culprits, search and
+    summary files): what it found in one sentence, the culprits and a figure of the search."""
+    if not paths:
+        return f'<section id="culprits"><h2>Culprits in destructive sets</h2>{NOT_RUN}</section>'
+    parts = ['<p class="note">Adaptive group testing of a destructive top set: a group of its weights is '
+             "perturbed alone, and a destructive one (PPL factor at least confirm's) is split in two halves, "
+             "each tested in turn, until single culprit weights remain, or a group neither of whose halves is "
+             "destructive alone (an interaction), or the budget of evaluations is spent.</p>"]
+    for name, files in paths.items():
+        summary, culprits = read_json(files["summary"]), read_parquet(files["culprits"])
+        parts.append(f"<h3>{_e(name)}</h3><p>The top set of {summary['n_weights']} weights (seed {summary['seed']}, "
+                     f"{_e(summary['perturb'])} at scale {summary['scale']:g}) multiplies PPL by "
+                     f"{_factor(summary['set_ppl_ratio'])}")
+        if not summary["destructive"]:
+            parts.append(f": not destructive (below &times;{summary['factor']:g}), not searched.</p>")
+            continue
+        found = summary["super_weights_found"]
+        missed = [w for w in summary["super_weights_in_set"] if w not in found]
+        interactions = int(culprits["interaction"].sum())
+        parts.append(
+            f". {summary['evaluations']} of {summary['budget']} evaluations found <b>{summary['culprit_weights']} "
+            f"culprit weight(s)</b>, {summary['culprit_groups']} culprit group(s) ({interactions} "
+            f"destructive only with weights of both halves together) and left {summary['unresolved_groups']} "
+            "group(s) unresolved. "
+            + (f"Confirm had already confirmed {len(found)} of them: {_e(', '.join(found))}." if found
+               else "Confirm had confirmed none of them.")
+            + (f" Confirmed super weights in the set not found as culprits: {_e(', '.join(missed))}." if missed else "")
+            + "</p>")
+        parts.append(_table(culprits[["kind", "interaction", "size", "first", "last", "ppl_ratio", "delta_ppl_lo",
+                                      "delta_ppl_hi", "kl", "top1"]]))
+        parts.append(_figure(plot_dir / f"culprits_{_slug(name)}.png", f"{name} culprit search",
+                             lambda path: report_plots.plot_culprit_search(
+                                 read_parquet(files["search"]), path, f"{name}: culprit search")))
+    return f'<section id="culprits"><h2>Culprits in destructive sets</h2>{"".join(parts)}</section>'
+
+
 def _activation_section(trace: pd.DataFrame | None, plot_dir: Path) -> str:
     body = NOT_RUN if trace is None or trace.empty else _figure(
         plot_dir / "massive_activations.png", "massive activations",
@@ -300,7 +455,8 @@ def _activation_section(trace: pd.DataFrame | None, plot_dir: Path) -> str:
 def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None,
                  super_weights_path=None, activations_path=None, verdicts_path=None,
                  out_html="index.html", *, baseline_config, plot_dir, model: str,
-                 factor: float = 1.5, title: str = "ESA report", super_experts_path=None) -> str:
+                 factor: float = 1.5, title: str = "ESA report", super_experts_path=None,
+                 published_path=None, mechanism_paths=None, culprit_paths=None, quantize_path=None) -> str:
     """Write the self-contained report to ``out_html`` (its figures to ``plot_dir``) and
     return its HTML.
 
@@ -312,7 +468,12 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
     list (one per mode and k). Every other input is a path; any of them None makes its section
     say "not run": super weights as confirm writes them (``esa.confirm.SUPER_WEIGHT_COLUMNS``,
     tested with ``factor``), super experts likewise (``esa.confirm.SUPER_EXPERT_COLUMNS``),
-    activation trace parquet (``esa.scores.TRACE_COLUMNS``), verdict JSON.
+    activation trace parquet (``esa.scores.TRACE_COLUMNS``), verdict JSON; published super
+    weights' matches (``esa.published.MATCH_COLUMNS``; None says the model has none);
+    ``mechanism_paths``: the mechanism step's ``sweep``, ``restore`` and ``control`` by name
+    (``esa.mechanism``); ``culprit_paths``: experiment -> its culprit search's ``culprits``,
+    ``search`` and ``summary`` (``esa.culprits``); ``quantize_path``: the quantize step's
+    results (``esa.quantize.RESULT_COLUMNS``; group_size -1 = per output channel).
     """
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -326,6 +487,10 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
         *(_experiment_section(load_experiment(entry), plot_dir) for entry in experiments),
         _agreement_section(read_agreement(agreement_paths), plot_dir),
         _super_weight_section(weights, plot_dir, factor),
+        _mechanism_section(mechanism_paths, read_json(baseline_path)["ppl"], plot_dir),
+        _published_section(read_optional(published_path, read_parquet)),
+        _culprit_section(culprit_paths, plot_dir),
+        _quantize_section(read_optional(quantize_path, read_parquet), read_json(baseline_path)["ppl"], plot_dir),
         _super_expert_section(read_optional(super_experts_path, read_parquet), factor),
         _activation_section(read_optional(activations_path, read_parquet), plot_dir),
     ]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .names import SETS
+from .names import MATCHED_CONTROL, PER_CHANNEL, PROTECT_METRIC, PROTECT_NONE, RANDOM_K, SETS, SUPER_WEIGHTS
 from .plots import plt, save_figure, sns  # one Agg backend setup and one saver for every figure
 
 
@@ -107,3 +107,114 @@ def plot_super_weights(df: pd.DataFrame, path: str | Path, factor: float = 1.5) 
     ax.set_title("zeroing each candidate alone: PPL / baseline PPL")
     save_figure(fig, path)
 
+
+
+def _weight_label(row) -> str:
+    """``L0 mlp.down_proj [5, 7]``: a super weight's layer, the last two parts of its tensor's name, row and col."""
+    name = ".".join(row.tensor.removesuffix(".weight").rsplit(".", 2)[-2:])
+    return f"L{row.layer} {name} [{row.row}, {row.col}]"
+
+
+def _capped(ppl: pd.Series) -> tuple[pd.Series, float]:
+    """PPL with inf (a destroyed model) drawn at 10x the largest finite value: (values, that ceiling)."""
+    finite = ppl.replace([np.inf, -np.inf], np.nan)
+    ceiling = 10 * (float(finite.max()) if finite.notna().any() else 1.0)
+    return ppl.where(~np.isinf(ppl), ceiling), ceiling
+
+
+def plot_scale_sweep(sweep: pd.DataFrame, baseline_ppl: float, path: str | Path) -> None:
+    """PPL against the scale s of w <- s * w, one line per super weight (esa.mechanism), log y,
+    with the baseline PPL as a dashed line; a non-finite PPL is drawn at a dotted ceiling."""
+    ppl, ceiling = _capped(sweep["ppl"])
+    data = pd.DataFrame({"scale": sweep["scale"], "PPL": ppl,
+                         "weight": [_weight_label(r) for r in sweep.itertuples(index=False)]}).sort_values("scale")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sns.lineplot(data=data, x="scale", y="PPL", hue="weight", marker="o", ax=ax)
+    ax.axhline(baseline_ppl, color="black", ls="--", lw=1, label="baseline")
+    if np.isinf(sweep["ppl"]).any():
+        ax.axhline(ceiling, color="crimson", lw=0.8, ls=":", label="PPL not finite")
+    ax.set_yscale("log")
+    ax.set_xlabel("scale s (w <- s * w; 1 = unchanged)")
+    ax.legend(fontsize=8)
+    ax.set_title("each super weight scaled alone")
+    save_figure(fig, path)
+
+
+def plot_mechanism_bars(restore: pd.DataFrame, control: pd.DataFrame, baseline_ppl: float,
+                        path: str | Path) -> None:
+    """Per super weight: PPL of the baseline, with the weight zeroed, zeroed with its massive
+    activation restored (absent for a weight outside an MLP output projection), and with its
+    tensor's matched-magnitude control zeroed (esa.mechanism), log y."""
+    matched = control[control["set"] == MATCHED_CONTROL].set_index("tensor")["ppl"]
+    rows = []
+    for r in restore.itertuples(index=False):
+        label = _weight_label(r)
+        rows += [(label, "baseline", baseline_ppl), (label, "zeroed", r.ppl_zeroed),
+                 (label, "zeroed + restored", r.ppl_restored), (label, "matched control", matched[r.tensor])]
+    data = pd.DataFrame(rows, columns=["weight", "edit", "PPL"])
+    data["PPL"], _ = _capped(data["PPL"])
+    fig, ax = plt.subplots(figsize=(max(7.0, 2.2 * len(restore) + 2), 4.5))
+    sns.barplot(data=data, x="weight", y="PPL", hue="edit", ax=ax)
+    ax.set_yscale("log")
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_title("PPL: zeroed, massive activation restored, matched control")
+    save_figure(fig, path)
+
+
+def plot_culprit_search(search: pd.DataFrame, path: str | Path, title: str) -> None:
+    """Every evaluation of a culprit search (``esa.culprits.SEARCH_COLUMNS``): the size of the
+    group perturbed against the evaluation step, a line from each group to its halves,
+    destructive groups in crimson."""
+    at = search.set_index("group")
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.2 * len(search) + 3), 4.2))
+    for row in search[search["parent"] > 0].itertuples(index=False):
+        parent = at.loc[row.parent]
+        ax.plot([parent["step"], row.step], [parent["size"], row.size], color="lightgrey", lw=0.8, zorder=1)
+    data = search.assign(outcome=search["destructive"].map({True: "destructive", False: "not destructive"}))
+    sns.scatterplot(data=data, x="step", y="size", hue="outcome", hue_order=["destructive", "not destructive"],
+                    palette=["crimson", "grey"], s=50, zorder=2, ax=ax)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("evaluation step")
+    ax.set_ylabel("weights perturbed together")
+    ax.set_title(title)
+    save_figure(fig, path)
+
+
+def scheme_label(bits: int, group_size: int) -> str:
+    """``int3, per channel`` or ``int4, group 128`` (a row of quantize/results.parquet)."""
+    return f"int{bits}, " + ("per channel" if group_size == PER_CHANNEL else f"group {group_size}")
+
+
+def plot_quantize_protection(results: pd.DataFrame, baseline_ppl: float, path: str | Path) -> None:
+    """PPL of the quantized model against k, the weights kept in full precision (esa.quantize),
+    one panel per scheme: a line per metric's global top-k, the random_k control dashed, the
+    confirmed super weights as a star, horizontal lines at none kept and at the unquantized
+    baseline; log x and y, a non-finite PPL drawn at a dotted ceiling."""
+    ppl, ceiling = _capped(results["ppl"])
+    data = results.assign(PPL=ppl, scheme=[scheme_label(b, g) for b, g in zip(results["bits"], results["group_size"])],
+                          kept=results["metric"].where(results["protect"] == PROTECT_METRIC, results["protect"]))
+    schemes = list(dict.fromkeys(data["scheme"]))
+    lines = data[data["protect"].isin([PROTECT_METRIC, RANDOM_K])]
+    kept = list(dict.fromkeys(lines["kept"]))
+    dashes = {name: (4, 2) if name == RANDOM_K else "" for name in kept}
+    fig, axes = plt.subplots(1, len(schemes), figsize=(5.5 * len(schemes) + 1.5, 4.5), squeeze=False, sharey=True)
+    for ax, scheme in zip(axes[0], schemes):
+        part = data[data["scheme"] == scheme]
+        last = ax is axes[0][-1]
+        sns.lineplot(data=lines[lines["scheme"] == scheme], x="k", y="PPL", hue="kept", hue_order=kept, style="kept",
+                     style_order=kept, dashes=dashes, markers=True, legend=last, ax=ax)
+        saved = part[(part["protect"] == SUPER_WEIGHTS) & (part["n_protected"] > 0)]
+        ax.scatter(saved["k"], saved["PPL"], marker="*", s=160, color="crimson", zorder=3, label="super weights")
+        ax.axhline(float(part.loc[part["protect"] == PROTECT_NONE, "PPL"].iloc[0]), color="grey", ls=":",
+                   label="none kept")
+        ax.axhline(baseline_ppl, color="black", lw=0.8, label="unquantized")
+        if np.isinf(part["ppl"]).any():
+            ax.axhline(ceiling, color="crimson", lw=0.8, ls=":", label="PPL not finite")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("k: weights kept in full precision")
+        ax.set_title(scheme)
+        if last:
+            ax.legend(fontsize=8)
+    fig.suptitle("PPL vs weights protected")
+    save_figure(fig, path)

@@ -18,6 +18,7 @@ from .errors import ESAError
 from .io import read_parquet, write_atomic, write_json_atomic, write_parquet_atomic
 from .layout import by_seed
 from .names import TABLE_COLUMNS
+from .published import PUBLISHED_COLUMNS, match_published
 from .selection import build_mask
 from .stability import metric_agreement, seed_stability
 
@@ -81,14 +82,18 @@ def step_report(spec: dict, *, verdicts: str, index: str, plots: str, baseline: 
                 stats: dict, masks: dict, results: dict | None = None, stability: dict | None = None,
                 stability_pairs: dict | None = None, agreement: dict | None = None,
                 super_weights: str | None = None, super_experts: str | None = None,
-                activations: str | None = None, rerun: str | None = None) -> None:
+                activations: str | None = None, rerun: str | None = None, published: str | None = None,
+                mechanism: dict | None = None, culprits: dict | None = None, quantize: str | None = None) -> None:
     """verdict.json and the self-contained index.html (figures in ``plots``) of the whole study.
 
     ``spec["experiments"]``: name, metric, mode, k, seeds of each experiment; ``stats`` and
     ``masks``: experiment -> seed -> path; ``results``, ``stability``, ``stability_pairs``:
     experiment -> path, for the experiments that ran that part; ``agreement``: "{mode}_k{k}"
     -> path; ``baseline_config``: the baseline step's config.json; the confirm files when any
-    experiment ran.
+    experiment ran; ``published``: the published step's matches, when the model has published
+    super weights; ``mechanism``: the mechanism step's sweep, restore and control, when enabled;
+    ``culprits``: experiment -> its culprit search's culprits, search and summary, when enabled;
+    ``quantize``: the quantize step's results, when enabled.
     """
     from .report import build_report
     from .verdicts import verdicts_from_files
@@ -102,7 +107,29 @@ def step_report(spec: dict, *, verdicts: str, index: str, plots: str, baseline: 
     write_json_atomic(table, verdicts)
     build_report(baseline, entries, agreement_paths, super_weights, activations, verdicts, index,
                  baseline_config=baseline_config, plot_dir=plots, model=spec["model"],
-                 factor=spec["factor"], title=f"ESA report: {spec['model']}", super_experts_path=super_experts)
+                 factor=spec["factor"], title=f"ESA report: {spec['model']}", super_experts_path=super_experts,
+                 published_path=published, mechanism_paths=mechanism, culprit_paths=culprits,
+                 quantize_path=quantize)
+
+
+def step_published(spec: dict, *, candidates: dict, stats: dict, super_weights: str, matches: str) -> None:
+    """Where each metric ranks the super weights published for the model, and whether confirm
+    tested and confirmed them (``esa.published``).
+
+    ``spec["coordinates"]``: the model's published rows (``esa.published.PUBLISHED_COLUMNS``);
+    ``candidates`` and ``stats``: metric -> path on the confirm seed, for every metric of
+    ``spec["metrics"]``; ``super_weights``: confirm's table.
+    """
+    metrics = spec["metrics"]
+    for name, files in (("candidates", candidates), ("stats", stats)):
+        if sorted(files) != sorted(metrics):
+            raise ESAError(f"expected {name} of the metrics {metrics}, got {sorted(files)}")
+    table = match_published(
+        pd.DataFrame(spec["coordinates"], columns=PUBLISHED_COLUMNS),
+        {m: read_parquet(candidates[m], columns=["tensor", "flat_index", "score", "rank_in_tensor", "end"])
+         for m in metrics},
+        {m: read_parquet(stats[m], columns=TABLE_COLUMNS) for m in metrics}, read_parquet(super_weights))
+    write_parquet_atomic(table, matches)
 
 
 def step_merge_scores(spec: dict, *, parts: dict, **outputs: dict) -> None:
@@ -145,3 +172,20 @@ def step_comparison(spec: dict, *, index: str, baseline: dict, super_weights: di
     build_comparison(index, baseline={m: baseline[m] for m in spec["models"]}, super_weights=super_weights,
                      activations=activations, stats=stats,
                      agreement={m: agreement.get(m, {}) for m in spec["models"]}, factor=spec["factor"])
+
+
+def step_protect_mask(spec: dict, *, candidates: str, stats: str, mask: str, tensors: str) -> None:
+    """One metric's global top-k (k = ``spec["k"]``) as a protect mask to keep in full precision
+    when quantizing: ``mask`` lists the weights (``esa.protect.MASK_COLUMNS``: tensor,
+    flat_index, row, col, score); ``tensors`` (safetensors) holds one boolean matrix per target
+    tensor holding at least one of them, keyed by tensor name, shaped (rows, cols) in the Linear
+    convention (rows = output channels: the transpose of a Conv1D weight's storage; an expert's
+    matrix for ``<parameter>[e]``), True = protected."""
+    from safetensors.numpy import save_file
+
+    from .protect import mask_arrays, metric_top
+
+    table = read_parquet(stats, columns=TABLE_COLUMNS)
+    top = metric_top(read_parquet(candidates), table, spec["k"], f"protect mask {spec['metric']} k={spec['k']}")
+    write_parquet_atomic(top, mask)
+    write_atomic(tensors, lambda tmp: save_file(mask_arrays(top, table), tmp))

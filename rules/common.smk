@@ -33,7 +33,7 @@ SPLIT = LAYER_GROUPS > 1
 ORDER_ONLY = ("eval_checked",)
 
 
-GPU_RULES = ("baseline", "scores", "perturb", "confirm")
+GPU_RULES = ("baseline", "scores", "perturb", "confirm", "mechanism", "culprits", "quantize")
 BASE_RESOURCES = {"mem_mb": 8000, "runtime": 60}
 
 
@@ -113,6 +113,11 @@ def check_experiments():
             f"scoring.candidates {config['scoring']['candidates']} is smaller than the largest "
             f"topk {largest}; candidates must be >= every experiment's topk"
         )
+    if LAYOUT.quantize() and not EXPERIMENTS:
+        raise WorkflowError(
+            "quantize.schemes needs at least one experiment: it protects the scored metrics' top-k "
+            "and the super weights confirm finds"
+        )
 
 
 check_experiments()
@@ -191,6 +196,28 @@ def stability_inputs(wildcards):
 
 def agreement_inputs(wildcards):
     return named({"masks": LAYOUT.of(wildcards.model).agreement_masks(wildcards.mode, wildcards.k)})
+
+
+def culprit_inputs(wildcards):
+    return LAYOUT.of(wildcards.model).culprit_inputs(wildcards.experiment)
+
+
+def culprit_spec(wildcards):
+    """What a culprit search depends on: the experiment's perturbation, its mask's seed, the
+    confirm factor that makes a group destructive, the budget."""
+    e = EXPERIMENTS[wildcards.experiment]
+    return runtime_spec(
+        wildcards.model,
+        experiment=wildcards.experiment,
+        seed=LAYOUT.culprit_seed(wildcards.experiment),
+        perturb=e["perturb"],
+        scale=e["scale"],
+        factor=config["confirm"]["factor"],
+        budget=config["culprits"]["budget"],
+        min_group=config["culprits"]["min_group"],
+        batch_size=config["baseline"]["batch_size"],
+        bootstrap=config["bootstrap"],
+    )
 
 
 def report_spec(wildcards):

@@ -38,7 +38,7 @@ rule confirm:
 rule report:
     """verdict.json and the self-contained report page of the whole study."""
     input:
-        **named(LAYOUT.report_inputs()),
+        unpack(lambda wildcards: named(LAYOUT.of(wildcards.model).report_inputs())),
     output:
         verdicts=LAYOUT.report_files()["verdicts"],
         index=report(LAYOUT.report_files()["index"], category="Report", caption="../report/index.rst"),

@@ -1,0 +1,254 @@
+"""How each confirmed super weight acts: scale it, give back its massive activation, and set it
+against the largest other weights of its tensor.
+
+For each confirmed super weight w = W[row, col] (:mod:`esa.confirm`'s ``confirmed``, one per
+distinct (tensor, flat_index)), every edit is measured by :class:`esa.damage.DamageMeter`
+from the weight's own decoder layer on (``DAMAGE_COLUMNS``), and undone bit-exactly:
+
+- Scale sweep: ``w <- s * w`` for each s of ``scales``. s = 0 is ``esa.perturb``'s ``zero``
+  (exactly confirm's ablation), any other s its ``sign_flip`` with scale -s (sign_flip writes
+  ``-scale * w``). A scale that leaves w's value as it is (s = 1) is the baseline's row.
+- Massive-activation restore (Yu et al. 2024, "The Super Weight in Large Language Models",
+  arXiv:2411.07191, super activations), only for a weight of an MLP output projection P
+  (:func:`esa.architecture.mlp_output_projections`: down_proj, fc2, c_proj, an expert stack's
+  down_proj): w feeds output channel ``row`` of P. With y_p the unmodified model's output
+  channel ``row`` of P at every window and position p (the DamageMeter's reference pass),
+
+      massive = {p : |y_p| >= massive_fraction * max_p |y_p|};
+
+  w is zeroed and P outputs y_p on channel ``row`` at the massive positions (the zeroed
+  model's own values everywhere else), and, in loss (log-PPL),
+
+      recovered = (loss_zeroed - loss_restored) / (loss_zeroed - loss_baseline):
+
+  1 when the damage goes entirely through those activations, 0 when none of it does (NaN
+  when zeroing changes nothing or a loss is not finite). Other weights get NaN there and a
+  ``reason``; their ``*_zeroed`` columns are still measured.
+- Matched-magnitude control: per tensor holding n confirmed super weights, zero together its
+  n largest |w| that are not confirmed super weights (equal |w| by lower flat index, in the
+  Linear convention), next to zeroing its n super weights together.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .architecture import is_expert_stack, mlp_output_projections, split_expert
+from .confirm import WEIGHT_KEY
+from .damage import DAMAGE_COLUMNS, Baseline, Bootstrap, DamageMeter
+from .errors import ESAError
+from .evaluation import DEFAULT_CHUNK
+from .names import MATCHED_CONTROL, SIGN_FLIP, SUPER_WEIGHTS, ZERO
+from .perturb import first_changed_layer_of, perturbed
+from .targets import find_targets, target_parameter
+
+WEIGHT_COLUMNS = ["tensor", "flat_index", "row", "col", "layer", "module", "weight"]
+SWEEP_COLUMNS = ["tensor", "flat_index", "row", "col", "layer", "weight", "scale", *DAMAGE_COLUMNS]
+# the zeroed and the restored model's numbers (and the share recovered) of each weight
+RESTORE_NUMBERS = ["loss_baseline", "loss_zeroed", "ppl_zeroed", "kl_zeroed", "loss_restored", "ppl_restored",
+                   "kl_restored", "recovered"]
+RESTORE_COLUMNS = [*WEIGHT_COLUMNS, "projection", "positions", "peak", *RESTORE_NUMBERS, "reason"]
+# one row per (tensor, set): the flat indices zeroed together and the range of their |w|
+CONTROL_COLUMNS = ["tensor", "layer", "set", "n_weights", "flat_indices", "abs_min", "abs_max", *DAMAGE_COLUMNS]
+_DAMAGE_DTYPES = {**dict.fromkeys(DAMAGE_COLUMNS, "float64"), "finite": "bool"}
+_WEIGHT_DTYPES = {"tensor": "object", "flat_index": "int64", "row": "int64", "col": "int64", "layer": "int64",
+                  "module": "object", "weight": "float64"}
+_DTYPES = {
+    "sweep": {**{c: t for c, t in _WEIGHT_DTYPES.items() if c != "module"}, "scale": "float64", **_DAMAGE_DTYPES},
+    "restore": {**_WEIGHT_DTYPES, "projection": "object", "positions": "int64", "peak": "float64",
+                **dict.fromkeys(RESTORE_NUMBERS, "float64"), "reason": "object"},
+    "control": {"tensor": "object", "layer": "int64", "set": "object", "n_weights": "int64",
+                "flat_indices": "object", "abs_min": "float64", "abs_max": "float64", **_DAMAGE_DTYPES},
+}
+NOT_MLP_OUTPUT = "not an MLP output projection"
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """The three tables: ``sweep`` (``SWEEP_COLUMNS``, one row per (weight, scale)),
+    ``restore`` (``RESTORE_COLUMNS``, one per weight), ``control`` (``CONTROL_COLUMNS``, one
+    per (tensor, set))."""
+
+    sweep: pd.DataFrame
+    restore: pd.DataFrame
+    control: pd.DataFrame
+
+    @classmethod
+    def of(cls, sweep: list[dict], restore: list[dict], control: list[dict]) -> Mechanism:
+        """The tables of the rows, with their columns and dtypes even when empty."""
+        def frame(rows: list[dict], columns: list[str], kind: str) -> pd.DataFrame:
+            return pd.DataFrame(rows, columns=columns).astype(_DTYPES[kind])
+        return cls(frame(sweep, SWEEP_COLUMNS, "sweep"), frame(restore, RESTORE_COLUMNS, "restore"),
+                   frame(control, CONTROL_COLUMNS, "control"))
+
+
+def confirmed_weights(super_weights: pd.DataFrame) -> pd.DataFrame:
+    """The distinct confirmed weights of confirm's super_weights.parquet, in first-seen order,
+    columns ``WEIGHT_COLUMNS``."""
+    confirmed = super_weights[super_weights["confirmed"]].drop_duplicates(WEIGHT_KEY)
+    return confirmed[WEIGHT_COLUMNS].reset_index(drop=True)
+
+
+def _selection(tensor: str, flat_indices) -> pd.DataFrame:
+    return pd.DataFrame({"tensor": tensor, "flat_index": np.asarray(flat_indices, dtype=np.int64)})
+
+
+def _scaled(model: torch.nn.Module, selection: pd.DataFrame, scale: float):
+    """``w <- scale * w`` on the selection: zero for 0 (exactly), else sign_flip's ``-(-scale) * w``."""
+    return perturbed(model, selection, ZERO) if scale == 0 else perturbed(model, selection, SIGN_FLIP, -scale)
+
+
+def _projections(model: torch.nn.Module) -> dict[int, tuple[str, torch.nn.Module]]:
+    """id(parameter) -> (qualified module name, module) of each MLP output projection's matrix
+    parameter: a Linear/Conv1D's weight, an expert stack's 3-D down_proj."""
+    blocks = {id(module): name for name, module in model.named_modules()}
+    found = {}
+    for _, _, module in mlp_output_projections(model):
+        param = module.down_proj if is_expert_stack(module) else module.weight
+        found[id(param)] = (blocks[id(module)], module)
+    return found
+
+
+class _ChannelTap:
+    """Forward hook on an MLP output projection: records output channel ``row`` of each call
+    (flattened over the output's leading dimensions) or, once ``massive`` is set, writes the
+    recorded values back at the massive positions, call by call."""
+
+    def __init__(self, row: int):
+        self.row = row
+        self.recorded: list[torch.Tensor] = []
+        self.massive: list[torch.Tensor] | None = None
+        self.call = 0
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if self.massive is None:
+            self.recorded.append(hidden[..., self.row].reshape(-1).detach().clone())
+            return None
+        values, massive = self.recorded[self.call], self.massive[self.call]
+        self.call += 1
+        restored = hidden.clone(memory_format=torch.contiguous_format)
+        restored.view(-1, restored.shape[-1])[massive, self.row] = values[massive]
+        return (restored, *output[1:]) if isinstance(output, tuple) else restored
+
+
+@contextmanager
+def _hooked(taps: list[tuple[torch.nn.Module, _ChannelTap]]):
+    handles = [module.register_forward_hook(tap) for module, tap in taps]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def matched_control(model: torch.nn.Module, weights: pd.DataFrame) -> pd.DataFrame:
+    """Per tensor of ``weights`` (tensor, flat_index; at least one row, n in that tensor), the
+    n largest-|w| entries that are not among ``weights`` (equal |w| by lower flat index):
+    columns tensor, flat_index, weight, tensors in first-seen order."""
+    tensors = list(dict.fromkeys(weights["tensor"]))
+    targets = {t.name: t for t in find_targets(model, include=[f"^{re.escape(split_expert(name)[0])}$"
+                                                              for name in tensors])}
+    parts = []
+    for tensor in tensors:
+        if tensor not in targets:
+            raise ESAError(f"{tensor}: not a weight matrix of the model")
+        target = targets[tensor]
+        matrix = target.matrix(target_parameter(model, target).detach())
+        magnitude = matrix.float().abs().reshape(-1).clone()  # Linear-convention flat order, a copy
+        excluded = torch.tensor(weights.loc[weights["tensor"] == tensor, "flat_index"].to_numpy(np.int64),
+                                device=magnitude.device)
+        magnitude[excluded] = -1.0  # below every |w|
+        n = len(excluded)
+        # every entry at least as large as the n-th largest, then the n largest, ties by lower index
+        tied = torch.nonzero(magnitude >= torch.topk(magnitude, n).values[-1]).squeeze(1)
+        chosen = tied[torch.argsort(-magnitude[tied], stable=True)[:n]]
+        parts.append(pd.DataFrame({"tensor": tensor, "flat_index": chosen.cpu().numpy().astype(np.int64),
+                                   "weight": matrix.reshape(-1)[chosen].double().cpu().numpy()}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, eval_windows: torch.Tensor,
+                           batch_size: int, baseline: Baseline, scales: list[float], massive_fraction: float,
+                           chunk_size: int = DEFAULT_CHUNK, bootstrap: Bootstrap = Bootstrap()) -> Mechanism:
+    """The scale sweep, the massive-activation restore and the matched-magnitude control of
+    every confirmed weight of ``super_weights`` (confirm's table; see the module docstring).
+
+    No confirmed weight: empty tables, the model untouched.
+    """
+    if not 0 < massive_fraction <= 1:
+        raise ESAError(f"mechanism.massive_fraction={massive_fraction}: must be in (0, 1]")
+    weights = confirmed_weights(super_weights)
+    if weights.empty:
+        return Mechanism.of([], [], [])
+    selections = [_selection(w.tensor, [w.flat_index]) for w in weights.itertuples(index=False)]
+    starts = [first_changed_layer_of(model, selection) for selection in selections]
+    projections = _projections(model)
+    taps: dict[int, tuple[str, torch.nn.Module, _ChannelTap]] = {}  # weight i -> its projection's tap
+    for i, w in enumerate(weights.itertuples(index=False)):
+        name, expert = split_expert(w.tensor)
+        found = projections.get(id(model.get_parameter(name)))
+        if found is not None and (expert >= 0) == is_expert_stack(found[1]):
+            taps[i] = (*found, _ChannelTap(int(w.row)))
+    with _hooked([(module, tap) for _, module, tap in taps.values()]):  # the reference pass records
+        meter = DamageMeter(model, eval_windows, batch_size, baseline, chunk_size, set(starts), bootstrap)
+
+    sweep, restore = [], []
+    for i, (w, selection, start) in enumerate(zip(weights.itertuples(index=False), selections, starts)):
+        key = {"tensor": w.tensor, "flat_index": w.flat_index, "row": w.row, "col": w.col, "layer": w.layer,
+               "weight": w.weight}
+        for scale in scales:
+            with _scaled(model, selection, scale) as info:
+                measured = meter.measure(start) if info.n_changed else meter.unchanged()
+            sweep.append({**key, "scale": float(scale), **measured})
+        restore.append({**key, "module": w.module, **_restore(meter, selection, start, taps.get(i),
+                                                              massive_fraction)})
+
+    control = []
+    matched = matched_control(model, weights)
+    for tensor, own in weights.groupby("tensor", sort=False):
+        for name, chosen in ((SUPER_WEIGHTS, own), (MATCHED_CONTROL, matched[matched["tensor"] == tensor])):
+            edit = _selection(tensor, chosen["flat_index"])
+            with perturbed(model, edit, ZERO):
+                measured = meter.measure(first_changed_layer_of(model, edit))
+            magnitude = chosen["weight"].abs()
+            control.append({"tensor": tensor, "layer": own["layer"].iloc[0], "set": name, "n_weights": len(edit),
+                            "flat_indices": edit["flat_index"].tolist(), "abs_min": magnitude.min(),
+                            "abs_max": magnitude.max(), **measured})
+    return Mechanism.of(sweep, restore, control)
+
+
+def _restore(meter: DamageMeter, selection: pd.DataFrame, start: int,
+             tap: tuple[str, torch.nn.Module, _ChannelTap] | None, massive_fraction: float) -> dict:
+    """The restore columns of one weight: zeroed, then zeroed with its massive activation
+    given back (``tap``: its projection's name, module and recorded channel; None: not an
+    MLP output projection's weight)."""
+    with perturbed(meter.model, selection, ZERO):
+        zeroed = meter.measure(start)
+        row = {"loss_baseline": meter.baseline.loss, "loss_zeroed": zeroed["loss"], "ppl_zeroed": zeroed["ppl"],
+               "kl_zeroed": zeroed["kl"]}
+        if tap is None:
+            return {**row, "projection": "", "positions": 0, "peak": np.nan, "loss_restored": np.nan,
+                    "ppl_restored": np.nan, "kl_restored": np.nan, "recovered": np.nan, "reason": NOT_MLP_OUTPUT}
+        projection, module, channel = tap
+        peak = max(float(values.abs().max()) for values in channel.recorded)
+        channel.massive = [values.abs() >= massive_fraction * peak for values in channel.recorded]
+        positions = sum(int(massive.sum()) for massive in channel.massive)
+        channel.call = 0
+        try:
+            with _hooked([(module, channel)]):
+                restored = meter.measure(start)
+        finally:
+            channel.massive = None
+    damage = zeroed["loss"] - meter.baseline.loss
+    # inf - inf (both destroyed) is NaN: nothing to apportion
+    recovered = (zeroed["loss"] - restored["loss"]) / damage if damage else np.nan
+    return {**row, "projection": projection, "positions": positions, "peak": peak,
+            "loss_restored": restored["loss"], "ppl_restored": restored["ppl"], "kl_restored": restored["kl"],
+            "recovered": recovered, "reason": ""}

@@ -1,0 +1,22 @@
+rule published:
+    """Where each metric ranks the super weights published for the model, and whether confirm confirmed them."""
+    input:
+        **named(LAYOUT.published_inputs()),
+    output:
+        **LAYOUT.published_files(),
+    log:
+        LAYOUT.log("published"),
+    conda:
+        ENV
+    threads: threads("published")
+    resources:
+        **res("published"),
+    params:
+        code=code_version("published"),
+        # the model's published coordinates (esa.published) and the metrics that rank them
+        spec=lambda wildcards: spec(
+            coordinates=LAYOUT.of(wildcards.model).published(), metrics=LAYOUT.scored_metrics()
+        ),
+        paths=step_paths,
+    shell:
+        esa_shell("published")

@@ -1,0 +1,323 @@
+"""How a super weight acts (esa.mechanism) on the tiny Llama with a planted super weight and a
+tiny GPT-2 (Conv1D): the scale sweep against hand-made edits, the massive-activation restore
+against a hand-made hook on a full evaluation, the matched control's weights by hand, the
+step's three files and the workflow wiring."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import confirm_by_activation, snakemake, unigram_text
+from test_confirm import COL, DOWN, INTERMEDIATE, ROW, _planted_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from esa.architecture import is_transposed
+from esa.config import validate_config
+from esa.damage import Baseline
+from esa.data import windows_frame
+from esa.errors import ESAError
+from esa.evaluation import evaluate
+from esa.io import read_parquet, write_json_atomic, write_parquet_atomic
+from esa.layout import Layout
+from esa.mechanism import (CONTROL_COLUMNS, NOT_MLP_OUTPUT, RESTORE_COLUMNS, SWEEP_COLUMNS, matched_control,
+                           super_weight_mechanism)
+from esa.model_steps import step_mechanism
+from esa.models import materialize
+from esa.names import MATCHED_CONTROL, SUPER_WEIGHTS
+from esa.report import NOT_RUN, _mechanism_section
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
+
+
+def _planted():
+    """The planted model, its confirmation on the evaluation windows, those windows, its baseline."""
+    model = _planted_model()
+    confirmation, baseline = confirm_by_activation(model, top_n=5)
+    return model, confirmation, unigram_text(8, seed=2), baseline
+
+
+def _claimed(model, weights: list[tuple[str, int, int, int, str]]) -> pd.DataFrame:
+    """A super_weights table whose rows (tensor, layer, row, col, module; Linear convention)
+    are all confirmed."""
+    rows = []
+    for tensor, layer, row, col, module in weights:
+        param = model.get_parameter(tensor).detach()
+        matrix = param.t() if is_transposed(model.get_submodule(tensor.rpartition(".")[0])) else param
+        rows.append({"metric": "m", "rank": len(rows), "tensor": tensor, "flat_index": row * matrix.shape[1] + col,
+                     "layer": layer, "module": module, "row": row, "col": col,
+                     "weight": float(matrix[row, col]), "confirmed": True})
+    return pd.DataFrame(rows)
+
+
+def _snapshot(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _unchanged(model, before: dict) -> None:
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_scale_sweep_is_each_scaled_weight_evaluated_in_full():
+    model, confirmation, windows, baseline = _planted()
+    before = _snapshot(model)
+    scales = [0, 0.5, 1, 2, -1]
+
+    sweep = super_weight_mechanism(model, confirmation.super_weights, windows, 4, baseline, scales, 0.5).sweep
+
+    assert list(sweep.columns) == SWEEP_COLUMNS and sweep["scale"].tolist() == scales
+    assert (sweep["tensor"] == DOWN).all() and (sweep["flat_index"] == ROW * INTERMEDIATE + COL).all()
+    assert (sweep[["row", "col", "layer", "weight"]] == [ROW, COL, 0, 1.0]).all().all()
+    by_scale = sweep.set_index("scale")
+    confirmed = confirmation.super_weights[confirmation.super_weights["confirmed"]]
+    assert by_scale.loc[0.0, "ppl"] == confirmed["ppl_after"].iloc[0]  # confirm's zeroing, bit for bit
+    assert by_scale.loc[1.0, "ppl"] == baseline.ppl and by_scale.loc[1.0, "kl"] == 0  # unchanged: the baseline
+    assert by_scale.loc[1.0, "delta_ppl_lo"] == by_scale.loc[1.0, "delta_ppl_hi"] == 0
+    down = model.model.layers[0].mlp.down_proj.weight
+    for scale in (0.5, 2, -1):  # w <- s * w written by hand, the whole model evaluated
+        with torch.no_grad():
+            down[ROW, COL] = scale
+        assert by_scale.loc[scale, "ppl"] == evaluate(model, windows, 4).ppl, scale
+        with torch.no_grad():
+            down[ROW, COL] = 1.0
+    _unchanged(model, before)
+    # measured: halving or doubling the weight keeps the model; flipping its sign destroys it
+    assert by_scale.loc[0.5, "ppl_ratio"] == pytest.approx(1.00094, abs=1e-5)
+    assert by_scale.loc[2.0, "ppl_ratio"] == pytest.approx(0.99997, abs=1e-5)
+    assert by_scale.loc[-1.0, "ppl"] == pytest.approx(8.87e9, rel=0.01) and by_scale.loc[-1.0, "top1"] == 0
+
+
+def test_restoring_the_massive_activation_undoes_the_zeroing():
+    """The planted activation is massive on every token: restoring it there gives the
+    unmodified model back exactly; restoring only its peak position gives back almost nothing."""
+    model, confirmation, windows, baseline = _planted()
+    before = _snapshot(model)
+    weights = confirmation.super_weights
+
+    everywhere = super_weight_mechanism(model, weights, windows, 4, baseline, [0], 0.5).restore.iloc[0]
+    peak_only = super_weight_mechanism(model, weights, windows, 4, baseline, [0], 1.0).restore.iloc[0]
+
+    assert list(everywhere.index) == RESTORE_COLUMNS
+    assert (everywhere["projection"], everywhere["module"], everywhere["reason"]) == (
+        "model.layers.0.mlp.down_proj", "mlp.down_proj", "")
+    trace = confirmation.activations.set_index(["layer", "side"])
+    assert trace.loc[(0, "output"), "channel"] == ROW
+    assert everywhere["peak"] == pytest.approx(trace.loc[(0, "output"), "value"], rel=1e-6)
+    assert everywhere["positions"] == 8 * 32  # |y_row| ~103 on every token of the 8 windows
+    assert everywhere["ppl_zeroed"] == weights.loc[weights["confirmed"], "ppl_after"].iloc[0]
+    assert everywhere["loss_baseline"] == baseline.loss
+    assert everywhere["ppl_restored"] == baseline.ppl and everywhere["kl_restored"] == 0
+    assert everywhere["recovered"] == 1.0
+
+    # the same restore written by hand: a hook on the whole zeroed model's down_proj
+    down = model.model.layers[0].mlp.down_proj
+    recorded = []
+    handle = down.register_forward_hook(lambda m, a, out: recorded.append(out[..., ROW].clone()))
+    evaluate(model, windows, 4)
+    handle.remove()
+    peak = max(float(y.abs().max()) for y in recorded)
+    calls = iter(recorded)
+
+    def restore(module, args, out):
+        y = next(calls)
+        out = out.clone()
+        out[..., ROW] = torch.where(y.abs() >= peak, y, out[..., ROW])
+        return out
+
+    handle = down.register_forward_hook(restore)
+    with torch.no_grad():
+        down.weight[ROW, COL] = 0.0
+    by_hand = evaluate(model, windows, 4)
+    with torch.no_grad():
+        down.weight[ROW, COL] = 1.0
+    handle.remove()
+    _unchanged(model, before)
+    assert peak_only["positions"] == sum(int((y.abs() >= peak).sum()) for y in recorded) == 1
+    assert peak_only["ppl_restored"] == by_hand.ppl and peak_only["loss_restored"] == by_hand.loss
+    assert peak_only["recovered"] == pytest.approx(0.00433, abs=1e-5)  # one position of 256
+
+
+def test_matched_control_and_a_weight_outside_the_mlp_output():
+    """Two confirmed weights of down_proj and one of q_proj: each tensor's control is its
+    largest other |w| (ties by lower flat index), and q_proj gets no restore test."""
+    model, windows = _planted_model(), unigram_text(8, seed=2)
+    down = model.model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():  # three equal |w| above the rest of down_proj: 900 is claimed, 50 and 100 are the control
+        for flat, value in ((50, 0.5), (100, -0.5), (900, 0.5)):
+            down.view(-1)[flat] = value
+    baseline = Baseline.of(evaluate(model, windows, 4))
+    before = _snapshot(model)
+    q = model.get_parameter(Q_PROJ).detach()
+    q_row, q_col = divmod(int(q.abs().argmax()), q.shape[1])
+    weights = _claimed(model, [(DOWN, 0, ROW, COL, "mlp.down_proj"), (Q_PROJ, 1, q_row, q_col, "self_attn.q_proj"),
+                               (DOWN, 0, 900 // INTERMEDIATE, 900 % INTERMEDIATE, "mlp.down_proj")])
+    q_control = int(np.argsort(-q.abs().flatten().numpy(), kind="stable")[1])  # its second largest |w|
+
+    matched = matched_control(model, weights)
+    result = super_weight_mechanism(model, weights, windows, 4, baseline, [0], 0.5)
+
+    assert matched[["tensor", "flat_index"]].values.tolist() == [[DOWN, 50], [DOWN, 100], [Q_PROJ, q_control]]
+    assert matched["weight"].tolist() == [0.5, -0.5, float(q.flatten()[q_control])]
+    control = result.control
+    assert list(control.columns) == CONTROL_COLUMNS
+    assert list(zip(control["tensor"], control["set"], control["n_weights"])) == [
+        (DOWN, SUPER_WEIGHTS, 2), (DOWN, MATCHED_CONTROL, 2), (Q_PROJ, SUPER_WEIGHTS, 1), (Q_PROJ, MATCHED_CONTROL, 1)]
+    assert [list(f) for f in control["flat_indices"]] == [[ROW * INTERMEDIATE + COL, 900], [50, 100],
+                                                          [q_row * q.shape[1] + q_col], [q_control]]
+    assert control[["abs_min", "abs_max"]].values[:2].tolist() == [[0.5, 1.0], [0.5, 0.5]]
+    with torch.no_grad():  # the control's damage: both weights zeroed by hand, the whole model evaluated
+        down.view(-1)[[50, 100]] = 0.0
+        assert control["ppl"].iloc[1] == evaluate(model, windows, 4).ppl
+        down.view(-1)[[50, 100]] = torch.tensor([0.5, -0.5])
+    ratios = control.set_index(["tensor", "set"])["ppl_ratio"]
+    assert ratios[DOWN, SUPER_WEIGHTS] > 6 and abs(ratios[DOWN, MATCHED_CONTROL] - 1) < 1e-3
+
+    restore = result.restore.set_index("tensor")
+    assert restore.loc[Q_PROJ, "reason"] == NOT_MLP_OUTPUT and restore.loc[Q_PROJ, "projection"] == ""
+    assert restore.loc[Q_PROJ, ["peak", "ppl_restored", "kl_restored", "recovered"]].isna().all()
+    assert restore.loc[Q_PROJ, "ppl_zeroed"] == result.sweep.set_index("tensor").loc[Q_PROJ, "ppl"]
+    assert (restore.loc[DOWN, "reason"] == "").all()
+    assert result.restore["recovered"].iloc[0] == 1.0  # the planted weight's; 900's zeroing barely matters
+    _unchanged(model, before)
+
+
+def test_gpt2_conv1d_output_channel_is_the_linear_row():
+    """GPT-2's mlp.c_proj is a Conv1D stored [in, out]: the weight's Linear row is the output
+    channel restored, and the control ranks |w| in the Linear convention."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=64)).eval()
+    windows = torch.randint(0, 64, (6, 12), generator=torch.Generator().manual_seed(1))
+    baseline = Baseline.of(evaluate(model, windows, 4))
+    proj = model.transformer.h[1].mlp.c_proj
+    linear = proj.weight.detach().t()  # [out 16, in 64]
+    row, col = divmod(int(linear.abs().argmax()), linear.shape[1])
+    weights = _claimed(model, [("transformer.h.1.mlp.c_proj.weight", 1, row, col, "mlp.c_proj"),
+                               ("transformer.h.0.attn.c_proj.weight", 0, 3, 4, "attn.c_proj")])
+    before = _snapshot(model)
+
+    result = super_weight_mechanism(model, weights, windows, 4, baseline, [0], 0.5)
+
+    recorded = []
+    handle = proj.register_forward_hook(lambda m, a, out: recorded.append(out[..., row].clone()))
+    evaluate(model, windows, 4)
+    handle.remove()
+    peak = max(float(y.abs().max()) for y in recorded)
+    calls = iter(recorded)
+
+    def restore(module, args, out):
+        y = next(calls)
+        out = out.clone()
+        out[..., row] = torch.where(y.abs() >= 0.5 * peak, y, out[..., row])
+        return out
+
+    handle = proj.register_forward_hook(restore)
+    with torch.no_grad():
+        proj.weight[col, row] = 0.0
+    by_hand = evaluate(model, windows, 4)
+    with torch.no_grad():
+        proj.weight[col, row] = before["transformer.h.1.mlp.c_proj.weight"][col, row]
+    handle.remove()
+    _unchanged(model, before)
+
+    mlp, attn = result.restore.iloc[0], result.restore.iloc[1]
+    assert mlp["projection"] == "transformer.h.1.mlp.c_proj" and mlp["peak"] == peak
+    assert mlp["positions"] == sum(int((y.abs() >= 0.5 * peak).sum()) for y in recorded) > 0
+    assert mlp["ppl_restored"] == by_hand.ppl
+    assert attn["reason"] == NOT_MLP_OUTPUT and np.isnan(attn["recovered"])  # GPT-2's attn.c_proj is no MLP output
+    second = int(np.argsort(-linear.abs().flatten().numpy(), kind="stable")[1])
+    assert list(result.control["flat_indices"].iloc[1]) == [second]
+
+
+def _step_inputs(tmp_path, model, windows, baseline, super_weights) -> dict:
+    """The files the mechanism step reads, written as the earlier steps write them."""
+    model.save_pretrained(tmp_path / "checkpoint")
+    materialize(str(tmp_path / "checkpoint"), tmp_path / "model")
+    write_parquet_atomic(windows_frame(windows.numpy()), tmp_path / "eval.parquet")
+    write_json_atomic({"loss": baseline.loss, "ppl": baseline.ppl}, tmp_path / "metrics.json")
+    write_parquet_atomic(pd.DataFrame({"window": range(len(baseline.nll)), "nll": baseline.nll,
+                                       "tokens": baseline.tokens}), tmp_path / "windows.parquet")
+    write_parquet_atomic(super_weights, tmp_path / "super_weights.parquet")
+    outputs = {name: str(tmp_path / "mechanism" / f"{name}.parquet") for name in ("sweep", "restore", "control")}
+    return {"model": str(tmp_path / "model/model.json"), "eval": str(tmp_path / "eval.parquet"),
+            "baseline": str(tmp_path / "metrics.json"), "baseline_windows": str(tmp_path / "windows.parquet"),
+            "super_weights": str(tmp_path / "super_weights.parquet"), **outputs}
+
+
+SPEC = {"device": "cpu", "dtype": "fp32", "attn_implementation": "eager", "device_map": None, "loss_chunk": 256,
+        "scales": [0, -1], "massive_fraction": 0.5, "batch_size": 4,
+        "bootstrap": {"resamples": 200, "level": 0.95, "seed": 0}}
+
+
+def test_step_writes_the_three_tables(tmp_path):
+    model, confirmation, windows, baseline = _planted()
+    paths = _step_inputs(tmp_path, model, windows, baseline, confirmation.super_weights)
+
+    step_mechanism(SPEC, **paths)
+
+    sweep, restore, control = (read_parquet(paths[name]) for name in ("sweep", "restore", "control"))
+    assert list(sweep.columns) == SWEEP_COLUMNS and list(restore.columns) == RESTORE_COLUMNS
+    assert list(control.columns) == CONTROL_COLUMNS and list(control["flat_indices"].iloc[1]) == [1768]
+    confirmed = confirmation.super_weights[confirmation.super_weights["confirmed"]].iloc[0]
+    assert sweep["ppl"].iloc[0] == confirmed["ppl_after"] and sweep["ppl"].iloc[1] > 1e9
+    assert restore["recovered"].tolist() == [1.0] and restore["positions"].tolist() == [256]
+
+    page = _mechanism_section(paths, baseline.ppl, tmp_path / "plots")  # the report's section
+    assert page.startswith('<section id="mechanism"><h2>How each super weight acts</h2>')
+    assert page.count('<img alt="') == 2 and page.count("<table>") == 3
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"mechanism_scale.png", "mechanism_restore.png"}
+    assert _mechanism_section(None, baseline.ppl, tmp_path / "plots").endswith(f"{NOT_RUN}</section>")
+
+
+def test_step_without_a_confirmed_weight_writes_empty_tables(tmp_path):
+    model, confirmation, windows, baseline = _planted()
+    unconfirmed = confirmation.super_weights.assign(confirmed=False)
+    paths = {**_step_inputs(tmp_path, model, windows, baseline, unconfirmed), "model": "never/loaded.json"}
+
+    step_mechanism(SPEC, **paths)
+
+    for name, columns in (("sweep", SWEEP_COLUMNS), ("restore", RESTORE_COLUMNS), ("control", CONTROL_COLUMNS)):
+        table = read_parquet(paths[name])
+        assert table.empty and list(table.columns) == columns, name
+    assert str(read_parquet(paths["sweep"])["scale"].dtype) == "float64"
+    assert "<p>no confirmed super weight</p>" in _mechanism_section(paths, baseline.ppl, tmp_path / "plots")
+
+
+def _config(**extra) -> dict:
+    return {"model": {"name": "tiny", "source": "/nonexistent"}, "data": {"source": "builtin:pydoc"}, **extra}
+
+
+EXPERIMENT = {"name": "e", "metric": "activation_magnitude", "mode": "global", "topk": 5}
+
+
+def test_config_and_layout():
+    default = validate_config(_config(experiments=[EXPERIMENT]))
+    assert default["mechanism"] == {"enabled": False, "scales": [0, 0.5, 1.5, 2, 3, -1], "massive_fraction": 0.5}
+    assert "mechanism" not in Layout(default).of("tiny").report_inputs()
+    for fraction in (0, 1.5):
+        with pytest.raises(ESAError, match="invalid config at mechanism.massive_fraction"):
+            validate_config(_config(mechanism={"massive_fraction": fraction}))
+    with pytest.raises(ESAError, match="invalid config at mechanism.scales"):
+        validate_config(_config(mechanism={"scales": []}))
+    enabled = validate_config(_config(experiments=[EXPERIMENT], mechanism={"enabled": True}))
+    layout = Layout(enabled).of("tiny")
+    files = {name: f"results/tiny/mechanism/{name}.parquet" for name in ("sweep", "restore", "control")}
+    assert layout.report_inputs()["mechanism"] == files and set(files.values()) <= set(layout.model_files())
+    no_experiments = Layout(validate_config(_config(mechanism={"enabled": True}))).of("tiny")
+    assert "mechanism" not in no_experiments.report_inputs()  # no confirm, nothing to study
+
+
+def test_workflow_plans_the_mechanism_step(tmp_path):
+    """The default target runs the mechanism after confirm, with the config's settings."""
+    config = _config(experiments=[EXPERIMENT], seeds=[0], mechanism={"enabled": True, "scales": [0, 2]})
+    planned = snakemake(tmp_path, config, "-n", "-p")
+    assert planned.returncode == 0, planned.stdout[-3000:]
+    command = next(line for line in planned.stdout.splitlines() if "esa run mechanism" in line)
+    spec = json.loads(command.split("--spec '")[1].split("' ")[0])
+    assert (spec["scales"], spec["massive_fraction"], spec["batch_size"]) == ([0, 2], 0.5, 4)
+    assert "super_weights=results/tiny/confirm/super_weights.parquet" in command
+    assert "control=results/tiny/mechanism/control.parquet" in command
+    assert "rule confirm:" in planned.stdout and "rule report:" in planned.stdout
