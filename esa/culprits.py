@@ -16,9 +16,11 @@ splitting (adaptive group testing):
    each half is perturbed alone and evaluated; the search recurses into the destructive halves.
 3. A destructive group neither of whose halves is destructive is a *minimal destructive
    group*: the damage needs weights of both halves together (an interaction).
-4. The search runs depth first, first half first, so culprits are resolved one after the
-   other. A split costs two evaluations; when fewer than two of the ``budget`` are left, every
-   destructive group not yet resolved is reported as such (``budget``).
+4. The most destructive group still unresolved is split next (best first: largest
+   ppl_ratio, equal ratios by the lower group id), so a budget that runs out is spent on the
+   groups that do the most damage. A split costs two evaluations; when fewer than two of the
+   ``budget`` are left, every destructive group not yet resolved is reported as such
+   (``budget``).
 
 Cost: if the damage comes from d culprits acting independently (a group is destructive
 exactly when it holds one of them), the groups split are the nodes on the d paths from S down
@@ -44,11 +46,13 @@ evaluation runs only the decoder layers from its group's first changed layer on
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .damage import DAMAGE_COLUMNS, DamageMeter
 from .errors import ESAError
@@ -104,7 +108,8 @@ def search_layers(model: torch.nn.Module, selection: pd.DataFrame) -> set[int]:
 
 
 def find_culprits(model: torch.nn.Module, selection: pd.DataFrame, meter: DamageMeter, kind: str,
-                  scale: float, factor: float, budget: int, min_group: int = 1) -> CulpritSearch:
+                  scale: float, factor: float, budget: int, min_group: int = 1,
+                  show_progress: bool = False) -> CulpritSearch:
     """Search ``selection`` (tensor, layer, module, row, col, flat_index; one row per weight)
     for the weights whose perturbation ``kind`` (zero or sign_flip, with ``scale``) makes it
     destructive (``ppl_ratio >= factor``), spending at most ``budget`` evaluations of
@@ -125,6 +130,7 @@ def find_culprits(model: torch.nn.Module, selection: pd.DataFrame, meter: Damage
         raise ESAError("a culprit search needs a non-empty set of distinct weights")
     names = [weight_name(row) for row in weights.itertuples(index=False)]
     search: list[dict] = []
+    progress = tqdm(total=budget, desc=f"culprits of {len(weights)} weights", disable=not show_progress)
 
     def evaluate(group: int, depth: int, lo: int, hi: int) -> dict:
         rows = weights.iloc[lo:hi]
@@ -135,6 +141,7 @@ def find_culprits(model: torch.nn.Module, selection: pd.DataFrame, meter: Damage
                   "start_layer": start, "first": names[lo], "last": names[hi - 1], **measured,
                   "destructive": measured["ppl_ratio"] >= factor}
         search.append(record)
+        progress.update()
         return record
 
     whole = evaluate(ROOT, 0, 0, len(weights))
@@ -149,10 +156,12 @@ def find_culprits(model: torch.nn.Module, selection: pd.DataFrame, meter: Damage
                             for key in ("tensor", "layer", "module", "row", "col", "flat_index")},
                          **{key: record[key] for key in DAMAGE_COLUMNS}})
 
-    # depth first, first half first: (record, lo, hi) of the destructive groups still to resolve
-    pending = [(whole, 0, len(weights))] if whole["destructive"] else []
+    # most destructive first: (-ppl_ratio, group, lo, hi) of the destructive groups still to resolve
+    pending = [(-whole["ppl_ratio"], ROOT, 0, len(weights))] if whole["destructive"] else []
+    records = {ROOT: whole}
     while pending:
-        record, lo, hi = pending.pop()
+        _, group, lo, hi = heapq.heappop(pending)
+        record = records[group]
         if hi - lo <= min_group:
             report(record, lo, CULPRIT_WEIGHT if hi - lo == 1 else CULPRIT_GROUP)
             continue
@@ -165,7 +174,10 @@ def find_culprits(model: torch.nn.Module, selection: pd.DataFrame, meter: Damage
         destructive = [half for half in halves if half[0]["destructive"]]
         if not destructive:
             report(record, lo, CULPRIT_GROUP, interaction=True)
-        pending.extend(reversed(destructive))
+        for half, a, b in destructive:
+            records[half["group"]] = half
+            heapq.heappush(pending, (-half["ppl_ratio"], half["group"], a, b))
+    progress.close()
     return CulpritSearch(weights, pd.DataFrame(culprits, columns=CULPRIT_COLUMNS).astype(_WEIGHT_DTYPES),
                          pd.DataFrame(search, columns=SEARCH_COLUMNS), budget)
 

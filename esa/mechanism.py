@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .architecture import is_expert_stack, mlp_output_projections, split_expert
 from .confirm import WEIGHT_KEY
@@ -176,7 +177,8 @@ def matched_control(model: torch.nn.Module, weights: pd.DataFrame) -> pd.DataFra
 
 def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, eval_windows: torch.Tensor,
                            batch_size: int, baseline: Baseline, scales: list[float], massive_fraction: float,
-                           chunk_size: int = DEFAULT_CHUNK, bootstrap: Bootstrap = Bootstrap()) -> Mechanism:
+                           chunk_size: int = DEFAULT_CHUNK, bootstrap: Bootstrap = Bootstrap(),
+                           progress: bool = False) -> Mechanism:
     """The scale sweep, the massive-activation restore and the matched-magnitude control of
     every confirmed weight of ``super_weights`` (confirm's table; see the module docstring).
 
@@ -200,7 +202,8 @@ def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, 
         meter = DamageMeter(model, eval_windows, batch_size, baseline, chunk_size, set(starts), bootstrap)
 
     sweep, restore = [], []
-    for i, (w, selection, start) in enumerate(zip(weights.itertuples(index=False), selections, starts)):
+    for i, (w, selection, start) in enumerate(tqdm(list(zip(weights.itertuples(index=False), selections, starts)),
+                                                   desc="mechanism", disable=not progress)):
         key = {"tensor": w.tensor, "flat_index": w.flat_index, "row": w.row, "col": w.col, "layer": w.layer,
                "weight": w.weight}
         for scale in scales:

@@ -217,7 +217,7 @@ def step_mechanism(spec: dict, *, model: str, eval: str, baseline: str, baseline
         result = super_weight_mechanism(_load(spec, model), table, torch.from_numpy(data.read_windows(eval)),
                                         spec["batch_size"], read_baseline(baseline, baseline_windows),
                                         spec["scales"], spec["massive_fraction"], chunk_size=spec["loss_chunk"],
-                                        bootstrap=Bootstrap(**spec["bootstrap"]))
+                                        bootstrap=Bootstrap(**spec["bootstrap"]), progress=True)
     for frame, path in ((result.sweep, sweep), (result.restore, restore), (result.control, control)):
         write_parquet_atomic(frame, path)
 
@@ -241,7 +241,7 @@ def step_culprits(spec: dict, *, model: str, eval: str, baseline: str, baseline_
                         read_baseline(baseline, baseline_windows), spec["loss_chunk"], search_layers(lm, top),
                         Bootstrap(**spec["bootstrap"]))
     result = find_culprits(lm, top, meter, spec["perturb"], spec["scale"], spec["factor"], spec["budget"],
-                           spec["min_group"])
+                           spec["min_group"], show_progress=True)
     facts = culprit_summary(result, read_parquet(super_weights))
     log.info("culprits of %s: %d weights, ppl ratio %.4g, %d evaluations, %d culprit weights", spec["experiment"],
              facts["n_weights"], facts["set_ppl_ratio"], facts["evaluations"], facts["culprit_weights"])

@@ -67,7 +67,7 @@ def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
         raise ESAError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (NaN == NaN, -0.0 != 0.0), unlike float comparison."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
@@ -140,10 +140,10 @@ def _restore(touched: list[_Touched]) -> None:
     with torch.no_grad():
         for t in reversed(touched):
             flat = _flat(t.param)
-            if not _same_bits(flat[t.index], t.written):
+            if not same_bits(flat[t.index], t.written):
                 tampered.append(t.name)
             flat.index_put_((t.index,), t.original.to(flat.dtype))
-            if not _same_bits(flat[t.index], t.original):
+            if not same_bits(flat[t.index], t.original):
                 failed.append(t.name)
     if tampered or failed:
         raise RuntimeError(f"perturbed entries were modified while perturbed in {tampered} / "

@@ -37,7 +37,7 @@ from .damage import DAMAGE_COLUMNS, Baseline, Bootstrap, DamageMeter
 from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK
 from .names import PER_CHANNEL
-from .perturb import _same_bits
+from .perturb import same_bits
 from .protect import Condition
 from .targets import Target, target_parameter
 
@@ -107,7 +107,7 @@ def _restore(saved: list[tuple[Target, torch.Tensor, torch.Tensor]]) -> None:
     with torch.no_grad():
         for target, matrix, original in reversed(saved):
             matrix.copy_(original)
-            if not _same_bits(matrix, original):
+            if not same_bits(matrix, original):
                 failed.append(target.name)
     if failed:
         raise RuntimeError(f"quantized matrices differ from the saved originals after restore: {failed[:5]}")

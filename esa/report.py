@@ -6,12 +6,13 @@ error, the confirmed super weights with their PPL factor and the metrics that ra
 the verdict counts); the verdicts grouped by experiment, worst group first, a group with a
 bad or warn verdict open and an all-good group collapsed; then the figures: one section per
 experiment (score distribution, hotspots, dPPL of top vs controls with one dot per seed,
-Jaccard across seeds), metric agreement, the super weights, how each acts (scale sweep,
-massive activation restored, matched control), the super weights published for
-the model (their rank under each metric, tested and confirmed or not), the culprits found in
-destructive top sets by group testing, what keeping weights in full precision buys under
-RTN quantization (PPL against k per scheme), the super experts (a
-mixture-of-experts model's experts zeroed whole) and the massive-activation trace.
+Jaccard across seeds), metric agreement, the super weights, the super experts (a
+mixture-of-experts model's experts zeroed whole) and the massive-activation trace; then the
+analyses beyond the runbook: how each super weight acts (scale sweep, massive activation
+restored, matched control), the super weights published for the model (their rank under each
+metric, tested and confirmed or not), the culprits found in destructive top sets by group
+testing, and what keeping weights in full precision buys under RTN quantization (PPL against
+k per scheme).
 A part whose inputs were not produced says "not run" rather than disappearing. The PNGs are
 also written to a plots folder (``report/plots/`` in the workflow).
 """
@@ -487,12 +488,13 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
         *(_experiment_section(load_experiment(entry), plot_dir) for entry in experiments),
         _agreement_section(read_agreement(agreement_paths), plot_dir),
         _super_weight_section(weights, plot_dir, factor),
+        _super_expert_section(read_optional(super_experts_path, read_parquet), factor),
+        _activation_section(read_optional(activations_path, read_parquet), plot_dir),
+        # beyond the runbook
         _mechanism_section(mechanism_paths, read_json(baseline_path)["ppl"], plot_dir),
         _published_section(read_optional(published_path, read_parquet)),
         _culprit_section(culprit_paths, plot_dir),
         _quantize_section(read_optional(quantize_path, read_parquet), read_json(baseline_path)["ppl"], plot_dir),
-        _super_expert_section(read_optional(super_experts_path, read_parquet), factor),
-        _activation_section(read_optional(activations_path, read_parquet), plot_dir),
     ]
     if not experiments:
         sections.insert(2, f"<section><h2>Experiments</h2>{NOT_RUN}</section>")

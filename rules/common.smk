@@ -113,6 +113,12 @@ def check_experiments():
             f"scoring.candidates {config['scoring']['candidates']} is smaller than the largest "
             f"topk {largest}; candidates must be >= every experiment's topk"
         )
+    counts = [k for k in config["quantize"]["protect"] if isinstance(k, int)]
+    if LAYOUT.quantize() and max(counts, default=0) > config["scoring"]["candidates"]:
+        raise WorkflowError(
+            f"quantize.protect {max(counts)} is more than scoring.candidates "
+            f"{config['scoring']['candidates']}: a global top-k is exact only for k <= the candidates kept per tensor"
+        )
     if LAYOUT.quantize() and not EXPERIMENTS:
         raise WorkflowError(
             "quantize.schemes needs at least one experiment: it protects the scored metrics' top-k "

@@ -185,6 +185,38 @@ def test_interaction_is_one_minimal_destructive_group():
     assert result.search["destructive"].tolist() == [True, *[True, False] * 4, False, False]
 
 
+class _DamageOfZeroedEntries:
+    """A stand-in meter: ppl_ratio = 1 + the sum of ``damage[i]`` over the entries i of
+    ``DOWN`` that are zero now (a culprit's damage, whatever else is zeroed)."""
+
+    def __init__(self, model, damage: dict[int, float]):
+        self.param, self.damage = model.get_parameter(DOWN), damage
+
+    def measure(self, start: int = 0) -> dict:
+        flat = self.param.detach().view(-1)
+        ratio = 1 + sum(d for i, d in self.damage.items() if flat[i] == 0)
+        return {"loss": 0.0, "ppl": ratio, "delta_loss": 0.0, "delta_ppl": ratio - 1, "ppl_ratio": ratio,
+                "delta_ppl_lo": 0.0, "delta_ppl_hi": 0.0, "kl": 0.0, "top1": 1.0, "finite": True}
+
+
+def test_the_most_destructive_group_is_split_first():
+    """Best first: a culprit at position 1 (x1.6) and a worse one at position 6 (x4) of 8: after
+    the whole set, the second half is split before the first, and with a budget of 5 only the
+    worse culprit is resolved, the other half left as a budget group."""
+    model = make_tiny_llama()
+    selection = pd.DataFrame({"tensor": DOWN, "layer": 0, "module": "mlp.down_proj", "row": 0,
+                              "col": range(8), "flat_index": range(8)})
+    meter = _DamageOfZeroedEntries(model, {1: 0.6, 6: 3.0})
+    result = find_culprits(model, selection, meter, "zero", 1.0, FACTOR, budget=40)
+    groups = result.search["group"].tolist()
+    # 1; its halves 2 (0-3) and 3 (4-7); 3 first (x4 > x1.6): 6 (4-5), 7 (6-7); 7: 14, 15; then 2 ...
+    assert groups[:7] == [1, 2, 3, 6, 7, 14, 15] and groups[7:9] == [4, 5]
+    assert list(zip(result.culprits["kind"], result.culprits["flat_index"])) == [("weight", 6), ("weight", 1)]
+    short = find_culprits(model, selection, meter, "zero", 1.0, FACTOR, budget=5)
+    assert list(zip(short.culprits["kind"], short.culprits["group"])) == [("budget", 7), ("budget", 2)]
+    assert short.culprits["ppl_ratio"].tolist() == [4.0, 1.6]
+
+
 def test_spent_budget_reports_the_unresolved_group():
     model = _planted_pair(noise=1.0)
     selection = _two_culprit_set(model)

@@ -62,6 +62,34 @@ def _unchanged(model, before: dict) -> None:
         assert torch.equal(p, before[name]), name
 
 
+def _restored_by_hand(model, module, channel: int, stored: tuple[int, int], fraction: float, windows):
+    """Zero ``module.weight[stored]`` and, by a hook, give output ``channel`` back its unmodified
+    values wherever they reach ``fraction`` of their peak; the whole model evaluated, then undone.
+    Returns (evaluation, the unmodified channel per batch, its peak)."""
+    recorded = []
+    handle = module.register_forward_hook(lambda m, a, out: recorded.append(out[..., channel].clone()))
+    evaluate(model, windows, 4)
+    handle.remove()
+    peak = max(float(y.abs().max()) for y in recorded)
+    calls = iter(recorded)
+
+    def restore(m, args, out):
+        y = next(calls)
+        out = out.clone()
+        out[..., channel] = torch.where(y.abs() >= fraction * peak, y, out[..., channel])
+        return out
+
+    handle = module.register_forward_hook(restore)
+    original = module.weight[stored].item()
+    with torch.no_grad():
+        module.weight[stored] = 0.0
+    result = evaluate(model, windows, 4)
+    with torch.no_grad():
+        module.weight[stored] = original
+    handle.remove()
+    return result, recorded, peak
+
+
 def test_scale_sweep_is_each_scaled_weight_evaluated_in_full():
     model, confirmation, windows, baseline = _planted()
     before = _snapshot(model)
@@ -115,26 +143,7 @@ def test_restoring_the_massive_activation_undoes_the_zeroing():
 
     # the same restore written by hand: a hook on the whole zeroed model's down_proj
     down = model.model.layers[0].mlp.down_proj
-    recorded = []
-    handle = down.register_forward_hook(lambda m, a, out: recorded.append(out[..., ROW].clone()))
-    evaluate(model, windows, 4)
-    handle.remove()
-    peak = max(float(y.abs().max()) for y in recorded)
-    calls = iter(recorded)
-
-    def restore(module, args, out):
-        y = next(calls)
-        out = out.clone()
-        out[..., ROW] = torch.where(y.abs() >= peak, y, out[..., ROW])
-        return out
-
-    handle = down.register_forward_hook(restore)
-    with torch.no_grad():
-        down.weight[ROW, COL] = 0.0
-    by_hand = evaluate(model, windows, 4)
-    with torch.no_grad():
-        down.weight[ROW, COL] = 1.0
-    handle.remove()
+    by_hand, recorded, peak = _restored_by_hand(model, down, ROW, (ROW, COL), 1.0, windows)
     _unchanged(model, before)
     assert peak_only["positions"] == sum(int((y.abs() >= peak).sum()) for y in recorded) == 1
     assert peak_only["ppl_restored"] == by_hand.ppl and peak_only["loss_restored"] == by_hand.loss
@@ -201,26 +210,7 @@ def test_gpt2_conv1d_output_channel_is_the_linear_row():
 
     result = super_weight_mechanism(model, weights, windows, 4, baseline, [0], 0.5)
 
-    recorded = []
-    handle = proj.register_forward_hook(lambda m, a, out: recorded.append(out[..., row].clone()))
-    evaluate(model, windows, 4)
-    handle.remove()
-    peak = max(float(y.abs().max()) for y in recorded)
-    calls = iter(recorded)
-
-    def restore(module, args, out):
-        y = next(calls)
-        out = out.clone()
-        out[..., row] = torch.where(y.abs() >= 0.5 * peak, y, out[..., row])
-        return out
-
-    handle = proj.register_forward_hook(restore)
-    with torch.no_grad():
-        proj.weight[col, row] = 0.0
-    by_hand = evaluate(model, windows, 4)
-    with torch.no_grad():
-        proj.weight[col, row] = before["transformer.h.1.mlp.c_proj.weight"][col, row]
-    handle.remove()
+    by_hand, recorded, peak = _restored_by_hand(model, proj, row, (col, row), 0.5, windows)  # Conv1D: [in, out]
     _unchanged(model, before)
 
     mlp, attn = result.restore.iloc[0], result.restore.iloc[1]

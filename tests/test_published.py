@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import snakemake, unigram_text
+from conftest import unigram_text
 from test_confirm import COL, DOWN, INTERMEDIATE, ROW, _planted_model
 
 from esa.candidates import build_candidates
@@ -225,38 +225,3 @@ def test_planted_super_weight_registered_under_a_test_name_ranks_first_and_is_co
     without = build_report(tmp_path / "baseline.json", [], out_html=tmp_path / "index.html", **kwargs)
     assert "no published coordinates for this model" in re.search(
         r'<section id="published">.*?</section>', without).group(0)
-
-
-def test_workflow_ranks_the_published_coordinates_of_a_tiny_model(tmp_path, tiny_model_dir):
-    """A tiny model listed under a test name: the published step ranks its coordinates, each at
-    its place in the global order of the stored candidates (all 512 weights of every tensor are
-    kept, so every rank is exact), tested exactly when confirm zeroed it; the report shows them."""
-    coordinates = [(0, "model.layers.0.mlp.down_proj.weight", 3, 5), (1, "model.layers.1.mlp.up_proj.weight", 9, 2)]
-    extra = _extra_table(tmp_path / "extra.csv",
-                         [("esa-test/tiny", *c, f"test {i}") for i, c in enumerate(coordinates)])
-    config = {"model": {"name": "tiny", "source": str(tiny_model_dir), "published_as": "esa-test/tiny"},
-              "published": {"extra_table": extra}, "device": "cpu", "plots": False,
-              "resources": {"default": {"threads": 1}},
-              "data": {"source": "builtin:pydoc", "seq_len": 32, "eval_windows": 2},
-              "seeds": [0], "scoring": {"max_samples": 2, "batch_size": 2, "candidates": 512}, "confirm": {"top_n": 2},
-              "experiments": [{"name": "act", "metric": "activation_magnitude", "mode": "per_layer", "topk": 5}]}
-    result = snakemake(tmp_path, config)
-    assert result.returncode == 0, result.stdout[-4000:]
-
-    root = tmp_path / "results/tiny"
-    matches = read_parquet(root / "published/matches.parquet")
-    scored = root / "scores/activation_magnitude/seed0"
-    candidates, stats = read_parquet(scored / "candidates.parquet"), read_parquet(scored / "stats.parquet")
-    tested = read_parquet(root / "confirm/super_weights.parquet").drop_duplicates(["tensor", "flat_index"])
-    assert matches["source"].tolist() == ["test 0", "test 1"] and (matches["metric"] == "activation_magnitude").all()
-    for (layer, tensor, row, col), match in zip(coordinates, matches.itertuples()):
-        cols = int(stats.set_index("tensor").loc[tensor, "cols"])
-        assert (match.status, match.candidate, match.kept, match.flat_index) == ("exact", True, 512, row * cols + col)
-        last = select_topk(candidates, stats[TABLE_COLUMNS], "global", match.rank + 1).iloc[-1]
-        assert (last["tensor"], last["row"], last["col"], last["score"]) == (tensor, row, col, match.score)
-        hit = tested[(tested["tensor"] == tensor) & (tested["flat_index"] == match.flat_index)]
-        assert match.tested == (len(hit) == 1) and match.tested == (match.rank < 2)
-    section = re.search(r'<section id="published">.*?</section>', (root / "report/index.html").read_text()).group(0)
-    assert "2 super weights published for <b>esa-test/tiny</b>" in section
-    for (layer, tensor, row, col), match in zip(coordinates, matches.itertuples()):
-        assert f"<td>{tensor}[{row}, {col}]</td><td>#{match.rank + 1}</td>" in section

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import confirm_by_activation, make_tiny_llama, unigram_text
+from conftest import confirm_by_activation, make_tiny_llama, snakemake, unigram_text
 from safetensors.numpy import load_file
 from test_confirm import COL, DOWN, INTERMEDIATE, ROW, _planted_model
 from test_moe import _model as moe_model
@@ -101,7 +101,7 @@ def test_restore_follows_an_error_and_a_failed_check_is_a_runtime_error(tiny_lla
     with pytest.raises(KeyError), quantized(tiny_llama, targets, Scheme(2)):
         raise KeyError("boom")
     assert all(torch.equal(p, before[name]) for name, p in tiny_llama.named_parameters())
-    monkeypatch.setattr("esa.quantize._same_bits", lambda a, b: False)
+    monkeypatch.setattr("esa.quantize.same_bits", lambda a, b: False)
     with pytest.raises(RuntimeError, match="differ from the saved originals after restore"):
         with quantized(tiny_llama, targets, Scheme(2)):
             pass
@@ -343,3 +343,18 @@ def test_report_section_draws_ppl_against_k(tmp_path):
             "best: grad_x_weight top-100 kept: PPL 12 (random_k 100: 29)</li>") in html
     assert "<b>int4, group 32</b>" in html and 'alt="PPL vs weights protected"' in html
     assert _quantize_section(None, 10.0, tmp_path).endswith('<p class="not-run">not run</p></section>')
+
+
+@pytest.mark.parametrize("quantize, candidates, message", [
+    ({"schemes": [{"bits": 4, "group_size": 64}], "protect": [10, 100]}, 50,
+     "quantize.protect 100 is more than scoring.candidates 50"),
+    ({"schemes": [{"bits": 1, "group_size": 64}]}, 300, "invalid config at quantize.schemes.0.bits"),
+])
+def test_bad_quantize_config_stops_before_any_job(tmp_path, quantize, candidates, message):
+    """Caught when the DAG is built: one line naming the value, nothing scheduled or written."""
+    config = {"model": {"name": "tiny", "source": "/nonexistent"}, "data": {"source": "builtin:pydoc"},
+              "scoring": {"candidates": candidates}, "quantize": quantize,
+              "experiments": [{"name": "e", "metric": "grad_x_weight", "mode": "global", "topk": 5}]}
+    result = snakemake(tmp_path, config, "-n")
+    assert result.returncode != 0 and message in result.stdout, result.stdout[-2000:]
+    assert not (tmp_path / "results").exists()

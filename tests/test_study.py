@@ -16,11 +16,15 @@ from conftest import snakemake
 from esa.candidates import build_candidates
 from esa.data import draw_calibration, read_windows
 from esa.models import load_model, source_from_ref
+from esa.names import METRICS, TABLE_COLUMNS
+from esa.published import PUBLISHED_COLUMNS
 from esa.scores import compute_scores
+from esa.selection import select_topk
 from esa.targets import find_targets
 
 REPO = Path(__file__).resolve().parents[1]
 RUNBOOK = REPO / "docs" / "runbook.md"  # a copy of ../shared/runbook.md
+PUBLISHED = [(0, "model.layers.0.mlp.down_proj.weight", 3, 5), (1, "model.layers.1.mlp.up_proj.weight", 9, 2)]
 
 
 def scheduled(result) -> dict[str, int]:
@@ -41,8 +45,11 @@ def study(tmp_path_factory, tiny_model_dir):
     metric schedules (returned as ``added``).
     """
     workdir = tmp_path_factory.mktemp("study")
+    # the tiny model registered under a test name with two published coordinates
+    pd.DataFrame([("esa-test/tiny", *c, f"test {i}") for i, c in enumerate(PUBLISHED)],
+                 columns=PUBLISHED_COLUMNS).to_csv(workdir / "published.csv", index=False)
     config = {
-        "model": {"name": "tiny", "source": str(tiny_model_dir)}, "device": "cpu",
+        "model": {"name": "tiny", "source": str(tiny_model_dir), "published_as": "esa-test/tiny"}, "device": "cpu",
         "data": {"source": "builtin:pydoc", "seq_len": 32, "eval_windows": 4},
         "seeds": [0, 1],
         "scoring": {"max_samples": 4, "batch_size": 2, "candidates": 40, "hutchinson": {"probes": 2}},
@@ -54,6 +61,11 @@ def study(tmp_path_factory, tiny_model_dir):
             {"name": "hutch", "metric": "hutchinson_diag", "mode": "global", "topk": 30,
              "perturb": "zero", "controls": ["random_k"]},
         ],
+        # beyond the runbook: every phase of issue 12 through the DAG
+        "published": {"extra_table": str(workdir / "published.csv")},
+        "quantize": {"schemes": [{"bits": 3, "group_size": 16}], "protect": [1, 10]},
+        "culprits": {"experiments": ["hutch"]},
+        "mechanism": {"enabled": True},
     }
     without = {**config, "experiments": [e for e in config["experiments"] if e["name"] != "act"]}
     first = snakemake(workdir, without)
@@ -113,6 +125,55 @@ def test_perturbation_results_against_the_baseline(study):
     np.testing.assert_allclose(results.ppl_ratio, results.ppl / baseline["ppl"])
     hutch = pd.read_parquet(root / "perturb/hutchinson_diag/global_k30/zero_1/results.parquet")
     assert set(hutch["set"]) == {"top", "random_k"}
+
+
+def test_published_coordinates_are_ranked_where_the_candidates_decide(study):
+    """The published step ranks each coordinate under each metric on the confirm seed: an exact
+    rank is the coordinate's place in the global order of the stored candidates; the report
+    lists them."""
+    workdir, _, _ = study
+    root = workdir / "results/tiny"
+    matches = pd.read_parquet(root / "published/matches.parquet")
+    tested = pd.read_parquet(root / "confirm/super_weights.parquet").drop_duplicates(["tensor", "flat_index"])
+    assert len(matches) == 2 * 4 and set(matches["source"]) == {"test 0", "test 1"}  # x four metrics
+    assert set(matches["status"]) <= {"exact", "at_least"}
+    for match in matches.itertuples():
+        scored = root / f"scores/{match.metric}/seed0"
+        stats = pd.read_parquet(scored / "stats.parquet")
+        cols = int(stats.set_index("tensor").loc[match.tensor, "cols"])
+        assert match.flat_index == match.row * cols + match.col
+        if match.status == "exact":
+            last = select_topk(pd.read_parquet(scored / "candidates.parquet"), stats[TABLE_COLUMNS], "global",
+                               match.rank + 1).iloc[-1]
+            assert (last["tensor"], last["row"], last["col"], last["score"]) == (
+                match.tensor, match.row, match.col, match.score)
+        hit = tested[(tested["tensor"] == match.tensor) & (tested["flat_index"] == match.flat_index)]
+        assert match.tested == (len(hit) == 1)
+    section = (root / "report/index.html").read_text().split('<section id="published">')[1].split("</section>")[0]
+    assert "2 super weights published for <b>esa-test/tiny</b>" in section
+
+
+def test_quantize_culprits_and_mechanism_run_in_the_dag(study):
+    """One 3-bit scheme: none, each metric's top-1 and top-10, random_k at 1 and 10, the super
+    weights; the culprit search of the hutch experiment and the mechanism tables are written
+    whatever the tiny model holds (no confirmed super weight: empty tables)."""
+    workdir, _, _ = study
+    root = workdir / "results/tiny"
+    quantize = pd.read_parquet(root / "quantize/results.parquet")
+    conditions = [("none", "", 0), *(("metric", m, k) for m in METRICS for k in (1, 10)),
+                  ("random_k", "", 1), ("random_k", "", 10), ("super_weights", "", 0)]
+    assert list(zip(quantize["protect"], quantize["metric"], quantize["k"])) == conditions
+    assert quantize["n_protected"].tolist() == [k for _, _, k in conditions]
+    assert (quantize["bits"] == 3).all() and (quantize["group_size"] == 16).all()
+    none = quantize[quantize["protect"] == "none"].iloc[0]
+    assert none["ppl"] != json.loads((root / "baseline/metrics.json").read_text())["ppl"] and none["kl"] > 0
+    summary = json.loads((root / "culprits/hutch/summary.json").read_text())
+    assert summary["n_weights"] == 30 and summary["evaluations"] >= 1
+    for name in ("sweep", "restore", "control"):
+        assert (root / f"mechanism/{name}.parquet").exists()
+    page = (root / "report/index.html").read_text()
+    for heading in ("Quantization: what protection buys", "Culprits in destructive sets", "How each super weight acts"):
+        assert heading in page
 
 
 def test_agreement_between_metrics(study):
@@ -194,7 +255,7 @@ def test_adding_a_metric_schedules_only_its_scores_and_what_follows(study):
     assert added["scores_activations"] == 2
     assert not {"model", "data", "baseline", "scores_gradients", "scores_hutchinson", "perturb"} & added.keys()
     assert set(added) <= {"scores_activations", "topk", "plots", "activation_plot", "stability", "agreement",
-                          "confirm", "report"}
+                          "confirm", "report", "quantize", "published", "culprits", "mechanism"}
 
 
 def changed(config, edit):
