@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from .config import study_models
 from .errors import ESAError
 from .names import ACTIVATION_MAGNITUDE, COMPARISON, GAUSSIAN, METRICS, RELATIVE
-from .published import coordinates_of
 
 KEY_SEP = "/"
 
@@ -290,6 +289,8 @@ class Layout:
         study scores any metric; none for a layout of patterns (call on ``of(model)``)."""
         if not self.experiments or self.model not in self.models:
             return []
+        from .published import coordinates_of  # pandas: only for a study that has experiments
+
         return coordinates_of(self.config, self.model)
 
     def published_inputs(self) -> dict:

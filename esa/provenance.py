@@ -125,5 +125,12 @@ def code_version(step: str) -> str:
     for dump in sorted(ast.dump(_strip_docstrings(node)) for node in definitions):
         digest.update(dump.encode())
     for module in sorted(modules):
-        digest.update(module.encode() + ast.dump(_strip_docstrings(_tree(module))).encode())
+        digest.update(module.encode() + _module_dump(module).encode())
     return digest.hexdigest()[:16]
+
+
+@lru_cache(maxsize=None)
+def _module_dump(module: str) -> str:
+    """A module's syntax tree without docstrings, as text: once per module, whatever the steps
+    that reach it (most steps share most modules)."""
+    return ast.dump(_strip_docstrings(_tree(module)))
