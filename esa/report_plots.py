@@ -197,7 +197,8 @@ def plot_quantize_protection(results: pd.DataFrame, baseline_ppl: float, path: s
     lines = data[data["protect"].isin([PROTECT_METRIC, RANDOM_K])]
     kept = list(dict.fromkeys(lines["kept"]))
     dashes = {name: (4, 2) if name == RANDOM_K else "" for name in kept}
-    fig, axes = plt.subplots(1, len(schemes), figsize=(5.5 * len(schemes) + 1.5, 4.5), squeeze=False, sharey=True)
+    # each panel its own y range: one scheme's PPL can be 1,000x another's (int3 vs int4)
+    fig, axes = plt.subplots(1, len(schemes), figsize=(5.5 * len(schemes) + 1.5, 4.5), squeeze=False)
     for ax, scheme in zip(axes[0], schemes):
         part = data[data["scheme"] == scheme]
         last = ax is axes[0][-1]

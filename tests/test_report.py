@@ -185,7 +185,7 @@ def test_missing_sections_say_not_run(study, tmp_path):
     # runbook: mechanism, culprits, quantize (published says the model has no coordinates)
     assert page.count('<p class="not-run">not run</p>') == 9
     for section in ("mechanism", "culprits", "quantize"):
-        assert f'<p class="not-run">not run</p></section>' in _section(page, section)
+        assert '<p class="not-run">not run</p></section>' in _section(page, section)
     assert '<section id="super-experts"><h2>Super experts</h2><p class="not-run">not run</p></section>' in page
     summary = page[page.index('id="summary"'):page.index('id="verdict-section"')]
     assert summary.count('<span class="not-run">not run</span>') == 2  # super weights, verdicts
