@@ -25,6 +25,31 @@ def snakemake(workdir, config, *args, timeout=900):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
+INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bit pattern (NaN equals NaN, -0.0 differs from 0.0)."""
+    return t.detach().view(INT_OF_SIZE[t.element_size()]).clone()
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """The bit patterns of every parameter and buffer."""
+    return {name: bits(value) for name, value in model.state_dict().items()}
+
+
+def bit_identical(model, before: dict[str, torch.Tensor]) -> bool:
+    after = snapshot(model)
+    return after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+
+
+def assert_bit_identical(model, before: dict[str, torch.Tensor]) -> None:
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    for name in before:
+        assert torch.equal(after[name], before[name]), name
+
+
 def make_tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 16, intermediate: int = 32,
                     vocab: int = 64, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     """A deterministic random Llama small enough for brute-force reference computations."""

@@ -10,14 +10,14 @@ import os
 import pandas as pd
 import pytest
 import torch
-from conftest import make_tiny_llama, snakemake, unigram_text
+from conftest import bit_identical, make_tiny_llama, snakemake, snapshot, unigram_text
 
 from esa.confirm import zero_each
 from esa.culprits import find_culprits
 from esa.damage import Baseline, DamageMeter
 from esa.evaluation import evaluate
 from esa.mechanism import super_weight_mechanism
-from esa.perturb import perturbed, same_bits
+from esa.perturb import perturbed
 from esa.quantize import Scheme, quantized
 from esa.scores import compute_scores
 from esa.targets import find_targets
@@ -29,13 +29,6 @@ METRICS = ["grad_x_weight", "grad_squared", "hutchinson_diag", "activation_magni
 DOWN = "model.layers.1.mlp.down_proj.weight"
 
 
-def _snapshot(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def _bit_identical(model, before) -> bool:
-    return all(same_bits(p.detach(), before[name]) for name, p in model.named_parameters())
-
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_every_phase_runs_on_the_device_and_restores_bit_exactly(dtype):
@@ -44,7 +37,7 @@ def test_every_phase_runs_on_the_device_and_restores_bit_exactly(dtype):
     and accumulators in fp32 on the device, and every weight bit-identical afterwards."""
     model = make_tiny_llama(layers=2).to(device=DEVICE, dtype=DTYPES[dtype])
     windows = unigram_text(4, seed=2, length=16)
-    before = _snapshot(model)
+    before = snapshot(model)
     baseline = Baseline.of(evaluate(model, windows, 2))
     assert math.isfinite(baseline.loss)
 
@@ -69,14 +62,14 @@ def test_every_phase_runs_on_the_device_and_restores_bit_exactly(dtype):
     assert torch.equal(torch.from_numpy(confirmation.rerun.nll), torch.from_numpy(baseline.nll))
 
     with quantized(model, targets, Scheme(3, 16)):
-        assert not _bit_identical(model, before)
+        assert not bit_identical(model, before)
     search = find_culprits(model, edit.assign(layer=1, module="mlp.down_proj", row=0, col=edit["flat_index"]),
                            meter, "zero", 1.0, 0.0, budget=3)  # factor 0: every group destructive
     assert search.evaluations == 3 and search.culprits["kind"].tolist() == ["budget", "budget"]
     mechanism = super_weight_mechanism(model, confirmation.super_weights.assign(confirmed=True), windows, 2,
                                        baseline, [0, 2], 0.5)
     assert len(mechanism.sweep) == 2 and mechanism.restore["reason"].iloc[0] == ""
-    assert _bit_identical(model, before)
+    assert bit_identical(model, before)
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="compares the CPU with a device: runs with ESA_TEST_DEVICE=cuda")

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import confirm_by_activation, snakemake, unigram_text
+from conftest import assert_bit_identical, confirm_by_activation, snakemake, snapshot, unigram_text
 from test_confirm import COL, DOWN, INTERMEDIATE, ROW, _planted_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -53,13 +53,6 @@ def _claimed(model, weights: list[tuple[str, int, int, int, str]]) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def _snapshot(model) -> dict:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def _unchanged(model, before: dict) -> None:
-    for name, p in model.named_parameters():
-        assert torch.equal(p, before[name]), name
 
 
 def _restored_by_hand(model, module, channel: int, stored: tuple[int, int], fraction: float, windows):
@@ -92,7 +85,7 @@ def _restored_by_hand(model, module, channel: int, stored: tuple[int, int], frac
 
 def test_scale_sweep_is_each_scaled_weight_evaluated_in_full():
     model, confirmation, windows, baseline = _planted()
-    before = _snapshot(model)
+    before = snapshot(model)
     scales = [0, 0.5, 1, 2, -1]
 
     sweep = super_weight_mechanism(model, confirmation.super_weights, windows, 4, baseline, scales, 0.5).sweep
@@ -112,7 +105,7 @@ def test_scale_sweep_is_each_scaled_weight_evaluated_in_full():
         assert by_scale.loc[scale, "ppl"] == evaluate(model, windows, 4).ppl, scale
         with torch.no_grad():
             down[ROW, COL] = 1.0
-    _unchanged(model, before)
+    assert_bit_identical(model, before)
     # measured: halving or doubling the weight keeps the model; flipping its sign destroys it
     assert by_scale.loc[0.5, "ppl_ratio"] == pytest.approx(1.00094, abs=1e-5)
     assert by_scale.loc[2.0, "ppl_ratio"] == pytest.approx(0.99997, abs=1e-5)
@@ -123,7 +116,7 @@ def test_restoring_the_massive_activation_undoes_the_zeroing():
     """The planted activation is massive on every token: restoring it there gives the
     unmodified model back exactly; restoring only its peak position gives back almost nothing."""
     model, confirmation, windows, baseline = _planted()
-    before = _snapshot(model)
+    before = snapshot(model)
     weights = confirmation.super_weights
 
     everywhere = super_weight_mechanism(model, weights, windows, 4, baseline, [0], 0.5).restore.iloc[0]
@@ -144,7 +137,7 @@ def test_restoring_the_massive_activation_undoes_the_zeroing():
     # the same restore written by hand: a hook on the whole zeroed model's down_proj
     down = model.model.layers[0].mlp.down_proj
     by_hand, recorded, peak = _restored_by_hand(model, down, ROW, (ROW, COL), 1.0, windows)
-    _unchanged(model, before)
+    assert_bit_identical(model, before)
     assert peak_only["positions"] == sum(int((y.abs() >= peak).sum()) for y in recorded) == 1
     assert peak_only["ppl_restored"] == by_hand.ppl and peak_only["loss_restored"] == by_hand.loss
     assert peak_only["recovered"] == pytest.approx(0.00433, abs=1e-5)  # one position of 256
@@ -159,7 +152,7 @@ def test_matched_control_and_a_weight_outside_the_mlp_output():
         for flat, value in ((50, 0.5), (100, -0.5), (900, 0.5)):
             down.view(-1)[flat] = value
     baseline = Baseline.of(evaluate(model, windows, 4))
-    before = _snapshot(model)
+    before = snapshot(model)
     q = model.get_parameter(Q_PROJ).detach()
     q_row, q_col = divmod(int(q.abs().argmax()), q.shape[1])
     weights = _claimed(model, [(DOWN, 0, ROW, COL, "mlp.down_proj"), (Q_PROJ, 1, q_row, q_col, "self_attn.q_proj"),
@@ -191,7 +184,7 @@ def test_matched_control_and_a_weight_outside_the_mlp_output():
     assert restore.loc[Q_PROJ, "ppl_zeroed"] == result.sweep.set_index("tensor").loc[Q_PROJ, "ppl"]
     assert (restore.loc[DOWN, "reason"] == "").all()
     assert result.restore["recovered"].iloc[0] == 1.0  # the planted weight's; 900's zeroing barely matters
-    _unchanged(model, before)
+    assert_bit_identical(model, before)
 
 
 def test_gpt2_conv1d_output_channel_is_the_linear_row():
@@ -206,12 +199,12 @@ def test_gpt2_conv1d_output_channel_is_the_linear_row():
     row, col = divmod(int(linear.abs().argmax()), linear.shape[1])
     weights = _claimed(model, [("transformer.h.1.mlp.c_proj.weight", 1, row, col, "mlp.c_proj"),
                                ("transformer.h.0.attn.c_proj.weight", 0, 3, 4, "attn.c_proj")])
-    before = _snapshot(model)
+    before = snapshot(model)
 
     result = super_weight_mechanism(model, weights, windows, 4, baseline, [0], 0.5)
 
     by_hand, recorded, peak = _restored_by_hand(model, proj, row, (col, row), 0.5, windows)  # Conv1D: [in, out]
-    _unchanged(model, before)
+    assert_bit_identical(model, before)
 
     mlp, attn = result.restore.iloc[0], result.restore.iloc[1]
     assert mlp["projection"] == "transformer.h.1.mlp.c_proj" and mlp["peak"] == peak

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from conftest import assert_bit_identical, make_tiny_llama, snapshot
 from esa.damage import Baseline, DamageMeter
 from esa.evaluation import evaluate
 from esa.perturb import RESULT_COLUMNS, perturbed, run_perturbations
@@ -16,22 +16,12 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CASES = [("zero", 1.0, "relative"), ("sign_flip", 1.0, "relative"), ("sign_flip", 3.0, "relative"),
          ("gaussian", 0.5, "relative"), ("gaussian", 0.5, "absolute"), ("gaussian", 0.5, "tensor_std")]
 TENSORS = ["model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "lm_head.weight"]
-INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().view(INT_OF_SIZE[t.element_size()]).clone()
 
 
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {name: bits(value) for name, value in model.state_dict().items()}
 
 
-def assert_bit_identical(model, before: dict[str, torch.Tensor]) -> None:
-    after = snapshot(model)
-    assert after.keys() == before.keys()
-    for name in before:
-        assert torch.equal(after[name], before[name]), name
 
 
 def selection(model, per_tensor: int = 4, seed: int = 0, set_name: str = "top") -> pd.DataFrame:
