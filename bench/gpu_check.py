@@ -5,7 +5,7 @@ second forward and forward + backward, and the model FLOPs utilisation against t
 
 On CUDA: the 32-layer Llama-3.1-8B shapes in bf16, peak = ``torch.cuda.max_memory_allocated``
 per phase (reset before each). With ``--cpu-smoke``: 2 layers of tiny shapes on the CPU, peak =
-the CPU allocator's tracked bytes (:func:`bench_memory_8b.tracked_peak`), so CI runs this very
+the CPU allocator's tracked bytes (:func:`esa.allocator.tracked_peak`), so CI runs this very
 script and it cannot rot. The phases are :func:`bench_memory_8b.phases` (the library functions
 the workflow steps run, at the runbook's batch shapes).
 
@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 
+from esa.allocator import tracked_peak
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_memory_8b import EVAL_BATCH, SEQ_LEN, build, phases, tracked_peak  # noqa: E402
+from bench_memory_8b import EVAL_BATCH, SEQ_LEN, build, phases  # noqa: E402
 
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "A100": 312.0,
