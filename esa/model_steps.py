@@ -18,6 +18,7 @@ import torch
 from . import data, models
 from .candidates import build_candidates
 from .damage import Baseline, Bootstrap
+from .determinism import use_deterministic_kernels
 from .errors import ESAError
 from .evaluation import evaluate
 from .io import read_parquet, write_atomic, write_json_atomic, write_parquet_atomic
@@ -72,6 +73,7 @@ def step_data(spec: dict, *, model: str, windows: str, summary: str) -> None:
 
 
 def _load(spec: dict, model: str):
+    use_deterministic_kernels(spec.get("deterministic", False))  # before the first CUDA kernel
     return models.load_model(models.source_from_ref(model), spec["device"], spec["dtype"],
                              spec["attn_implementation"], spec["device_map"])
 

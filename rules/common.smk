@@ -103,7 +103,9 @@ def data_spec(model, part):
 def runtime_spec(model, **params):
     """Parameters of a step that runs the model: where, in which precision, how the loss is chunked."""
     keys = ("device", "dtype", "attn_implementation", "loss_chunk", "device_map")
-    return spec(model=SOURCES[model], **{k: config[k] for k in keys}, **params)
+    # deterministic only when on: turning it on reruns the model steps, off keeps existing results
+    deterministic = {"deterministic": True} if config["deterministic"] else {}
+    return spec(model=SOURCES[model], **{k: config[k] for k in keys}, **deterministic, **params)
 
 
 def check_experiments():

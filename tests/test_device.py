@@ -10,11 +10,12 @@ import os
 import pandas as pd
 import pytest
 import torch
-from conftest import bit_identical, make_tiny_llama, snakemake, snapshot, unigram_text
+from conftest import bit_identical, bits, make_tiny_llama, snakemake, snapshot, unigram_text
 
 from esa.confirm import zero_each
 from esa.culprits import find_culprits
 from esa.damage import Baseline, DamageMeter
+from esa.determinism import use_deterministic_kernels
 from esa.evaluation import evaluate
 from esa.mechanism import super_weight_mechanism
 from esa.perturb import perturbed
@@ -70,6 +71,22 @@ def test_every_phase_runs_on_the_device_and_restores_bit_exactly(dtype):
                                        baseline, [0, 2], 0.5)
     assert len(mechanism.sweep) == 2 and mechanism.restore["reason"].iloc[0] == ""
     assert bit_identical(model, before)
+
+
+def test_deterministic_kernels_repeat_the_scores_bit_for_bit():
+    """``deterministic: true`` (cuBLAS workspace, SDPA's and index_add's deterministic backward):
+    two runs of the gradient and Hutchinson scores in bf16 on the device give the same bits."""
+    use_deterministic_kernels(True)
+    try:
+        model = make_tiny_llama(layers=2).to(device=DEVICE, dtype=torch.bfloat16)
+        sample = unigram_text(4, seed=3, length=16)
+        first, second = (compute_scores(model, find_targets(model), sample, METRICS[:3], 2, 0, probes=2,
+                                        progress=False) for _ in range(2))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for metric in METRICS[:3]:
+        for name, stat in first[metric].stat.items():
+            assert torch.equal(bits(stat), bits(second[metric].stat[name])), (metric, name)
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="compares the CPU with a device: runs with ESA_TEST_DEVICE=cuda")
