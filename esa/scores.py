@@ -26,6 +26,13 @@ activation_magnitude    ``a_j = sqrt(sum_t x_tj^2)``                 ``abs(w_ij)
   For an ``nn.Embedding`` the input is the one-hot token, so ``a_v = sqrt(count of token v)``
   scales row v.
 
+fp16 loss scaling: most gradients of a mean token loss lie below fp16's smallest normal number
+(2^-14; measured on SmolLM2-135M: 63% of its target gradients, median 4e-5), where fp16 keeps only
+a few significant bits, and 0.06% below 2^-25, where it keeps none. With fp16 parameters the
+gradients are taken of ``S * L_b`` (S = 2^16 at the start, halved until the gradients and the
+Hessian-vector products are finite, as a GradScaler does) and divided by S in fp32, an exact
+power-of-two division; the statistics are those of ``L_b``. The final S is in ``extra["loss_scale"]``.
+
 ``weighting="raw"`` ranks by ``abs(stat)`` instead of the product formula. The seed fixes the
 Hutchinson probes; the calibration sample is the caller's (draw it from the same seed).
 """
@@ -213,6 +220,26 @@ def _rademacher(param: torch.Tensor, generators: dict, seed: int) -> torch.Tenso
     return bits.to(param.dtype).sign_().mul_(2).sub_(1)
 
 
+FP16_LOSS_SCALE = 2.0**16
+
+
+def _finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _scaled_gradients(model: nn.Module, batch: torch.Tensor, params: list[nn.Parameter], scale: float,
+                      create_graph: bool, chunk_size: int) -> tuple[tuple, float]:
+    """The gradients of ``scale`` x the batch's mean token loss, the scale halved until every one
+    is finite (a scale of 1, no fp16, takes them as they come), and the scale used."""
+    while True:
+        loss = mean_token_loss(model, batch, chunk_size=chunk_size)
+        grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, params, create_graph=create_graph)
+        if scale == 1.0 or _finite(grads):
+            return grads, scale
+        log.info("fp16 gradients overflow at loss scale %g: halving it", scale)
+        scale /= 2
+
+
 def _zeros(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
 
@@ -230,14 +257,17 @@ def _gradient_metrics(model: nn.Module, targets: list[Target], params: list[nn.P
     h_sum = _zeros(params) if hutchinson else None
     want_grads = g_sum is not None or g_sq is not None
     generators: dict = {}
+    scale = FP16_LOSS_SCALE if any(p.dtype == torch.float16 for p in params) else 1.0
     attention = _double_backward_attention(model) if hutchinson else nullcontext()
     with attention:
         for batch in tqdm(windows, desc="scores: batches", disable=not progress):
-            loss = mean_token_loss(model, batch.to(device), chunk_size=chunk_size)
-            grads = torch.autograd.grad(loss, params, create_graph=hutchinson)
+            batch = batch.to(device)
+            grads, scale = _scaled_gradients(model, batch, params, scale, hutchinson, chunk_size)
             with torch.no_grad():
                 for i, g in enumerate(grads if want_grads else ()):
-                    g32 = g.detach().float()
+                    g32 = g.detach().float()  # g itself when fp32: never written in place
+                    if scale != 1.0:
+                        g32 = g32 / scale
                     if g_sum is not None:
                         g_sum[i] = g32.clone() if g_sum[i] is None else g_sum[i].add_(g32)
                     if g_sq is not None:
@@ -246,11 +276,16 @@ def _gradient_metrics(model: nn.Module, targets: list[Target], params: list[nn.P
                           leave=False, disable=not progress):
                 zs = [_rademacher(p, generators, seed) for p in params]
                 hvs = torch.autograd.grad(grads, params, grad_outputs=zs, retain_graph=True)
+                while scale != 1.0 and not _finite(hvs):  # the same probe again, on a halved scale
+                    log.info("fp16 Hessian-vector product overflows at loss scale %g: halving it", scale)
+                    del grads, hvs
+                    grads, scale = _scaled_gradients(model, batch, params, scale / 2, True, chunk_size)
+                    hvs = torch.autograd.grad(grads, params, grad_outputs=zs, retain_graph=True)
                 with torch.no_grad():
                     for i, (z, hv) in enumerate(zip(zs, hvs)):
-                        h_sum[i].addcmul_(z.float(), hv.float())
+                        h_sum[i].addcmul_(z.float(), hv.float() / scale if scale != 1.0 else hv.float())
                 del zs, hvs
-            del loss, grads
+            del grads
 
     position = {id(p): i for i, p in enumerate(params)}
 
@@ -260,13 +295,14 @@ def _gradient_metrics(model: nn.Module, targets: list[Target], params: list[nn.P
         return {t.name: t.matrix(sums[position[id(target_parameter(model, t))]]) for t in targets}
 
     n_batches = len(windows)
+    extra = {"loss_scale": scale} if scale != 1.0 else {}
     out = {}
     if g_sum is not None:
-        out[GRAD_X_WEIGHT] = {"stat": per_target(g_sum, n_batches)}
+        out[GRAD_X_WEIGHT] = {"stat": per_target(g_sum, n_batches), "extra": extra}
     if g_sq is not None:
-        out[GRAD_SQUARED] = {"stat": per_target(g_sq, n_batches)}
+        out[GRAD_SQUARED] = {"stat": per_target(g_sq, n_batches), "extra": extra}
     if hutchinson:
-        out[HUTCHINSON_DIAG] = {"stat": per_target(h_sum, n_batches * probes)}
+        out[HUTCHINSON_DIAG] = {"stat": per_target(h_sum, n_batches * probes), "extra": extra}
     return out
 
 
