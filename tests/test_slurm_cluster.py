@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -164,10 +165,12 @@ def test_esa_workflow_runs_through_slurm(slurm_cluster, tmp_path, tiny_model_dir
               "experiments": [{"name": "zero", "metric": "grad_x_weight", "mode": "global", "topk": 5,
                                "perturb": "zero", "stability_check": False}]}
     local_dir, slurm_dir = tmp_path / "local", tmp_path / "slurm"
-    local = _esa(local_dir, _base_env(), config, "--cores", "2")
+    # the local run alongside: the Slurm run mostly waits on the scheduler
+    with ThreadPoolExecutor(1) as pool:
+        local_run = pool.submit(_esa, local_dir, _base_env(), config, "--cores", "1")
+        run = _esa(slurm_dir, cluster.env, config, "--profile", str(PROFILE_SLURM), *FAST_POLL)
+        local = local_run.result()
     assert local.returncode == 0, local.stderr[-6000:]
-
-    run = _esa(slurm_dir, cluster.env, config, "--profile", str(PROFILE_SLURM), *FAST_POLL)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-8000:]
 

@@ -201,7 +201,9 @@ def test_rerun_is_a_noop_and_identical(study):
     mask = workdir / "results/tiny/topk/grad_x_weight/per_layer_k20/seed1/mask.parquet"
     results = workdir / "results/tiny/perturb/grad_x_weight/per_layer_k20/sign_flip_1/results.parquet"
     before = mask.read_bytes(), pd.read_parquet(results)
-    again = snakemake(workdir, config, "--forcerun", "topk", "perturb")
+    # only these two files' jobs: a forced rule reruns everything after it, for every target
+    again = snakemake(workdir, config, "--forcerun", "topk", "perturb", "--", str(mask.relative_to(workdir)),
+                      str(results.relative_to(workdir)))
     assert again.returncode == 0, again.stdout[-3000:]
     assert mask.read_bytes() == before[0]
     pd.testing.assert_frame_equal(pd.read_parquet(results), before[1])
@@ -289,6 +291,19 @@ def test_changing_the_evaluation_text_never_rescores(study):
     # and what measures damage on the evaluation windows, or reads what confirm found there
     assert jobs == {"data": 1, "baseline": 1, "perturb": 2, "confirm": 1, "report": 1, "quantize": 1, "culprits": 1,
                     "mechanism": 1, "published": 1}
+
+
+def test_deterministic_kernels_rerun_the_model_steps_and_off_keeps_existing_results(study):
+    """Off (the default) leaves the key out of every spec, as before it existed; on reruns every
+    step that runs the model (and what reads them), never the model or data steps."""
+    workdir, config, _ = study
+    baseline_spec = json.loads(next((workdir / "results").rglob("baseline/config.json")).read_text())
+    assert "deterministic" not in baseline_spec and baseline_spec["device"] == "cpu"
+    jobs = scheduled(snakemake(workdir, changed(config, lambda c: c.update(deterministic=True)), "-n", "--quiet",
+                               "rules"))
+    assert {"baseline": 1, "scores_gradients": 2, "scores_hutchinson": 2, "scores_activations": 2, "perturb": 2,
+            "confirm": 1, "quantize": 1, "culprits": 1, "mechanism": 1}.items() <= jobs.items()
+    assert "model" not in jobs and "data" not in jobs
 
 
 def test_changing_the_calibration_sample_size_rescores(study):
