@@ -67,12 +67,18 @@ def _esa_imports(node: ast.AST, module: str) -> dict[str, str]:
     return bound
 
 
+@lru_cache(maxsize=None)
+def _module_imports(module: str) -> dict[str, str]:
+    """:func:`_esa_imports` of a whole module: once per module, whatever the steps that reach it."""
+    return _esa_imports(_tree(module), module)
+
+
 def _module_closure(modules: set[str]) -> set[str]:
     """``modules`` and every `esa` module they import, transitively."""
     pending, seen = list(modules), set(modules)
     while pending:
         module = pending.pop()
-        for found in _esa_imports(_tree(module), module).values():
+        for found in _module_imports(module).values():
             if found not in seen and _path(found).exists():
                 seen.add(found)
                 pending.append(found)
@@ -98,7 +104,7 @@ def _step_closure(step: str) -> tuple[list[ast.AST], set[str]]:
             break
     else:
         raise KeyError(f"no workflow step {name} in {STEP_MODULES}")
-    imported = _esa_imports(tree, module)
+    imported = _module_imports(module)
     used, modules, pending = [], set(), [definitions[name]]
     while pending:
         node = pending.pop()
