@@ -119,22 +119,20 @@ def phases(model, layers: int) -> dict:
     return runs
 
 
-def measure_one(layers: int, dtype: str, names: list[str]) -> list[dict]:
-    """The measured rows of the phases ``names`` at ``layers`` layers in ``dtype``."""
+def measure_one(layers: int, dtype: str, names: list[str]) -> None:
+    """Print the measured row of each phase of ``names`` at ``layers`` layers in ``dtype``, a JSON
+    line each as it finishes (a killed run keeps the ones before)."""
     torch.manual_seed(0)
     model = build(layers, DTYPES[dtype])
     held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    rows = []
     for phase, run in phases(model, layers).items():
         if phase not in names:
             continue
         peak, seconds = tracked_peak(run)
-        rows.append({"dtype": dtype, "layers": layers, "phase": phase, "held_bytes": held,
-                     "peak_bytes": held + peak, "seconds": round(seconds, 2)})
-        print(json.dumps(rows[-1]), flush=True)  # a line per phase: a killed run keeps the ones before
+        print(json.dumps({"dtype": dtype, "layers": layers, "phase": phase, "held_bytes": held,
+                          "peak_bytes": held + peak, "seconds": round(seconds, 2)}), flush=True)
         print(f"{dtype} L={layers} {phase:18s} peak {(held + peak) / 1e9:7.2f} GB  {seconds:6.1f} s", file=sys.stderr,
               flush=True)
-    return rows
 
 
 def available_bytes() -> int:
@@ -213,13 +211,12 @@ def main() -> None:
         for layers in sorted(args.layers):
             names, same = [], []
             for phase in args.phases:
-                predicted = predicted_peak(pd.DataFrame(rows), dtype, phase, layers)
-                if predicted is not None and predicted > available_bytes() - args.headroom_gb * 1e9:
+                predicted, available = predicted_peak(pd.DataFrame(rows), dtype, phase, layers), available_bytes()
+                if predicted is not None and predicted > available - args.headroom_gb * 1e9:
                     skipped.append({"dtype": dtype, "layers": layers, "phase": phase,
-                                    "predicted_gb": round(predicted / 1e9, 2),
-                                    "available_gb": round(available_bytes() / 1e9, 2)})
+                                    "predicted_gb": round(predicted / 1e9, 2), "available_gb": round(available / 1e9, 2)})
                     print(f"{dtype} L={layers} {phase}: skipped, predicted {predicted / 1e9:.1f} GB > "
-                          f"{available_bytes() / 1e9:.1f} GB available - {args.headroom_gb} GB", file=sys.stderr)
+                          f"{available / 1e9:.1f} GB available - {args.headroom_gb} GB", file=sys.stderr)
                 elif layers == 1 and phase.endswith("/one") and phase.replace("/one", "/all") in args.phases:
                     same.append(phase)  # at one layer, layer 0 is every layer: the same job as /all
                 else:

@@ -50,8 +50,7 @@ def peak_tflops(device: str, override: float | None) -> float | None:
 def run_phase(run, device: str) -> tuple[int, float]:
     """Peak bytes and seconds of one phase on ``device``."""
     if device == "cpu":
-        peak, seconds = tracked_peak(run)
-        return peak, seconds
+        return tracked_peak(run)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()

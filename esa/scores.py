@@ -227,6 +227,13 @@ def _finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def _unscaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """``t`` in fp32 divided by the loss scale; ``t`` itself when fp32 and unscaled (so it is
+    never written in place)."""
+    t = t.detach().float()
+    return t / scale if scale != 1.0 else t
+
+
 def _scaled_gradients(model: nn.Module, batch: torch.Tensor, params: list[nn.Parameter], scale: float,
                       create_graph: bool, chunk_size: int) -> tuple[tuple, float]:
     """The gradients of ``scale`` x the batch's mean token loss, the scale halved until every one
@@ -265,9 +272,7 @@ def _gradient_metrics(model: nn.Module, targets: list[Target], params: list[nn.P
             grads, scale = _scaled_gradients(model, batch, params, scale, hutchinson, chunk_size)
             with torch.no_grad():
                 for i, g in enumerate(grads if want_grads else ()):
-                    g32 = g.detach().float()  # g itself when fp32: never written in place
-                    if scale != 1.0:
-                        g32 = g32 / scale
+                    g32 = _unscaled(g, scale)
                     if g_sum is not None:
                         g_sum[i] = g32.clone() if g_sum[i] is None else g_sum[i].add_(g32)
                     if g_sq is not None:
@@ -283,7 +288,7 @@ def _gradient_metrics(model: nn.Module, targets: list[Target], params: list[nn.P
                     hvs = torch.autograd.grad(grads, params, grad_outputs=zs, retain_graph=True)
                 with torch.no_grad():
                     for i, (z, hv) in enumerate(zip(zs, hvs)):
-                        h_sum[i].addcmul_(z.float(), hv.float() / scale if scale != 1.0 else hv.float())
+                        h_sum[i].addcmul_(z.float(), _unscaled(hv, scale))
                 del zs, hvs
             del grads
 
