@@ -11,9 +11,6 @@ from esa.names import DATA_PARTS, METRICS, MODES, alternatives
 min_version("8.0")
 
 
-configfile: os.path.join(workflow.basedir, "config", "config.yaml")
-
-
 include: "rules/common.smk"
 
 

@@ -41,6 +41,18 @@ def _paths(items: list[str]) -> dict:
     return nest_paths(flat)
 
 
+def check_configs(files: list[str]) -> str:
+    """Validate config files as ``snakemake --configfile`` merges them; one line on the study.
+    Unlike Snakemake, which reads the files before ESA runs, a YAML error names its line."""
+    from functools import reduce
+
+    from .config import deep_update, read_config_file, study_config, study_models
+
+    config = study_config(reduce(deep_update, map(read_config_file, files), {}), files)
+    models = ", ".join(m["name"] for m in study_models(config))
+    return f"config ok: models {models}; {len(config['experiments'])} experiments; seeds {config['seeds']}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esa", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("step", choices=sorted(MODEL_STEPS + TABLE_STEPS))
     run.add_argument("--spec", required=True, help="JSON object of the step's parameters")
     run.add_argument("paths", nargs="*", metavar="name=path", help="the step's inputs and outputs")
+    check = sub.add_parser("check", help="validate config files as the workflow reads them (later files over "
+                                         "earlier ones, like --configfile A B)")
+    check.add_argument("configfiles", nargs="+", metavar="configfile")
     summary = sub.add_parser("summary", help="one-screen summary of each model's results directory")
     summary.add_argument("results_dirs", nargs="+", metavar="results_dir", help="e.g. results/smollm2-135m")
     return parser
@@ -63,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             step_function(args.step)(json.loads(args.spec), **_paths(args.paths + extra))
+        elif args.command == "check":
+            print(check_configs(args.configfiles))
         else:
             from .summary import summary_text
 

@@ -1,5 +1,10 @@
 """Loading and validating the workflow configuration against ``config/schema.yaml``.
 
+A study's config is the user's config files as written, every key they leave out taking the
+schema's default; the embedded default (``config/config.yaml``) applies only when no config
+file is given at all. So a required key (``model``/``models``, ``data.source``) missing from
+the user's file is an error naming it and the file, never the embedded default's value.
+
 Beyond the schema, validation rejects what JSON schema cannot express: a number that is NaN
 or infinite (NaN passes every ``minimum``), a ``scoring.targets`` pattern that is not a
 regular expression, experiment names used twice, and a ``culprits`` entry that is not an
@@ -26,23 +31,29 @@ SCHEMA = REPO / "config" / "schema.yaml"
 DEFAULT_CONFIG = REPO / "config" / "config.yaml"
 
 
-def validate_config(config: dict) -> dict:
+def validate_config(config: dict, origin: str = "") -> dict:
     """Validate ``config`` in place with Snakemake's validator (filling schema defaults).
 
-    A violation becomes a one-line :class:`ESAError` naming the offending key and value.
+    A violation becomes a one-line :class:`ESAError` naming the offending key and value, and
+    ``origin`` (the config files it was read from) when given.
     """
+    try:
+        return _validate(config)
+    except ESAError as err:
+        raise ESAError(f"{err} (in {origin})" if origin else str(err)) from None
+
+
+def _validate(config: dict) -> dict:
     from snakemake.utils import validate
     from snakemake_interface_common.exceptions import WorkflowError
 
+    if "model" not in config and "models" not in config:
+        raise ESAError("invalid config: model is required (or models, a list of them): {name, source} with "
+                       "source a hub id, local directory, .gguf file or builtin:smollm2-135m")
     try:
         validate(config, str(SCHEMA))
     except WorkflowError as err:
-        text = str(err)
-        reason = re.search(r"ValidationError: (.*)", text)
-        where = re.search(r"On instance((?:\[[^\]]*\])*)", text)
-        path = ".".join(re.findall(r"\['?([^'\]]*)'?\]", where.group(1))) if where else ""
-        raise ESAError(f"invalid config{' at ' + path if path else ''}: "
-                       f"{reason.group(1) if reason else text.splitlines()[0]}") from None
+        raise ESAError(_schema_error(str(err))) from None
     _check_finite(config)
     for key in ("include", "exclude"):
         for pattern in config["scoring"]["targets"][key]:
@@ -61,6 +72,47 @@ def validate_config(config: dict) -> dict:
                        f"under results/; name the model otherwise")
     _check_culprits(config)
     return config
+
+
+def _schema_error(text: str) -> str:
+    """One line from Snakemake's validation message: the key, the value, and a hint where the
+    cause is not what the schema's wording suggests."""
+    reason = re.search(r"ValidationError: (.*)", text)
+    where = re.search(r"On instance((?:\[[^\]]*\])*)", text)
+    path = ".".join(re.findall(r"\['?([^'\]]*)'?\]", where.group(1))) if where else ""
+    message = reason.group(1) if reason else text.splitlines()[0]
+    required = re.fullmatch(r"'([^']+)' is a required property", message)
+    if required:
+        key = f"{path}.{required.group(1)}" if path else required.group(1)
+        described = _description(key)
+        return f"invalid config: {key} is required{': ' + described if described else ''}"
+    number = re.fullmatch(r"'([^']+)' is not of type 'number'.*", message)
+    if number and _is_float(number.group(1)):
+        # PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent
+        message += (f" (YAML reads {number.group(1)} as a string: write it with a dot and a signed "
+                    f"exponent, e.g. {float(number.group(1)):.1e})")
+    return f"invalid config{' at ' + path if path else ''}: {message}"
+
+
+def _description(key: str) -> str:
+    """The schema's description of the dotted ``key`` (list indices and ``$ref`` followed)."""
+    node = _schema()
+    for part in key.split("."):
+        if part.isdigit():
+            node = node.get("items", {})
+        else:
+            node = node.get("properties", {}).get(part, {})
+        if "$ref" in node:
+            node = _schema()["$defs"][node["$ref"].rsplit("/", 1)[1]]
+    return node.get("description", "")
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_culprits(config: dict) -> None:
@@ -125,13 +177,39 @@ def deep_update(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
-    """Read a YAML config (default: the embedded one), apply overrides, validate."""
-    path = Path(path) if path else DEFAULT_CONFIG
+def read_config_file(path: str | Path) -> dict:
+    """One YAML config file as a mapping; a syntax error names the file, line and column."""
+    path = Path(path)
     if not path.is_file():
         raise ESAError(f"config file {str(path)!r} does not exist")
-    config = yaml.safe_load(path.read_text()) or {}
-    return validate_config(deep_update(config, overrides or {}))
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and start:
+            problem += f" ({context} at line {start.line + 1}, column {start.column + 1})"
+        raise ESAError(f"config file {str(path)!r} is not valid YAML:{at}: {problem}") from None
+    if config is not None and not isinstance(config, dict):
+        raise ESAError(f"config file {str(path)!r} must hold a mapping of keys, not a {type(config).__name__}")
+    return config or {}
+
+
+def study_config(given: dict, files: list[str]) -> dict:
+    """The config a study runs with, validated: ``given`` (what Snakemake read from
+    ``--configfile`` and ``--config``) as written when config files were given, otherwise the
+    embedded default with ``given``'s ``--config`` values over it."""
+    if files:
+        return validate_config(copy.deepcopy(given), origin=", ".join(files))
+    return validate_config(deep_update(read_config_file(DEFAULT_CONFIG), given), origin=str(DEFAULT_CONFIG))
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """Read a YAML config (default: the embedded one) as written, apply overrides, validate."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    return validate_config(deep_update(read_config_file(path), overrides or {}), origin=str(path))
 
 
 def config_hash(config: dict) -> str:

@@ -8,20 +8,30 @@ is `esa_shell(step)`, which hands the step every named input and output.
 import json
 import os
 import shlex
+import sys
 
 # jobs (local, conda or Slurm) run `python -m esa` from the workflow checkout, installed or not
 shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
-from esa.config import study_models, validate_config
+from esa.config import study_config, study_models
 from esa.errors import ESAError
 from esa.layout import Layout, flatten_paths
 from esa.names import ACTIVATION_MAGNITUDE, COMPARISON, HUTCHINSON_DIAG, SCORE_JOBS
 from esa.provenance import code_version
+from esa.recovery import recover
 
+# the user's --configfile files as written (keys left out take the schema's defaults); the
+# embedded default config/config.yaml only when no config file is given
 try:
-    validate_config(config)
+    STUDY = study_config(config, [str(path) for path in workflow.config_settings.configfiles])
 except ESAError as err:
     raise WorkflowError(str(err))
+config.clear()
+config.update(STUDY)
+
+# a run after a killed or damaged one: stale locks and damaged results go (esa/recovery.py)
+if workflow.is_main_process:
+    recover()
 
 ENV = os.path.join(workflow.basedir, "envs", "esa.yaml")
 SOURCES = {m["name"]: m["source"] for m in study_models(config)}  # model name -> source
@@ -66,9 +76,14 @@ def spec(**params):
     return json.dumps(params, sort_keys=True)
 
 
+# jobs run the interpreter that runs Snakemake (a venv's, activated or not), unless --use-conda
+# or a container gives each rule its own environment, whose `python` that is
+PYTHON = "python" if workflow.deployment_settings.deployment_method else shlex.quote(sys.executable)
+
+
 def esa_shell(step):
     """The command that runs `step` with its spec and every named input and output."""
-    return f"python -m esa run {step} --spec {{params.spec:q}} {{params.paths}} 2> {{log}}"
+    return f"{PYTHON} -m esa run {step} --spec {{params.spec:q}} {{params.paths}} 2> {{log}}"
 
 
 def step_paths(wildcards, input, output):

@@ -1,6 +1,7 @@
 """Config validation beyond the schema: every error is one line naming the key and the value."""
 
 import math
+import re
 
 import pytest
 import yaml
@@ -65,3 +66,92 @@ def test_runbook_perturb_scale_must_be_finite(tmp_path, capsys, value):
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"phase1_runner_enhanced.py: error: argument --perturb-scale: {value!r} is not {kind}")
     assert not (tmp_path / "out").exists()
+
+
+# ---- a user's config file is validated as written (issue 19) ------------------------------
+
+def _dry_run(tmp_path, text: str, *configfiles):
+    """`snakemake -n` with ``text`` as the user's config file (and ``configfiles`` before it)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    user = tmp_path / "my.yaml"
+    user.write_text(text)
+    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "-n",
+                           "--directory", str(tmp_path), "--configfile", *map(str, configfiles), str(user)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("text, line", [
+    ("model: {name: tiny}\ndata: {source: builtin:pydoc}\n",
+     "invalid config: model.source is required: hub id, local directory, .gguf file, or builtin:smollm2-135m"),
+    ("model: {name: tiny, source: builtin:smollm2-135m}\ndata: {seq_len: 32}\n",
+     "invalid config: data.source is required: hf:NAME, a .txt/.jsonl/.json/.parquet/.csv file, or builtin:pydoc"),
+    ("data: {source: builtin:pydoc}\n",
+     "invalid config: model is required (or models, a list of them): {name, source} with source a hub id, "
+     "local directory, .gguf file or builtin:smollm2-135m"),
+    ("models: [{name: tiny}]\ndata: {source: builtin:pydoc}\n",
+     "invalid config: models.0.source is required: hub id, local directory, .gguf file, or builtin:smollm2-135m"),
+])
+def test_a_required_key_missing_from_the_users_file_is_named_with_the_file(tmp_path, text, line):
+    """Before: the embedded default's model and data silently filled them in."""
+    result = _dry_run(tmp_path, text)
+    assert result.returncode != 0
+    assert f"{line} (in {tmp_path / 'my.yaml'})" in result.stdout.splitlines()
+    assert not (tmp_path / "results").exists()
+
+
+def test_keys_left_out_take_the_schema_default_not_the_embedded_config():
+    """config/config.yaml sizes the default study; a user's file gets the schema's defaults."""
+    from esa.config import schema_defaults, study_config
+
+    config = study_config(_config(), ["my.yaml"])
+    assert config["experiments"] == [] and config["scoring"]["max_samples"] == schema_defaults("scoring")["max_samples"] == 16
+    embedded = study_config({}, [])
+    assert embedded["model"]["source"] == "builtin:smollm2-135m" and len(embedded["experiments"]) == 9
+    assert embedded["scoring"]["max_samples"] == 8
+    assert study_config({"seeds": [4]}, [])["seeds"] == [4]  # --config alone goes over the embedded default
+
+
+def test_layered_config_files_merge_like_the_readme_says(tmp_path):
+    """config/beyond.yaml is laid over the embedded default by naming both."""
+    from conftest import REPO
+
+    result = _dry_run(tmp_path, (REPO / "config" / "beyond.yaml").read_text(), REPO / "config" / "config.yaml")
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert re.search(r"^quantize +1$", result.stdout, re.M) and re.search(r"^culprits +1$", result.stdout, re.M)
+
+
+def test_duplicate_seeds_are_rejected_at_config_time():
+    """Before: `seeds: [0, 0]` passed and perturb failed later with an internal message."""
+    for config, line in ((_config(seeds=[0, 0]), "invalid config at seeds: [0, 0] has non-unique elements"),
+                         (_config(experiments=[_experiment("a", seeds=[1, 2, 1])]),
+                          "invalid config at experiments.0.seeds: [1, 2, 1] has non-unique elements")):
+        with pytest.raises(ESAError) as err:
+            validate_config(config)
+        assert str(err.value) == line
+
+
+def test_a_yaml_exponent_without_a_dot_gets_the_hint():
+    config = _config(experiments=[_experiment("flip", perturb="sign_flip", scale=yaml.safe_load("1e30"))])
+    with pytest.raises(ESAError) as err:
+        validate_config(config, origin="my.yaml")
+    assert str(err.value) == ("invalid config at experiments.0.scale: '1e30' is not of type 'number' (YAML reads "
+                              "1e30 as a string: write it with a dot and a signed exponent, e.g. 1.0e+30) (in my.yaml)")
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    from esa.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: x\n  source: [a\nseeds: 1\n")
+    assert main(["check", str(bad)]) == 2
+    assert capsys.readouterr().err == (f"esa: error: config file {str(bad)!r} is not valid YAML: line 4, column 6: "
+                                       f"expected ',' or ']', but got ':' (while parsing a flow sequence at line 3, "
+                                       f"column 11)\n")
+    good = tmp_path / "good.yaml"
+    good.write_text("model: {name: tiny, source: builtin:smollm2-135m}\ndata: {source: builtin:pydoc}\nseeds: [3]\n")
+    assert main(["check", str(good)]) == 0
+    assert capsys.readouterr().out == "config ok: models tiny; 0 experiments; seeds [3]\n"

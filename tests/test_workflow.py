@@ -130,43 +130,64 @@ def test_eval_windows_are_checked_before_any_scoring(tmp_path, tiny_config):
     assert not (tmp_path / "results/tiny/scores").exists() and not list((tmp_path / "logs/tiny").glob("scores*"))
 
 
+def _job_of(run: subprocess.Popen, step: str):
+    """The `esa run STEP` job process that Snakemake ``run`` started, once it exists."""
+    import psutil
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and run.poll() is None:
+        for child in psutil.Process(run.pid).children(recursive=True):
+            try:
+                if {"esa", "run", step} <= set(child.cmdline()):
+                    return child
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"no {step} job started")
+
+
 def test_killed_run_resumes_with_the_default_command(tmp_path, tiny_config):
-    """Snakemake killed while a job runs: `--unlock`, then the plain command reruns the job
-    (profiles/default sets rerun-incomplete) where Snakemake alone refuses."""
+    """Snakemake itself killed with SIGKILL while a job runs: the plain command removes the
+    stale lock and reruns the cut-short job (profiles/default sets rerun-incomplete); before,
+    it was refused until `snakemake --unlock`."""
     target = "results/tiny/model/model.json"
-    flag = tmp_path / "job-done"
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    # the job's `python`: run the step, then hold the job open until the test has killed Snakemake
-    (fake / "python").write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\nstatus=$?\ntouch "{flag}"\n'
-                                 f'while [ -e "{flag}" ]; do sleep 0.1; done\nexit $status\n')
-    (fake / "python").chmod(0o755)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config))
     run = subprocess.Popen([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
                             "--directory", str(tmp_path), "--configfile", str(tmp_path / "config.yaml"),
-                            "--cores", "2", target], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not flag.exists() and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert flag.exists(), "the model job never finished"
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-        run.wait()
-        flag.unlink(missing_ok=True)
-    assert (tmp_path / target).exists()  # written, but the job never reported back
+                            "--cores", "2", target], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = _job_of(run, "model")
+    run.kill()  # Snakemake alone: its job goes on, finishes and never reports back
+    run.wait()
+    job.wait(timeout=300)
+    locks = sorted(p.name for p in (tmp_path / ".snakemake/locks").iterdir())
+    assert locks == ["0.input.lock", "0.output.lock"] and (tmp_path / target).exists()
 
-    locked = snakemake(tmp_path, tiny_config, target)
-    assert locked.returncode != 0 and "--unlock" in locked.stdout
-    assert snakemake(tmp_path, tiny_config, "--unlock").returncode == 0
     refused = snakemake(tmp_path, tiny_config, "--workflow-profile", "none", target)
-    assert refused.returncode != 0 and "IncompleteFilesException" in refused.stdout
+    assert "esa: removed .snakemake/locks/0.input.lock, a lock left by a Snakemake run that no longer runs" in (
+        refused.stdout.splitlines())
+    assert refused.returncode != 0 and "IncompleteFilesException" in refused.stdout  # locks gone, marker kept
     resumed = snakemake(tmp_path, tiny_config, target)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert re.search(r"Using workflow specific profile \S*profiles/default ", resumed.stdout)
     assert "localrule model:" in resumed.stdout  # rerun (Snakemake 9 says "Forced execution")
+    assert not list((tmp_path / ".snakemake/locks").iterdir())
+
+
+def test_jobs_run_the_interpreter_that_runs_snakemake(tmp_path, tiny_config):
+    """The venv's snakemake run without activating the venv (as job scripts do): before, every
+    job ran the first `python` on PATH (here one that cannot import ESA's dependencies)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text("#!/bin/sh\necho 'the wrong python' >&2\nexit 3\n")
+    (fake / "python").chmod(0o755)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config))
+    venv_snakemake = Path(sys.executable).parent / "snakemake"
+    result = subprocess.run([str(venv_snakemake), "--snakefile", str(REPO / "Snakefile"), "--directory",
+                             str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "--cores", "2",
+                             "results/tiny/model/model.json"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=600, env={**os.environ, "PATH": f"{fake}:/usr/bin:/bin"})
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert json.loads((tmp_path / "results/tiny/model/model.json").read_text())["kind"] == "dir"
 
 
 def test_building_the_dag_and_the_table_steps_never_import_torch(tmp_path):
