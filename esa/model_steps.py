@@ -73,6 +73,8 @@ def step_data(spec: dict, *, model: str, windows: str, summary: str) -> None:
 
 
 def _load(spec: dict, model: str):
+    """The step's model; ``attn_implementation: auto`` resolves per class, and each manifest
+    records the implementation that ran (:func:`esa.models.attention_of`)."""
     use_deterministic_kernels(spec.get("deterministic", False))  # before the first CUDA kernel
     return models.load_model(models.source_from_ref(model), spec["device"], spec["dtype"],
                              spec["attn_implementation"], spec["device_map"])
@@ -92,7 +94,7 @@ def step_baseline(spec: dict, *, model: str, eval: str, metrics: str, windows: s
                                "tokens": result.tokens, "loss": result.window_loss})
     write_parquet_atomic(per_window, windows)
     write_json_atomic(spec, config)
-    write_json_atomic(record.finish(model=spec["model"]), manifest)
+    write_json_atomic(record.finish(model=spec["model"], attn_implementation=models.attention_of(lm)), manifest)
     # V, the number of classes of the softmax: a loss of ln V is uniform output (verdicts: saturated)
     write_json_atomic({**result.metrics(), "vocab_size": lm.get_output_embeddings().weight.shape[0]}, metrics)
     log.info("baseline: loss %.6f ppl %.4f over %d tokens", result.loss, result.ppl,
@@ -135,8 +137,8 @@ def step_scores(spec: dict, *, model: str, calib: str, **outputs: dict) -> None:
 
             write_atomic(out["full_scores"], lambda tmp: save_file(
                 {name: scores[name].cpu().contiguous() for name in result.stat}, tmp))
-        write_json_atomic(record.finish(metric=metric, calibration_windows=sample.tolist(),
-                                        targets=len(targets)), out["manifest"])
+        write_json_atomic(record.finish(metric=metric, calibration_windows=sample.tolist(), targets=len(targets),
+                                        attn_implementation=models.attention_of(lm)), out["manifest"])
 
 
 def read_baseline(metrics: str, windows: str) -> Baseline:
@@ -162,7 +164,8 @@ def step_perturb(spec: dict, *, model: str, eval: str, baseline: str, baseline_w
                               spec["noise"], sets=(TOP, *spec["controls"]), chunk_size=spec["loss_chunk"],
                               bootstrap=Bootstrap(**spec["bootstrap"]))
     write_parquet_atomic(table, results)
-    write_json_atomic(record.finish(baseline_ppl=reference.ppl), manifest)
+    write_json_atomic(record.finish(baseline_ppl=reference.ppl, attn_implementation=models.attention_of(lm)),
+                      manifest)
 
 
 def step_confirm(spec: dict, *, model: str, eval: str, baseline: str, baseline_windows: str,
@@ -281,4 +284,5 @@ def step_quantize(spec: dict, *, model: str, eval: str, baseline: str, baseline_
                              spec["batch_size"], reference, chunk_size=spec["loss_chunk"],
                              bootstrap=Bootstrap(**spec["bootstrap"]))
     write_parquet_atomic(table, results)
-    write_json_atomic(record.finish(baseline_ppl=reference.ppl), manifest)
+    write_json_atomic(record.finish(baseline_ppl=reference.ppl, attn_implementation=models.attention_of(lm)),
+                      manifest)

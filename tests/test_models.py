@@ -66,7 +66,7 @@ def test_corrupt_gguf_is_an_error(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + os.urandom(256))
     ref = tmp_path / "out" / "model.json"
-    with pytest.raises(ESAError, match="cannot load .*broken.gguf"):
+    with pytest.raises(ESAError, match=f"model file {bad} is not a valid GGUF file \\(truncated or corrupt: "):
         models.materialize(str(bad), ref.parent)
     assert not ref.exists() and not (ref.parent / "checkpoint").exists()
     assert main(["run", "model", "--spec", json.dumps({"source": str(bad)}), f"ref={ref}"]) == 2
@@ -113,6 +113,7 @@ def test_results_directory_is_relocatable(tmp_path, monkeypatch, tiny_windows):
     load = models._from_pretrained
     monkeypatch.setattr(models, "_from_pretrained", lambda cls, source, what, **kw: load(
         cls, models.ModelSource("dir", str(stand_in)) if source.kind == "gguf" else source, what, **kw))
+    monkeypatch.setattr(models, "check_weights", lambda source: None)  # the stand-in GGUF is 4 bytes
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF")
     ref = models.materialize(str(gguf), tmp_path / "old/results/tiny/model")
@@ -132,3 +133,86 @@ def test_results_directory_is_relocatable(tmp_path, monkeypatch, tiny_windows):
     local = models.materialize(str(stand_in), tmp_path / "local")  # a local checkpoint stays where it is
     assert local["path"] == str(stand_in.resolve())
     assert models.source_from_ref(tmp_path / "local/model.json").path == str(stand_in.resolve())
+
+
+def _bundled_gguf():
+    source = models.resolve_source("builtin:smollm2-135m")
+    return os.path.join(source.path, source.gguf_file)
+
+
+@pytest.mark.parametrize("keep, reason", [
+    (1000, "the header runs past the end of the file at 1000 bytes"),
+    (-100, "98362332 bytes, its tensors need 98362432"),  # the last tensor's data cut short
+])
+def test_truncated_gguf_is_one_line_and_leaves_nothing(tmp_path, keep, reason):
+    full = open(_bundled_gguf(), "rb").read()
+    assert len(full) == 98362432
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(full[:keep])
+    ref = tmp_path / "model" / "model.json"
+    result = run_cli("run", "model", "--spec", json.dumps({"source": str(cut)}), f"ref={ref}")
+    assert (result.returncode, result.stderr) == (
+        2, f"esa: error: model file {cut} is not a valid GGUF file (truncated or corrupt: {reason})\n")
+    assert not ref.parent.exists() or sorted(p.name for p in ref.parent.iterdir()) == []
+
+
+def test_truncated_safetensors_is_one_line_and_leaves_nothing(tmp_path):
+    from conftest import make_tiny_llama
+
+    checkpoint = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(checkpoint)
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    line = (f"model file {weights} is not a valid safetensors file (truncated or corrupt: Error while "
+            f"deserializing header: incomplete metadata, file not fully covered)")
+    ref = tmp_path / "model" / "model.json"
+    result = run_cli("run", "model", "--spec", json.dumps({"source": str(checkpoint)}), f"ref={ref}")
+    assert (result.returncode, result.stderr) == (2, f"esa: error: {line}\n")
+    assert not ref.exists()
+    with pytest.raises(ESAError) as err:  # a later job on a checkpoint broken since
+        models.load_model(models.ModelSource("dir", str(checkpoint)), "cpu")
+    assert str(err.value) == line
+
+
+def _saved(model, path):
+    model.save_pretrained(path)
+    return models.ModelSource("dir", str(path))
+
+
+def test_auto_attention_is_sdpa_where_the_class_has_it_else_eager(tmp_path):
+    """Llama has SDPA: auto gives it; BLOOM has none: auto gives eager, and an explicit sdpa
+    is one line naming the class and what it allows (not transformers' traceback)."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from conftest import make_tiny_llama
+
+    llama = _saved(make_tiny_llama(), tmp_path / "llama")
+    assert models.attention_of(models.load_model(llama, "cpu")) == "sdpa"
+    assert models.attention_of(models.load_model(llama, "cpu", attn_implementation="eager")) == "eager"
+    bloom = _saved(BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=16, n_layer=2, n_head=2)), tmp_path / "bloom")
+    assert models.attention_of(models.load_model(bloom, "cpu", attn_implementation="auto")) == "eager"
+    for requested in ("sdpa", "flash_attention_2"):
+        with pytest.raises(ESAError) as err:
+            models.load_model(bloom, "cpu", attn_implementation=requested)
+        assert str(err.value) == (f"attn_implementation '{requested}' is not supported by BloomForCausalLM; "
+                                  f"allowed: eager, auto")
+
+
+def test_manifest_records_the_resolved_attention(tmp_path):
+    """The baseline step with attn_implementation auto on a Llama writes attention sdpa."""
+    import numpy as np
+
+    from conftest import make_tiny_llama
+    from esa.data import windows_frame
+    from esa.io import write_parquet_atomic
+    from esa.model_steps import step_baseline
+
+    make_tiny_llama().save_pretrained(tmp_path / "tiny")
+    models.materialize(str(tmp_path / "tiny"), tmp_path / "model")
+    write_parquet_atomic(windows_frame(np.arange(24, dtype=np.int32).reshape(2, 12) % 64), tmp_path / "eval.parquet")
+    spec = {"model": "tiny", "device": "cpu", "dtype": "fp32", "attn_implementation": "auto",
+            "device_map": None, "loss_chunk": 256, "batch_size": 2}
+    step_baseline(spec, model=str(tmp_path / "model/model.json"), eval=str(tmp_path / "eval.parquet"),
+                  metrics=str(tmp_path / "metrics.json"), windows=str(tmp_path / "windows.parquet"),
+                  manifest=str(tmp_path / "manifest.json"), config=str(tmp_path / "config.json"))
+    assert json.loads((tmp_path / "manifest.json").read_text())["attn_implementation"] == "sdpa"
