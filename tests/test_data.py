@@ -1,4 +1,6 @@
-"""Text sources, windows, BOS convention, the disjoint split and seeded calibration draws."""
+"""Text sources, windows, BOS convention, the disjoint split and seeded calibration draws; a source
+the data step cannot read (a .json of another shape, bytes that are not UTF-8, a directory) is one
+error line naming it."""
 
 import json
 import logging
@@ -7,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import LlamaConfig, PreTrainedTokenizerFast
 
+from esa.cli import main
 from esa.data import draw_calibration, load_documents, make_windows, read_windows, windows_frame
 from esa.errors import ESAError
 from esa.io import write_parquet_atomic
@@ -184,3 +187,106 @@ def test_malformed_json_names_file_and_line(tmp_path):
     whole.write_text('[{"text": "a"},\n {"text": }]')
     with pytest.raises(ESAError, match=r"whole.json': not valid JSON \(Expecting value, line 2 column 11\)"):
         load_documents(str(whole))
+
+
+WORDS = [f"w{i}" for i in range(1200)]  # token ids 3..1202 under word_tokenizer(WORDS)
+
+
+@pytest.fixture(scope="module")
+def model_ref(tmp_path_factory):
+    """A model.json for `esa run data`: a word-level tokenizer over WORDS and a tiny Llama config
+    (the data step reads no weights)."""
+    out = tmp_path_factory.mktemp("model")
+    word_tokenizer(WORDS, bos=False).save_pretrained(out / "checkpoint")
+    LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=128).save_pretrained(out / "checkpoint")
+    (out / "model.json").write_text(json.dumps({"source": "test", "kind": "dir", "path": "checkpoint"}))
+    return out / "model.json"
+
+
+def run_data(model_ref, source, out, part: str = "calib") -> int:
+    """`esa run data` as rules/data.smk runs it, writing ``out/windows.parquet`` and ``out/summary.json``."""
+    spec = {"source": str(source), "text_field": "text", "hf_config": None, "calib_split": None,
+            "eval_split": None, "eval_fraction": 0.2, "seq_len": 8, "part": part}
+    return main(["run", "data", "--spec", json.dumps(spec), f"model={model_ref}",
+                 f"windows={out / 'windows.parquet'}", f"summary={out / 'summary.json'}"])
+
+
+def test_json_object_is_one_document(tmp_path, model_ref, caplog):
+    """`{"text": "..."}` is one document, split by tokens (it was read character by character)."""
+    caplog.set_level(logging.INFO, logger="esa.data")
+    source = tmp_path / "one.json"
+    source.write_text(json.dumps({"text": " ".join(WORDS), "title": "ignored"}))
+    for part, name, first, windows in (("calib", "calibration", 3, 120), ("eval", "evaluation", 963, 30)):
+        out = tmp_path / part
+        assert run_data(model_ref, source, out, part) == 0
+        assert json.loads((out / "summary.json").read_text()) == {
+            "part": name, "source": str(source), "seq_len": 8, "bos_id": None, "documents": 1, "windows": windows}
+        assert read_windows(out / "windows.parquet").ravel().tolist() == list(range(first, first + 8 * windows))
+    assert _rule_logged(caplog, "single document split by tokens (the last 240 of 1200 tokens to evaluation)", 1, 1)
+
+
+def test_json_list_of_strings_is_one_document_each(tmp_path):
+    strings = tmp_path / "strings.json"
+    strings.write_text(json.dumps(DOCS))
+    assert load_documents(str(strings), eval_fraction=0.2) == ([d for i, d in enumerate(DOCS) if i not in (4, 9)],
+                                                              [DOCS[4], DOCS[9]])
+
+
+@pytest.mark.parametrize("content, found", [
+    ('"one long string"', "a JSON string"),
+    ("42", "a JSON number"),
+    ("true", "a JSON boolean"),
+    ("null", "a JSON null"),
+    ('{"body": "a b c"}', "one JSON object without a string field 'text' (set data.text_field)"),
+    ('{"text": ["a", "b"]}', "one JSON object without a string field 'text' (set data.text_field)"),
+], ids=["string", "number", "boolean", "null", "object without the field", "object with a list"])
+def test_json_of_another_shape_is_one_line_naming_the_shapes(tmp_path, model_ref, capsys, content, found):
+    source = tmp_path / "other.json"
+    source.write_text(content)
+    assert run_data(model_ref, source, tmp_path / "out") == 2
+    assert capsys.readouterr().err == (
+        f"esa: error: text source {str(source)!r} holds {found}; a .json source holds one object with a "
+        f"string field 'text' (one document) or a list of such objects or of strings (one document each)\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, content, byte, offset, line", [
+    ("binary.txt", b"hello world\n\nabc \xff\xfe\x00 bytes\n\nmore", 0xff, 17, 3),
+    ("latin1.txt", "first document\n\ncaf\u00e9 au lait\n".encode("latin-1"), 0xe9, 19, 3),
+    ("latin1.jsonl", '{"text": "ok"}\n{"text": "na\u00efve"}\n'.encode("latin-1"), 0xef, 27, 2),
+    ("latin1.json", '[{"text": "caf\u00e9"}]'.encode("latin-1"), 0xe9, 14, 1),
+    ("latin1.csv", "text\nplain\ncr\u00e8me\n".encode("latin-1"), 0xe8, 13, 3),
+    ("bom.txt", b"\xef\xbb\xbfab\n\nc\xffd", 0xff, 8, 3),  # the offset counts the byte-order mark
+], ids=["binary.txt", "latin1.txt", "latin1.jsonl", "latin1.json", "latin1.csv", "bom.txt"])
+def test_text_not_utf8_is_one_line_naming_file_and_offset(tmp_path, model_ref, capsys, name, content, byte,
+                                                          offset, line):
+    source = tmp_path / name
+    source.write_bytes(content)
+    assert run_data(model_ref, source, tmp_path / "out") == 2
+    assert capsys.readouterr().err == (
+        f"esa: error: text source {str(source)!r} is not UTF-8: byte 0x{byte:02x} at offset {offset} (line {line}); "
+        f"text files must be UTF-8 (convert it first, e.g. iconv -f latin1 -t utf-8)\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["txt", "json"])
+def test_utf8_byte_order_mark_is_not_text(text_files, kind):
+    path = text_files[kind]
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    calib, evaluation = load_documents(str(path), eval_fraction=0.2)
+    assert evaluation == [DOCS[4], DOCS[9]]
+    assert calib == [d for i, d in enumerate(DOCS) if i not in (4, 9)]
+
+
+@pytest.mark.parametrize("name", ["corpus", "corpus.txt"])
+def test_directory_source_says_it_is_a_directory(tmp_path, model_ref, capsys, name):
+    """Not "does not exist" (corpus.txt/) nor "unsupported type" (corpus/)."""
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "a.txt").write_text("\n\n".join(DOCS))
+    assert run_data(model_ref, folder, tmp_path / "out") == 2
+    assert capsys.readouterr().err == (
+        f"esa: error: text source {str(folder)!r} is a directory; allowed: hf:NAME, builtin:pydoc, or a file "
+        f"ending .txt, .jsonl, .json, .parquet, .csv (a local dataset folder is hf:PATH)\n")
+    assert not (tmp_path / "out").exists()
