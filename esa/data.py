@@ -4,9 +4,13 @@ A text source is one of:
   * ``hf:NAME`` (``hf:wikitext`` with ``hf_config: wikitext-2-raw-v1``): a hub dataset (or a
     local dataset folder, ``hf:/path``); calibration text from ``calib_split`` (train),
     evaluation text from ``eval_split`` (test);
-  * a local ``.txt``, ``.jsonl``/``.json`` (field ``text_field`` of each record),
+  * a local ``.txt``, ``.jsonl`` (field ``text_field`` of each line's object), ``.json`` (one
+    object: one document, its ``text_field``; a list: one document per object, or per string),
     ``.parquet``/``.csv`` (column ``text_field``, one document per row);
   * ``builtin:pydoc``: the reference documentation every CPython ships as ``pydoc_data.topics``.
+
+Text files (.txt, .jsonl, .json, .csv) are read as UTF-8 (a leading byte-order mark is dropped);
+any other bytes are an error naming the file and the offset of the first one.
 
 The documents of a ``.txt`` are its blank-line blocks when it has a blank line between two
 non-blank lines, otherwise its non-blank lines (one document per line).
@@ -23,6 +27,7 @@ start of every window. Seed s draws the calibration sample from the pool.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -41,6 +46,8 @@ SEPARATOR = "\n\n"
 BLANK_LINE_BLOCKS = "blank-line blocks"
 ONE_PER_LINE = "one document per line"
 SINGLE_DOCUMENT = "single document split by tokens"
+ALLOWED = f"hf:NAME, {', '.join(BUILTIN_TEXTS)}, or a file ending {', '.join(FILE_TYPES)}"
+JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
 def _column(texts) -> list[str]:
@@ -67,9 +74,42 @@ def _records(rows: list, source: str, field: str) -> list[str]:
     return _column(texts)
 
 
+def _read_text(path: Path) -> str:
+    """A text file's content as UTF-8; a file in another encoding (latin-1) or with binary bytes is
+    an error naming it and where its first undecodable byte is, not a UnicodeDecodeError traceback."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ESAError(f"text source {str(path)!r} is not UTF-8: byte 0x{data[err.start]:02x} at offset "
+                       f"{err.start} (line {line}); text files must be UTF-8 (convert it first, e.g. "
+                       f"iconv -f latin1 -t utf-8)") from None
+    # decoded as plain utf-8, not utf-8-sig, so that an error's offset counts the mark's bytes too
+    return text.removeprefix("\ufeff")
+
+
+def _json_file(path: Path, field: str) -> tuple[list[str], str]:
+    """The documents of a ``.json`` file: one object is one document (its ``field``), a list one
+    document per item; any other JSON value is an error naming the shapes accepted."""
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise ESAError(f"text source {str(path)!r}: not valid JSON ({err.msg}, line {err.lineno} "
+                       f"column {err.colno})") from None
+    if isinstance(data, list):
+        return _records(data, str(path), field), "one document per JSON record"
+    if isinstance(data, dict) and isinstance(data.get(field), str):
+        return [data[field]], "one JSON object"
+    found = (f"one JSON object without a string field {field!r} (set data.text_field)" if isinstance(data, dict)
+             else f"a JSON {JSON_TYPES[type(data)]}")
+    raise ESAError(f"text source {str(path)!r} holds {found}; a .json source holds one object with a string "
+                   f"field {field!r} (one document) or a list of such objects or of strings (one document each)")
+
+
 def _json_lines(path: Path) -> list:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -83,18 +123,12 @@ def _read_file(path: Path, field: str) -> tuple[list[str], str]:
     """The documents of a local file and the rule that found them."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return _split_text(path.read_text(encoding="utf-8"))
+        return _split_text(_read_text(path))
     if suffix == ".jsonl":
         return _records(_json_lines(path), str(path), field), "one document per JSON line"
     if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ESAError(f"text source {str(path)!r}: not valid JSON ({err.msg}, line {err.lineno} "
-                           f"column {err.colno})") from None
-        rows = data if isinstance(data, list) else data.get("data", data.get(field, []))
-        return _records(rows, str(path), field), "one document per JSON record"
-    frame = read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
+        return _json_file(path, field)
+    frame = read_parquet(path) if suffix == ".parquet" else pd.read_csv(io.StringIO(_read_text(path)))
     if field not in frame.columns:
         raise ESAError(f"text source {str(path)!r} has no column {field!r}; columns: {list(frame.columns)}")
     return _column(frame[field].tolist()), "one document per row"
@@ -126,9 +160,11 @@ def _source_documents(source: str, field: str) -> tuple[list[str], str]:
     if source.startswith("builtin:"):
         raise ESAError(f"unknown builtin text {source!r}; allowed: {', '.join(BUILTIN_TEXTS)}")
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise ESAError(f"text source {source!r} is a directory; allowed: {ALLOWED} "
+                       f"(a local dataset folder is hf:PATH)")
     if path.suffix.lower() not in FILE_TYPES:
-        raise ESAError(f"text source {source!r}: unsupported type; allowed: hf:NAME, "
-                       f"{', '.join(BUILTIN_TEXTS)}, or a file ending {', '.join(FILE_TYPES)}")
+        raise ESAError(f"text source {source!r}: unsupported type; allowed: {ALLOWED}")
     if not path.is_file():
         raise ESAError(f"text file {source!r} does not exist")
     return _read_file(path, field)

@@ -3,12 +3,14 @@ the bad verdicts, read from ``results/{model}/`` (``esa summary RESULTS_DIR [RES
 
 Files read, each optional (a missing one prints "not run"): ``baseline/metrics.json``,
 ``confirm/super_weights.parquet`` (``esa.confirm.SUPER_WEIGHT_COLUMNS``), ``report/verdict.json``.
+The directory itself is not optional: a mistyped path is an error, not a study that did not run.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import ESAError
 from .io import read_parquet
 from .layout import Layout
 from .results import read_json
@@ -57,6 +59,10 @@ def summary_text(*results_dirs: str | Path) -> str:
     directory separated by a blank line, newline-terminated."""
     blocks = []
     for results_dir in results_dirs:
+        if not Path(results_dir).is_dir():
+            state = "is not a directory" if Path(results_dir).exists() else "does not exist"
+            raise ESAError(f"results directory {str(results_dir)!r} {state} (esa summary reads "
+                           f"results/MODEL, the folder a study writes for each model)")
         layout = Layout(root=str(results_dir))
         lines = [f"ESA summary: {results_dir}", _baseline_line(Path(layout.baseline_files()["metrics"])),
                  *_super_weight_lines(Path(layout.confirm_files()["super_weights"])),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from esa.candidates import build_candidates
 from esa.cli import main
@@ -90,7 +91,9 @@ def test_step_output_has_the_umask_mode(tmp_path, umask, mask_bits, file_mode, d
     lambda path: write_parquet_atomic(pd.DataFrame({"a": [1]}), path),
     lambda path: write_json_atomic({"a": 1}, path),
     lambda path: write_atomic(path, lambda tmp: Path(tmp).write_bytes(b"x")),
-], ids=["parquet", "json", "write_atomic"])
+    # safetensors writes a 0600 file of its own and renames it over the temporary file
+    lambda path: write_atomic(path, lambda tmp: save_file({"a": torch.ones(3)}, tmp)),
+], ids=["parquet", "json", "write_atomic", "safetensors"])
 @pytest.mark.parametrize("mask_bits, file_mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)],
                          ids=["umask022", "umask077", "umask002"])
 def test_every_atomic_writer_has_the_umask_mode(tmp_path, umask, write, mask_bits, file_mode):
@@ -169,8 +172,6 @@ def test_step_on_a_full_disk_is_one_error_line(tmp_path, capsys, full_filesystem
 
 def test_safetensors_on_a_full_disk_is_one_error(full_filesystem):
     """The Rust writer's error (no errno) is recognised too: the full-scores file is the largest."""
-    from safetensors.torch import save_file
-
     path = full_filesystem / "scores.safetensors"
     with pytest.raises(ESAError) as err:
         write_atomic(path, lambda tmp: save_file({"a": torch.ones(1000)}, tmp))
