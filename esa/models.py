@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .errors import ESAError
-from .io import write_atomic
+from .io import disk_full_as_error, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -243,16 +243,19 @@ def _save_dequantised(source: ModelSource, weights: Path) -> None:
     tmp, old = (weights.with_name(f".{weights.name}.{os.getpid()}.{part}") for part in ("tmp", "old"))
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain
-        # tensors after de-quantisation, so write them and the config directly
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if weights.exists():  # a directory cannot be renamed over a non-empty one
-            os.replace(weights, old)
-        os.replace(tmp, weights)
+        with disk_full_as_error(weights):
+            tmp.mkdir(parents=True)
+            # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain
+            # tensors after de-quantisation, so write them and the config directly
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            model.config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            # safetensors renames its own 0600 temporary into place; the config got the umask's mode
+            os.chmod(tmp / "model.safetensors", (tmp / "config.json").stat().st_mode & 0o777)
+            if weights.exists():  # a directory cannot be renamed over a non-empty one
+                os.replace(weights, old)
+            os.replace(tmp, weights)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,14 +100,16 @@ def test_device_map_auto_loads_and_evaluates_like_a_plain_load(tiny_model_dir, t
     assert evaluate(plain, windows, 3).ppl == evaluate(sharded, windows, 3).ppl
 
 
-def test_results_directory_is_relocatable(tmp_path, monkeypatch, tiny_windows):
-    """model.json names the de-quantised checkpoint relative to itself: move results/, load."""
+@pytest.fixture
+def stand_in_gguf(tmp_path, monkeypatch):
+    """A 4-byte ``tiny.gguf`` that loads as a tiny Llama (what de-quantising a GGUF gives,
+    without a real GGUF): the GGUF path of :func:`models.materialize` on a tiny model."""
     from tokenizers import Tokenizer, models as tokenizer_models
     from transformers import PreTrainedTokenizerFast
 
     from conftest import make_tiny_llama
 
-    stand_in = tmp_path / "stand_in"  # what de-quantising the GGUF gives, without a real GGUF
+    stand_in = tmp_path / "stand_in"
     make_tiny_llama().save_pretrained(stand_in)
     vocab = {"<unk>": 0, **{f"w{i}": i + 1 for i in range(63)}}
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>")),
@@ -116,6 +120,12 @@ def test_results_directory_is_relocatable(tmp_path, monkeypatch, tiny_windows):
     monkeypatch.setattr(models, "check_weights", lambda source: None)  # the stand-in GGUF is 4 bytes
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF")
+    return gguf, stand_in
+
+
+def test_results_directory_is_relocatable(tmp_path, stand_in_gguf, tiny_windows):
+    """model.json names the de-quantised checkpoint relative to itself: move results/, load."""
+    gguf, stand_in = stand_in_gguf
     ref = models.materialize(str(gguf), tmp_path / "old/results/tiny/model")
     written = json.loads((tmp_path / "old/results/tiny/model/model.json").read_text())
     assert ref["path"] == written["path"] == "checkpoint"
@@ -138,6 +148,37 @@ def test_results_directory_is_relocatable(tmp_path, monkeypatch, tiny_windows):
 def _bundled_gguf():
     source = models.resolve_source("builtin:smollm2-135m")
     return os.path.join(source.path, source.gguf_file)
+
+
+def test_dequantised_checkpoint_has_the_umask_mode(tmp_path, stand_in_gguf):
+    """Before: model.safetensors kept safetensors' own 0600 temporary mode under umask 022."""
+    old = os.umask(0o022)
+    try:
+        models.materialize(str(stand_in_gguf[0]), tmp_path / "model")
+    finally:
+        os.umask(old)
+    checkpoint = tmp_path / "model/checkpoint"
+    assert {p.name: p.stat().st_mode & 0o777 for p in [checkpoint, *checkpoint.iterdir()]} == {
+        "checkpoint": 0o755, "model.safetensors": 0o644, "config.json": 0o644, "tokenizer.json": 0o644,
+        "tokenizer_config.json": 0o644}
+
+
+def test_full_disk_while_dequantising_is_one_line_and_leaves_nothing(tmp_path, stand_in_gguf, monkeypatch):
+    import safetensors.torch
+
+    def full(model, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", full)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=3_000_000))
+    with pytest.raises(ESAError) as err:
+        models.materialize(str(stand_in_gguf[0]), tmp_path / "model")
+    mount = subprocess.run(["df", "--output=target", str(tmp_path)], capture_output=True, text=True,
+                           check=True).stdout.split()[-1]
+    assert str(err.value) == f"no space left on device writing {tmp_path / 'model/checkpoint'} (3.0 MB free on {mount})"
+    assert os.listdir(tmp_path / "model") == []
 
 
 @pytest.mark.parametrize("keep, reason", [

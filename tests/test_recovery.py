@@ -1,10 +1,13 @@
 """A run after a damaged or interrupted one: damaged results are found by their framing and
 rebuilt by the same command, stale locks go, a live run's locks stay (esa.integrity, esa.recovery)."""
 
+import base64
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,7 +15,7 @@ from conftest import snakemake
 
 from esa.integrity import damage, damaged_files
 from esa.io import write_json_atomic, write_parquet_atomic
-from esa.recovery import RUN_LOCK, SNAKEMAKE_LOCKS, remove_damaged, remove_stale_locks
+from esa.recovery import RUN_LOCK, SNAKEMAKE_LOCKS, SNAKEMAKE_METADATA, made_from, remove_damaged, remove_stale_locks
 
 
 def _truncate(path, keep: int) -> None:
@@ -57,14 +60,51 @@ def test_damage_is_read_from_the_framing(tmp_path):
     assert damaged_files(tmp_path) == {path: damage(path) for path in (weights, summary, table)}
 
 
+def _record(workdir, output: str, inputs: list[str]) -> None:
+    """A Snakemake file record of ``output`` (snakemake/persistence/file.py: the urlsafe
+    base64 of the path, cut into directory names of at most NAME_MAX-1 characters, each but the
+    last prefixed with "@")."""
+    key = base64.urlsafe_b64encode(output.encode()).decode()
+    step = os.pathconf(workdir, "PC_NAME_MAX") - 1
+    chunks = [key[i:i + step] for i in range(0, len(key), step)]
+    path = workdir / SNAKEMAKE_METADATA / Path(*["@" + c for c in chunks[:-1]], chunks[-1])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"record_format_version": 6, "input": inputs, "rule": "r"}))
+
+
+def test_a_damaged_file_removes_what_was_made_from_it(tmp_path):
+    deep = "results/m/" + "d" * 200 + "/" + "e" * 200 + "/deep.json"  # a record key longer than NAME_MAX
+    files = {"results/m/a.parquet": [], "results/m/b.json": ["results/m/a.parquet"],
+             "results/m/c.json": ["results/m/b.json", "results/m/x.json"], deep: ["results/m/c.json"],
+             "results/m/x.json": [], "results/m/gone.json": ["results/m/a.parquet"]}
+    for name, inputs in files.items():
+        _record(tmp_path, name, inputs)
+        if name != "results/m/gone.json":
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic({}, tmp_path / name)
+    (tmp_path / SNAKEMAKE_METADATA / "not-base64!").write_text("{")
+    assert made_from(tmp_path)["results/m/c.json"] == {deep}
+    (tmp_path / "results/m/a.parquet").write_bytes(b"PAR1")
+    found, dependents = remove_damaged(tmp_path)
+    assert found == {tmp_path / "results/m/a.parquet": "4 bytes, too short for Parquet"}
+    assert dependents == sorted(tmp_path / name for name in ("results/m/b.json", "results/m/c.json", deep))
+    assert sorted(p.name for p in (tmp_path / "results/m").iterdir()) == ["d" * 200, "x.json"]
+    assert not (tmp_path / deep).exists()
+
+
 def test_a_damaged_checkpoint_file_removes_its_model_json(tmp_path):
     model = tmp_path / "results/m/model"
     (model / "checkpoint").mkdir(parents=True)
     (model / "model.json").write_text("{}")
     (model / "checkpoint/model.safetensors").write_bytes(b"\x10")
-    found = remove_damaged(tmp_path / "results")
+    _record(tmp_path, "results/m/data/eval.json", ["results/m/model/model.json"])
+    (tmp_path / "results/m/data").mkdir()
+    (tmp_path / "results/m/data/eval.json").write_text("{}")
+    found, dependents = remove_damaged(tmp_path)
     assert list(found) == [model / "checkpoint/model.safetensors"]
+    assert dependents == [tmp_path / "results/m/data/eval.json"]
     assert not (model / "model.json").exists() and not (model / "checkpoint/model.safetensors").exists()
+    assert not (tmp_path / "results/m/data/eval.json").exists()
 
 
 def test_locks_of_a_live_run_are_left_alone(tmp_path):
@@ -109,14 +149,15 @@ def _jobs(dry_run_output: str) -> dict[str, int]:
 
 def test_a_damaged_result_is_rebuilt_by_the_same_command(tmp_path, topk_config):
     """Before: a truncated mask.parquet was named by the step that read it, and `snakemake -n`
-    said there was nothing to do. (A damaged intermediate whose consumers are all present is
-    removed but not yet rebuilt: Snakemake skips a missing intermediate then; issue 19.)"""
+    said there was nothing to do; then a truncated candidates.parquet was removed but, with the
+    mask made from it present, never rebuilt."""
     root = tmp_path / "results/tiny"
     target = "results/tiny/topk/grad_x_weight/global_k5/seed0/mask.parquet"
     first = snakemake(tmp_path, topk_config, target)
     assert first.returncode == 0, first.stdout[-3000:]
     mask = root / target.split("tiny/", 1)[1]
-    before = pd.read_parquet(mask)
+    candidates = root / "scores/grad_x_weight/seed0/candidates.parquet"
+    before = {path: pd.read_parquet(path) for path in (mask, candidates)}
     assert "Nothing to be done" in snakemake(tmp_path, topk_config, "-n", target).stdout
 
     _truncate(mask, mask.stat().st_size // 2)
@@ -126,5 +167,19 @@ def test_a_damaged_result_is_rebuilt_by_the_same_command(tmp_path, topk_config):
     assert _jobs(dry.stdout) == {"topk": 1}
     rebuilt = snakemake(tmp_path, topk_config, target)
     assert rebuilt.returncode == 0, rebuilt.stdout[-3000:]
-    pd.testing.assert_frame_equal(pd.read_parquet(mask), before)
+    pd.testing.assert_frame_equal(pd.read_parquet(mask), before[mask])
+    assert "Nothing to be done" in snakemake(tmp_path, topk_config, "-n", target).stdout
+
+    candidates.write_bytes(b"")  # an intermediate whose one consumer, the mask, is present
+    dry = snakemake(tmp_path, topk_config, "-n", target)
+    lines = dry.stdout.splitlines()
+    assert (f"esa: removed damaged {candidates.relative_to(tmp_path)} (0 bytes, too short for Parquet); this run "
+            f"rebuilds it where a step needs it") in lines
+    assert (f"esa: removed the 1 results made from the damaged files too ({mask.relative_to(tmp_path)}); this "
+            f"run rebuilds them from whole inputs") in lines
+    assert _jobs(dry.stdout) == {"scores_gradients": 1, "topk": 1}
+    rebuilt = snakemake(tmp_path, topk_config, target)
+    assert rebuilt.returncode == 0, rebuilt.stdout[-3000:]
+    for path, frame in before.items():
+        pd.testing.assert_frame_equal(pd.read_parquet(path), frame)
     assert "Nothing to be done" in snakemake(tmp_path, topk_config, "-n", target).stdout
