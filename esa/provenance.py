@@ -1,9 +1,15 @@
 """Code versions for Snakemake: a hash of exactly the `esa` code a workflow step runs.
 
 Snakemake reruns a job when its params change but does not look into imported packages. Each
-rule therefore carries ``code_version(step)`` as a param: a hash of the step function, the
-helpers of its own module it calls, and every `esa` module it reaches through imports.
-Editing ``esa/perturb.py`` reruns the perturb jobs and nothing upstream of them.
+rule therefore carries ``code_version(step)`` as a param: a hash of the definitions the step
+reaches, at the grain of a definition, not of a module. From ``step_<name>`` it follows every
+name the code uses: a function, class or assignment of the same module, an `esa` name imported
+(``from .x import f`` reaches ``f`` in ``esa.x``, and what ``f`` uses), an attribute of an
+imported `esa` module (``x.f``), and a module used as a whole (passed around, not only as
+``x.attr``) with all its definitions. A module reached at all adds its statements that define
+nothing (a registration call, an ``if`` at module level). So adding a constant to
+``esa/names.py`` reruns only the steps that come to use it, and editing one helper of
+``esa/layout.py`` reruns only the steps that call it.
 
 The hash is taken over the syntax tree with docstrings left out (comments never reach it),
 so fixing a docstring or a comment reruns nothing. Everything is read from the source files
@@ -14,21 +20,38 @@ from __future__ import annotations
 
 import ast
 import hashlib
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 PACKAGE = "esa"
 ROOT = Path(__file__).resolve().parent
 STEP_MODULES = ("esa.steps", "esa.model_steps")  # the modules that define ``step_<name>``
+WHOLE = "*"  # a module used as a whole: every definition of it
 
 
-def _path(module: str) -> Path:
-    return ROOT.joinpath(*module.split(".")[1:]).with_suffix(".py")
+def module_path(module: str) -> Path | None:
+    """The source file of the `esa` module ``module`` (a package's ``__init__.py``), or None."""
+    base = ROOT.joinpath(*module.split(".")[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
 
 
-@lru_cache(maxsize=None)
-def _tree(module: str) -> ast.Module:
-    return ast.parse(_path(module).read_text(encoding="utf-8"))
+def resolve_relative(module: str, level: int, name: str | None) -> str:
+    """The absolute module of ``from <level dots><name> import ...`` written in ``module``.
+
+    Level 1 is the package holding ``module`` (``module`` itself for a package's
+    ``__init__``), each further dot one package up, as the import system resolves it.
+    """
+    parts = module.split(".")
+    path = module_path(module)
+    package = parts if path is not None and path.name == "__init__.py" else parts[:-1]
+    if level - 1 > len(package) - 1:
+        raise ImportError(f"relative import beyond the top-level package in {module}")
+    base = package[: len(package) - (level - 1)]
+    return ".".join(base + ([name] if name else []))
 
 
 def _strip_docstrings(node: ast.AST) -> ast.AST:
@@ -43,100 +66,164 @@ def _strip_docstrings(node: ast.AST) -> ast.AST:
     return node
 
 
-def _esa_imports(node: ast.AST, module: str) -> dict[str, str]:
-    """``{bound name: esa module}`` for every `esa` import inside ``node`` (any depth).
+def _esa_bindings(node: ast.AST, module: str) -> dict[str, tuple[str, str]]:
+    """``{bound name: (esa module, name in it or WHOLE)}`` for every `esa` import inside ``node``.
 
-    ``from .x import f`` binds f to esa.x; ``from . import x`` and ``import esa.x`` bind x.
+    ``from .x import f`` binds f to (esa.x, f), or to (esa.x.f, WHOLE) where esa.x.f is a module;
+    ``from . import x`` and ``import esa.x as x`` bind x to (esa.x, WHOLE).
     """
-    package = module.rsplit(".", 1)[0]
     bound = {}
     for item in ast.walk(node):
         if isinstance(item, ast.ImportFrom):
-            base = item.module or ""
-            if item.level:
-                base = f"{package}.{base}" if base else package
+            base = resolve_relative(module, item.level, item.module) if item.level else (item.module or "")
             if base != PACKAGE and not base.startswith(PACKAGE + "."):
                 continue
             for alias in item.names:
                 candidate = f"{base}.{alias.name}"
-                bound[alias.asname or alias.name] = candidate if _path(candidate).exists() else base
+                bound[alias.asname or alias.name] = ((candidate, WHOLE) if module_path(candidate)
+                                                     else (base, alias.name))
         elif isinstance(item, ast.Import):
             for alias in item.names:
-                if alias.name.startswith(PACKAGE + "."):
-                    bound[alias.asname or alias.name] = alias.name
+                if alias.name.startswith(PACKAGE + ".") and alias.asname:
+                    bound[alias.asname] = (alias.name, WHOLE)
     return bound
 
 
+@dataclass
+class _Module:
+    definitions: dict[str, list[ast.AST]] = field(default_factory=dict)
+    always: list[ast.AST] = field(default_factory=list)  # statements that define nothing
+    imports: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def _bound_names(statement: ast.AST) -> list[str]:
+    if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [statement.name]
+    if isinstance(statement, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+        targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
+        return [leaf.id for target in targets for leaf in ast.walk(target) if isinstance(leaf, ast.Name)]
+    return []
+
+
 @lru_cache(maxsize=None)
-def _module_imports(module: str) -> dict[str, str]:
-    """:func:`_esa_imports` of a whole module: once per module, whatever the steps that reach it."""
-    return _esa_imports(_tree(module), module)
-
-
-def _module_closure(modules: set[str]) -> set[str]:
-    """``modules`` and every `esa` module they import, transitively."""
-    pending, seen = list(modules), set(modules)
-    while pending:
-        module = pending.pop()
-        for found in _module_imports(module).values():
-            if found not in seen and _path(found).exists():
-                seen.add(found)
-                pending.append(found)
-    return seen
-
-
-def _step_closure(step: str) -> tuple[list[ast.AST], set[str]]:
-    """The definitions of the step's own module it runs, and the `esa` modules it reaches."""
-    name = f"step_{step}"
-    for module in STEP_MODULES:
-        tree = _tree(module)
-        definitions = {}
-        for item in tree.body:
-            if isinstance(item, (ast.FunctionDef, ast.ClassDef)):
-                definitions[item.name] = item
-            elif isinstance(item, (ast.Assign, ast.AnnAssign)):
-                targets = item.targets if isinstance(item, ast.Assign) else [item.target]
-                for target in targets:
-                    for leaf in ast.walk(target):
-                        if isinstance(leaf, ast.Name):
-                            definitions[leaf.id] = item
-        if name in definitions:
-            break
-    else:
-        raise KeyError(f"no workflow step {name} in {STEP_MODULES}")
-    imported = _module_imports(module)
-    used, modules, pending = [], set(), [definitions[name]]
-    while pending:
-        node = pending.pop()
-        if node in used:
+def _index(module: str) -> _Module:
+    """The top-level definitions, defining-nothing statements and `esa` imports of ``module``."""
+    tree = ast.parse(module_path(module).read_text(encoding="utf-8"))
+    index = _Module(imports=_esa_bindings(ast.Module(body=[s for s in tree.body if isinstance(
+        s, (ast.Import, ast.ImportFrom))], type_ignores=[]), module))
+    for position, statement in enumerate(tree.body):
+        if isinstance(statement, (ast.Import, ast.ImportFrom)):
             continue
-        used.append(node)
-        local = _esa_imports(node, module)  # imports inside a function body (kept lazy)
-        modules.update(local.values())
-        for leaf in ast.walk(node):
-            if isinstance(leaf, ast.Name):
-                if leaf.id in imported:
-                    modules.add(imported[leaf.id])
-                elif leaf.id in definitions and leaf.id not in local:
-                    pending.append(definitions[leaf.id])
-    return used, _module_closure(modules)
+        if position == 0 and isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+            continue  # the module docstring
+        names = _bound_names(statement)
+        for name in names:
+            index.definitions.setdefault(name, []).append(statement)
+        if not names:
+            index.always.append(statement)
+    return index
+
+
+def _references(node: ast.AST, module: str) -> set[tuple[str, str]]:
+    """The (module, name) pairs ``node`` of ``module`` uses: its own module's definitions, the
+    `esa` names it imports at the top or inside itself, and attributes of `esa` modules."""
+    index = _index(module)
+    local = _esa_bindings(node, module)  # imports inside a function body (kept lazy)
+    bindings = {**index.imports, **local}
+    found, attribute_bases = set(), set()
+    for leaf in ast.walk(node):
+        if isinstance(leaf, ast.Attribute) and isinstance(leaf.value, ast.Name):
+            target = bindings.get(leaf.value.id)
+            if target and target[1] == WHOLE:
+                found.add((target[0], leaf.attr))
+                attribute_bases.add(id(leaf.value))
+    for leaf in ast.walk(node):
+        if not isinstance(leaf, ast.Name):
+            continue
+        if leaf.id in bindings:
+            if id(leaf) not in attribute_bases:
+                found.add(bindings[leaf.id])
+        elif leaf.id in index.definitions:
+            found.add((module, leaf.id))
+    return found
+
+
+def reached(roots: set[tuple[str, str]]) -> dict[tuple[str, str], list[ast.AST]]:
+    """Every definition reachable from ``roots`` ((module, name) pairs), with its nodes; a
+    module's defining-nothing statements appear under (module, "")."""
+    pending, seen, nodes = list(roots), set(), {}
+    while pending:
+        key = pending.pop()
+        if key in seen:
+            continue
+        seen.add(key)
+        module, name = key
+        if module_path(module) is None:
+            continue
+        index = _index(module)
+        if (module, "") not in nodes:
+            nodes[(module, "")] = index.always
+            pending.extend(ref for statement in index.always for ref in _references(statement, module))
+        if name == WHOLE:
+            targets = [(module, n) for n in index.definitions]
+            pending.extend(targets)
+            continue
+        if name in index.definitions:
+            nodes[key] = index.definitions[name]
+            pending.extend(ref for statement in index.definitions[name] for ref in _references(statement, module))
+        elif name in index.imports:  # a name the module re-exports
+            pending.append(index.imports[name])
+    return nodes
+
+
+def step_module(step: str) -> str:
+    """The module of ``STEP_MODULES`` that defines ``step_<step>``."""
+    for module in STEP_MODULES:
+        if f"step_{step}" in _index(module).definitions:
+            return module
+    raise KeyError(f"no workflow step step_{step} in {STEP_MODULES}")
+
+
+def step_definitions(step: str, extra: tuple[tuple[str, str], ...] = ()) -> dict[tuple[str, str], list[ast.AST]]:
+    """The definitions the step reaches from ``step_<step>`` and the ``extra`` roots."""
+    return reached({(step_module(step), f"step_{step}"), *extra})
 
 
 @lru_cache(maxsize=None)
-def code_version(step: str) -> str:
-    """Short hash of the code behind the workflow step ``step_<step>`` (docstrings and
-    comments excluded)."""
-    definitions, modules = _step_closure(step)
+def code_version(step: str, extra: tuple[tuple[str, str], ...] = ()) -> str:
+    """Short hash of the code behind the workflow step ``step_<step>`` (and the ``extra``
+    (module, name) roots: code a step loads by name), docstrings and comments excluded."""
     digest = hashlib.sha256()
-    for dump in sorted(ast.dump(_strip_docstrings(node)) for node in definitions):
-        digest.update(dump.encode())
-    for module in sorted(modules):
-        digest.update(module.encode() + _module_dump(module).encode())
+    for (module, name), statements in sorted(step_definitions(step, extra).items()):
+        digest.update(f"{module}:{name}\n".encode())
+        for statement in statements:
+            digest.update(_dump(statement).encode())
     return digest.hexdigest()[:16]
 
 
 @lru_cache(maxsize=None)
-def _module_dump(module: str) -> str:
-    """A module's syntax tree without docstrings, as text: once per module, whatever the steps
-    that reach it (most steps share most modules)."""
-    return ast.dump(_strip_docstrings(_tree(module)))
+def _dump(statement: ast.AST) -> str:
+    return ast.dump(_strip_docstrings(statement))
+
+
+def version_table(steps: list[str]) -> str:
+    """The README's table (Markdown): for each `esa` module, the steps whose code version its
+    definitions enter, and how many of its definitions each reaches at most."""
+    entered: dict[str, dict[str, int]] = {}
+    for step in steps:
+        for module, name in step_definitions(step):
+            if name:
+                entered.setdefault(module, {}).setdefault(step, 0)
+                entered[module][step] += 1
+    rows = ["| module | definitions | steps whose version it enters |", "|---|---|---|"]
+    for module in sorted(entered):
+        total = len(_index(module).definitions)
+        reach = max(entered[module].values())
+        rows.append(f"| `{module}` | {reach} of {total} at most | {', '.join(sorted(entered[module]))} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    from .cli import MODEL_STEPS, TABLE_STEPS
+
+    print(version_table(sorted(MODEL_STEPS + TABLE_STEPS)), end="")

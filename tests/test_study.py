@@ -315,8 +315,9 @@ def test_changing_the_calibration_sample_size_rescores(study):
 
 
 def test_changing_esa_code_reruns_the_rules_that_run_it(study, tmp_path):
-    """A copy of the workflow whose esa/scores.py docstring and comments, then esa/stability.py,
-    then esa/selection.py code are edited."""
+    """A copy of the workflow whose esa/scores.py docstring and comments, then esa/names.py (a new
+    constant), then the code of esa/stability.py and of esa/selection.py are edited. Before: the
+    new constant in esa/names.py reran 16 of the 19 steps, baseline and scores included."""
     import shutil
 
     workdir, config, _ = study
@@ -339,11 +340,15 @@ def test_changing_esa_code_reruns_the_rules_that_run_it(study, tmp_path):
     scores.write_text(scores.read_text().replace('"""Score every weight', '"""Score each weight', 1)
                       + "\n# a comment\n")
     assert dry_run() == {}
+    with open(copy / "esa/names.py", "a") as handle:  # new code no step uses yet
+        handle.write('\nNEW_KIND = ("a", "b")\n')
+    assert dry_run() == {}
+    # a second binding of a function is an edit of its code (a no-op one)
     with open(copy / "esa/stability.py", "a") as handle:
-        handle.write("\nEDITED = True\n")
+        handle.write("\njaccard = jaccard\n")
     assert dry_run() == {"stability": 4, "agreement": 3, "report": 1}
     with open(copy / "esa/selection.py", "a") as handle:
-        handle.write("\nEDITED = True\n")
+        handle.write("\n_select = _select\n")
     jobs = dry_run()
     assert jobs["topk"] > 0 and jobs["perturb"] == 2
     assert not any(rule.startswith("scores") for rule in jobs) and "baseline" not in jobs
