@@ -11,18 +11,15 @@ import logging
 import sys
 
 from .errors import ESAError
+from .step_table import STEPS
 
-# step -> module: the table steps (esa.steps) never import torch, so their jobs start fast
-MODEL_STEPS = ("model", "data", "baseline", "scores", "perturb", "confirm", "mechanism", "culprits", "quantize")
-TABLE_STEPS = ("topk", "plots", "activation_plot", "stability", "agreement", "report", "merge_scores",
-               "comparison", "published", "protect_mask")
 
 
 def step_function(step: str):
     """The function ``step_<step>`` of the module that holds it, imported on demand."""
     import importlib
 
-    module = importlib.import_module("esa.model_steps" if step in MODEL_STEPS else "esa.steps")
+    module = importlib.import_module(STEPS[step].module)
     return getattr(module, f"step_{step}")
 
 
@@ -57,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esa", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one workflow step")
-    run.add_argument("step", choices=sorted(MODEL_STEPS + TABLE_STEPS))
+    run.add_argument("step", choices=sorted(STEPS))
     run.add_argument("--spec", required=True, help="JSON object of the step's parameters")
     run.add_argument("paths", nargs="*", metavar="name=path", help="the step's inputs and outputs")
     check = sub.add_parser("check", help="validate config files as the workflow reads them (later files over "

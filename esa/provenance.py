@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from .step_table import STEPS
+
 PACKAGE = "esa"
 ROOT = Path(__file__).resolve().parent
-STEP_MODULES = ("esa.steps", "esa.model_steps")  # the modules that define ``step_<name>``
 WHOLE = "*"  # a module used as a whole: every definition of it
 
 
@@ -176,17 +177,9 @@ def reached(roots: set[tuple[str, str]]) -> dict[tuple[str, str], list[ast.AST]]
     return nodes
 
 
-def step_module(step: str) -> str:
-    """The module of ``STEP_MODULES`` that defines ``step_<step>``."""
-    for module in STEP_MODULES:
-        if f"step_{step}" in _index(module).definitions:
-            return module
-    raise KeyError(f"no workflow step step_{step} in {STEP_MODULES}")
-
-
 def step_definitions(step: str, extra: tuple[tuple[str, str], ...] = ()) -> dict[tuple[str, str], list[ast.AST]]:
     """The definitions the step reaches from ``step_<step>`` and the ``extra`` roots."""
-    return reached({(step_module(step), f"step_{step}"), *extra})
+    return reached({(STEPS[step].module, f"step_{step}"), *extra})
 
 
 @lru_cache(maxsize=None)
@@ -224,6 +217,4 @@ def version_table(steps: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    from .cli import MODEL_STEPS, TABLE_STEPS
-
-    print(version_table(sorted(MODEL_STEPS + TABLE_STEPS)), end="")
+    print(version_table(sorted(STEPS)), end="")

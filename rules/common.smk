@@ -19,6 +19,7 @@ from esa.layout import Layout, flatten_paths
 from esa.names import ACTIVATION_MAGNITUDE, COMPARISON, HUTCHINSON_DIAG, SCORE_JOBS
 from esa.provenance import code_version
 from esa.recovery import recover
+from esa.step_table import GPU_STEPS
 
 # the user's --configfile files as written (keys left out take the schema's defaults); the
 # embedded default config/config.yaml only when no config file is given
@@ -43,12 +44,12 @@ SPLIT = LAYER_GROUPS > 1
 ORDER_ONLY = ("eval_checked",)
 
 
-GPU_RULES = ("baseline", "scores", "perturb", "confirm", "mechanism", "culprits", "quantize")
 BASE_RESOURCES = {"mem_mb": 8000, "runtime": 60}
 
 
-def _resources(rule):
-    """A rule's resources: built-in base, then `resources.default`, then `resources.<rule>`.
+def _resources(step):
+    """A step's resources: built-in base, then `resources.default`, then `resources.<step>`
+    (its own key, esa/step_table.py).
 
     Threads, unless the config sets them: 2 for a job that runs the model, 1 for a table step,
     so the short table jobs run side by side. On 2 CPU cores two model jobs of one thread each
@@ -56,19 +57,19 @@ def _resources(rule):
     jobs at once (13.6 GB each) exhaust 24 GB. Snakemake hands a job's threads to torch as
     OMP_NUM_THREADS.
     """
-    gpu = rule in GPU_RULES
+    gpu = step in GPU_STEPS
     base = {**BASE_RESOURCES, "threads": 2 if gpu else 1, "gpu": int(gpu)}
-    return {**base, **config["resources"]["default"], **config["resources"].get(rule, {})}
+    return {**base, **config["resources"]["default"], **config["resources"].get(step, {})}
 
 
-def threads(rule):
-    return _resources(rule)["threads"]
+def threads(step):
+    return _resources(step)["threads"]
 
 
-def res(rule):
-    """The `resources:` of a rule (everything but threads)."""
-    dropped = ("threads",) if rule in GPU_RULES else ("threads", "gpu_model")  # no GPU, no GPU model
-    return {key: value for key, value in _resources(rule).items() if key not in dropped}
+def res(step):
+    """The `resources:` of a step's rules (everything but threads)."""
+    dropped = ("threads",) if step in GPU_STEPS else ("threads", "gpu_model")  # no GPU, no GPU model
+    return {key: value for key, value in _resources(step).items() if key not in dropped}
 
 
 def spec(**params):

@@ -63,9 +63,9 @@ rule agreement:
         LAYOUT.log("agreement_{mode}_k{k}"),
     conda:
         ENV
-    threads: threads("stability")
+    threads: threads("agreement")
     resources:
-        **res("stability"),
+        **res("agreement"),
     params:
         code=code_version("agreement"),
         spec=lambda wildcards: spec(

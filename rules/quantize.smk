@@ -39,9 +39,9 @@ rule protect_mask:
         LAYOUT.log("protect_mask_{metric}_k{k}"),
     conda:
         ENV
-    threads: threads("topk")
+    threads: threads("protect_mask")
     resources:
-        **res("topk"),
+        **res("protect_mask"),
     params:
         code=code_version("protect_mask"),
         spec=lambda wildcards: spec(metric=wildcards.metric, k=int(wildcards.k)),

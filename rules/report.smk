@@ -68,9 +68,9 @@ rule comparison:
         f"logs/{COMPARISON}.log",
     conda:
         ENV
-    threads: threads("report")
+    threads: threads("comparison")
     resources:
-        **res("report"),
+        **res("comparison"),
     params:
         code=code_version("comparison"),
         spec=spec(models=LAYOUT.models, metrics=LAYOUT.scored_metrics(), factor=config["confirm"]["factor"]),

@@ -51,9 +51,9 @@ if SPLIT:
                 LAYOUT.log(f"merge_scores_{job}_seed{{seed}}"),
             conda:
                 ENV
-            threads: threads("topk")
+            threads: threads("merge_scores")
             resources:
-                **res("topk"),
+                **res("merge_scores"),
             params:
                 code=code_version("merge_scores"),
                 spec=spec(metrics=list(SCORE_JOBS[job]), layer_groups=LAYER_GROUPS),

@@ -57,9 +57,9 @@ rule activation_plot:
         LAYOUT.log("activation_plot_seed{seed}"),
     conda:
         ENV
-    threads: threads("plots")
+    threads: threads("activation_plot")
     resources:
-        **res("plots"),
+        **res("activation_plot"),
     params:
         code=code_version("activation_plot"),
         spec=lambda wildcards: spec(seed=int(wildcards.seed)),

@@ -8,9 +8,10 @@ import pytest
 from conftest import REPO
 
 from esa import provenance
-from esa.cli import MODEL_STEPS, TABLE_STEPS
+from esa.step_table import STEPS as STEP_TABLE
+from esa.step_table import Step
 
-STEPS = sorted(MODEL_STEPS + TABLE_STEPS)
+STEPS = sorted(STEP_TABLE)
 
 
 def _clear_caches():
@@ -31,6 +32,7 @@ def package(tmp_path, monkeypatch):
         _clear_caches()
 
     monkeypatch.setattr(provenance, "ROOT", root)
+    monkeypatch.setattr(provenance, "STEPS", {name: Step(name, torch=False) for name in ("s", "t")})
     write({"__init__.py": ""})
     yield write
     _clear_caches()

@@ -202,7 +202,7 @@ def test_building_the_dag_and_the_table_steps_never_import_torch(tmp_path):
     assert "topk" in dry.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in dry.stderr.splitlines() if "|" in line}
     assert not imported & set(heavy)
-    probe = ("import sys\nfrom esa.cli import TABLE_STEPS, step_function\n"
+    probe = ("import sys\nfrom esa.cli import step_function\nfrom esa.step_table import TABLE_STEPS\n"
              "for step in TABLE_STEPS:\n    step_function(step)\n"
              "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], stdout=subprocess.PIPE, text=True, check=True,
