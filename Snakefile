@@ -24,11 +24,14 @@ wildcard_constraints:
     model=alternatives(LAYOUT.models),
 
 
+include: "rules/model.smk"
 include: "rules/data.smk"
 include: "rules/baseline.smk"
 include: "rules/scores.smk"
 include: "rules/topk.smk"
 include: "rules/perturb.smk"
+include: "rules/stability.smk"
+include: "rules/confirm.smk"
 include: "rules/culprits.smk"
 include: "rules/mechanism.smk"
 include: "rules/published.smk"
