@@ -6,12 +6,14 @@ import sys
 from snakemake.utils import min_version
 
 sys.path.insert(0, workflow.basedir)
-from esa.names import DATA_PARTS, METRICS, MODES, alternatives
+from esa.metrics import METRICS
+from esa.names import DATA_PARTS, MODES, alternatives
 
 min_version("8.0")
 
 
 include: "rules/common.smk"
+include: "rules/specs.smk"
 
 
 wildcard_constraints:

@@ -59,7 +59,8 @@ def main() -> None:
     layers = len(model.get_decoder().layers)
     print(f"{len(chosen)} weights in layers {sorted(starts)}; {args.windows} windows x {args.seq_len} "
           f"tokens, threads {torch.get_num_threads()}")
-    print(f"share of decoder-layer work left per ablation: {sum(layers - s for s in starts) / layers / len(starts):.2f}")
+    share = sum(layers - s for s in starts) / layers / len(starts)
+    print(f"share of decoder-layer work left per ablation: {share:.2f}")
     unmodified = evaluate(model, windows, args.batch_size)
     baseline = Baseline.of(unmodified)
 

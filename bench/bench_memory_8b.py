@@ -214,7 +214,8 @@ def main() -> None:
                 predicted, available = predicted_peak(pd.DataFrame(rows), dtype, phase, layers), available_bytes()
                 if predicted is not None and predicted > available - args.headroom_gb * 1e9:
                     skipped.append({"dtype": dtype, "layers": layers, "phase": phase,
-                                    "predicted_gb": round(predicted / 1e9, 2), "available_gb": round(available / 1e9, 2)})
+                                    "predicted_gb": round(predicted / 1e9, 2),
+                                    "available_gb": round(available / 1e9, 2)})
                     print(f"{dtype} L={layers} {phase}: skipped, predicted {predicted / 1e9:.1f} GB > "
                           f"{available / 1e9:.1f} GB available - {args.headroom_gb} GB", file=sys.stderr)
                 elif layers == 1 and phase.endswith("/one") and phase.replace("/one", "/all") in args.phases:
@@ -234,7 +235,8 @@ def main() -> None:
                 elif done.returncode != 0:
                     raise SystemExit(f"the measuring process ended with status {done.returncode}")
             by_phase = {r["phase"]: r for r in measured}
-            rows += measured + [{**by_phase[p.replace("/one", "/all")], "phase": p, "same_as": p.replace("/one", "/all")}
+            rows += measured + [{**by_phase[p.replace("/one", "/all")], "phase": p,
+                                 "same_as": p.replace("/one", "/all")}
                                 for p in same if p.replace("/one", "/all") in by_phase]
             write(rows, skipped, out)  # after each (dtype, L): a long run keeps what it measured
 
@@ -274,8 +276,10 @@ def markdown(result: dict) -> str:
             phase = fit_row["phase"]
             cells = []
             for n in ls:
-                peak = rows.loc[(rows["dtype"] == dtype) & (rows["layers"] == n) & (rows["phase"] == phase), "peak_bytes"]
-                cells.append(f"{peak.iloc[0] / 1e9:.2f}" if len(peak) else _not_measured(skipped.get((dtype, n, phase))))
+                at = (rows["dtype"] == dtype) & (rows["layers"] == n) & (rows["phase"] == phase)
+                peak = rows.loc[at, "peak_bytes"]
+                cells.append(f"{peak.iloc[0] / 1e9:.2f}" if len(peak)
+                             else _not_measured(skipped.get((dtype, n, phase))))
             terms = ([f"{fit_row['fixed_gb']:.2f}", f"{fit_row['per_layer_gb']:.3f}",
                       f"{fit_row['max_residual_gb']:.3f}" if fit_row["points"] > 2 else "(2 points)"]
                      if "fixed_gb" in fit_row and fit_row["fixed_gb"] == fit_row["fixed_gb"] else ["", "", ""])

@@ -54,7 +54,8 @@ def main() -> None:
         with perturbed(model, selection, "sign_flip", 1.0):
             evaluate(model, windows, args.batch_size)
         pert.append(time.perf_counter() - start)
-    print(f"{len(selection)} weights, {args.windows} windows x {args.seq_len} tokens, threads {torch.get_num_threads()}")
+    print(f"{len(selection)} weights, {args.windows} windows x {args.seq_len} tokens, "
+          f"threads {torch.get_num_threads()}")
     print(f"bare evaluation      {min(bare):.3f} s")
     print(f"perturbed evaluation {min(pert):.3f} s  (apply + evaluate + restore + checksum)")
     print(f"ratio {min(pert) / min(bare):.3f}  (target <= 1.1)")

@@ -169,7 +169,8 @@ def _writes(module: nn.Module, hidden: int) -> bool | None:
 def _mlp_output(model: nn.Module, index: int, block: nn.Module, hidden: int) -> tuple[str, nn.Module]:
     matrices = [(name, module) for name, module in block.named_modules() if _writes(module, hidden) is not None]
     first = matrices[0][0] if matrices else ""
-    attention = first.partition(".")[0] + "." if "." in first else None  # a matrix directly in the block is no attention
+    # a matrix directly in the block is no attention
+    attention = first.partition(".")[0] + "." if "." in first else None
     writers = [(name, module) for name, module in matrices if _writes(module, hidden)]
     candidates = [(name, module) for name, module in writers if not (attention and name.startswith(attention))]
     if len(candidates) == 1:

@@ -33,8 +33,8 @@ from .names import END_BOTTOM, END_TOP
 if TYPE_CHECKING:
     from .targets import Target
 
-COLUMNS = ["tensor", "layer", "module", "expert", "part", "row", "col", "flat_index", "weight", "stat", "score",
-           "rank_in_tensor", "end"]
+CANDIDATE_COLUMNS = ["tensor", "layer", "module", "expert", "part", "row", "col", "flat_index", "weight", "stat",
+                     "score", "rank_in_tensor", "end"]
 LARGEST = {END_TOP: True, END_BOTTOM: False}  # end -> torch.topk(largest=...)
 _CHUNK = 1 << 22  # elements per scan step when resolving ties, to bound temporary memory
 

@@ -11,8 +11,8 @@ import logging
 import sys
 
 from .errors import ESAError
+from .step_specs import parse_spec
 from .step_table import STEPS
-
 
 
 def step_function(step: str):
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "run":
-            step_function(args.step)(json.loads(args.spec), **_paths(args.paths + extra))
+            spec = parse_spec(args.step, args.spec)  # a bad spec stops the step before it writes anything
+            step_function(args.step)(spec, **_paths(args.paths + extra))
         elif args.command == "check":
             print(check_configs(args.configfiles))
         else:

@@ -13,12 +13,11 @@ agreement (mean Jaccard over seeds of each pair of metrics' top-k sets, per mode
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import pandas as pd
 
-from .io import read_parquet, write_atomic
-from .report import CSS, _by_weight, _e, _table
+from .io import read_parquet
+from .report import _by_weight, _e, _table, write_page
 from .results import read_agreement, read_json
 from .verdicts import global_top_share
 
@@ -104,7 +103,4 @@ def build_comparison(out_html, *, baseline: Mapping[str, str], super_weights: Ma
                  "fewer than two metrics scored"),
     ]
     title = f"ESA comparison: {', '.join(models)}"
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-            f"<style>{CSS}</style></head><body><h1>{_e(title)}</h1>{''.join(sections)}</body></html>\n")
-    write_atomic(out_html, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
-    return page
+    return write_page(out_html, title, sections)

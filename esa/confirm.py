@@ -41,31 +41,31 @@ from .evaluation import DEFAULT_CHUNK, Evaluation, batches, evaluate
 from .names import GLOBAL, ZERO
 from .perturb import first_changed_layer_of, perturbed
 from .replay import first_changed_layer
-from .scores import massive_activation_trace
+from .activation_trace import massive_activation_trace
 from .selection import select_topk
 
 # each ablation's damage (esa.damage): PPL after, its ratio to before, the bootstrap interval of
 # PPL after - before, the mean KL from and the top-1 agreement with the unmodified model
-DAMAGE = ["ppl_before", "ppl_after", "ppl_ratio", "delta_ppl_lo", "delta_ppl_hi", "kl", "top1"]
-COLUMNS = ["tensor", "layer", "module", "expert", "part", "row", "col", "flat_index", "weight", "score",
-           *DAMAGE, "confirmed"]
+ABLATION_DAMAGE_COLUMNS = ["ppl_before", "ppl_after", "ppl_ratio", "delta_ppl_lo", "delta_ppl_hi", "kl", "top1"]
+ABLATION_COLUMNS = ["tensor", "layer", "module", "expert", "part", "row", "col", "flat_index", "weight", "score",
+                    *ABLATION_DAMAGE_COLUMNS, "confirmed"]
 WEIGHT_KEY = ["tensor", "flat_index"]
 # super_weights.parquet: one row per (metric, rank), the weight's key first
-SUPER_WEIGHT_COLUMNS = ["metric", "rank", *WEIGHT_KEY, *(c for c in COLUMNS if c not in WEIGHT_KEY)]
+SUPER_WEIGHT_COLUMNS = ["metric", "rank", *WEIGHT_KEY, *(c for c in ABLATION_COLUMNS if c not in WEIGHT_KEY)]
 EXPERT_KEY = ["layer", "stack", "expert"]
 _STACK = re.compile(r"^(.*experts)(?:\.\d+)?\..*$")  # a matrix's name -> its expert stack's
 # super_experts.parquet: one row per (metric, rank), the expert's key first
-SUPER_EXPERT_COLUMNS = ["metric", "rank", *EXPERT_KEY, "score_mass", *DAMAGE, "confirmed"]
+SUPER_EXPERT_COLUMNS = ["metric", "rank", *EXPERT_KEY, "score_mass", *ABLATION_DAMAGE_COLUMNS, "confirmed"]
 _EXPERT_DTYPES = {"rank": "int64", "layer": "int32", "expert": "int32", "score_mass": "float64",
-                  **dict.fromkeys(DAMAGE, "float64"), "confirmed": "bool"}
+                  **dict.fromkeys(ABLATION_DAMAGE_COLUMNS, "float64"), "confirmed": "bool"}
 
 
 @dataclass(frozen=True)
 class Confirmation:
     """The ablation table, the massive-activation trace and the unmodified model's evaluation."""
 
-    super_weights: pd.DataFrame  # one row per weight tested (COLUMNS) or per (metric, rank)
-    activations: pd.DataFrame  # esa.scores.TRACE_COLUMNS
+    super_weights: pd.DataFrame  # one row per weight tested (ABLATION_COLUMNS) or per (metric, rank)
+    activations: pd.DataFrame  # esa.activation_trace.TRACE_COLUMNS
     rerun: Evaluation  # evaluated after every ablation was undone
 
 
@@ -104,8 +104,8 @@ def confirm_super_weights(model: torch.nn.Module, candidates: Mapping[str, pd.Da
 
 
 def _ablation(measured: dict, before: float, factor: float) -> dict:
-    """The ``DAMAGE`` columns and ``confirmed`` of one ablation's :mod:`esa.damage` numbers; a
-    non-finite loss gives ``ppl_after = inf`` and counts as confirmed."""
+    """The ``ABLATION_DAMAGE_COLUMNS`` and ``confirmed`` of one ablation's :mod:`esa.damage`
+    numbers; a non-finite loss gives ``ppl_after = inf`` and counts as confirmed."""
     return {"ppl_before": before, "ppl_after": measured["ppl"], "ppl_ratio": measured["ppl_ratio"],
             "delta_ppl_lo": measured["delta_ppl_lo"], "delta_ppl_hi": measured["delta_ppl_hi"],
             "kl": measured["kl"], "top1": measured["top1"], "confirmed": measured["ppl_ratio"] >= factor}
@@ -121,7 +121,7 @@ def zero_each(model: torch.nn.Module, weights: pd.DataFrame, eval_windows: torch
     :class:`esa.damage.DamageMeter`'s reference (which keeps the candidate layers' inputs: each
     ablation runs from the first layer it changes, :mod:`esa.replay`), and last as the rerun,
     after every weight is restored. The table has one row per row of ``weights``, in their
-    order, columns ``COLUMNS``; ``ppl_before`` is the baseline's PPL.
+    order, columns ``ABLATION_COLUMNS``; ``ppl_before`` is the baseline's PPL.
     """
     starts = [first_changed_layer(model, tensor) for tensor in weights["tensor"]]
     trace = activation_trace(model, eval_windows, batch_size, chunk_size)
@@ -133,9 +133,9 @@ def zero_each(model: torch.nn.Module, weights: pd.DataFrame, eval_windows: torch
     del meter  # up to one hidden state of every window per layer: free it before the rerun
     table = pd.concat([weights[["tensor", "layer", "module", "expert", "part", "row", "col", "flat_index", "weight",
                                 "score"]].reset_index(drop=True),
-                       pd.DataFrame(rows, columns=[*DAMAGE, "confirmed"])], axis=1)
+                       pd.DataFrame(rows, columns=[*ABLATION_DAMAGE_COLUMNS, "confirmed"])], axis=1)
     rerun = evaluate(model, eval_windows, batch_size, chunk_size=chunk_size)
-    return Confirmation(table[COLUMNS], trace, rerun)
+    return Confirmation(table[ABLATION_COLUMNS], trace, rerun)
 
 
 def expert_mass(stats: pd.DataFrame) -> pd.DataFrame:
@@ -201,10 +201,11 @@ def confirm_super_experts(model: torch.nn.Module, stats: Mapping[str, pd.DataFra
         ppl_ratio = PPL(expert <- 0) / PPL(baseline),   confirmed = ppl_ratio >= factor,
 
     ``ppl_before`` being the baseline's PPL, with the rest of :mod:`esa.damage`'s numbers
-    (``DAMAGE``); each expert's evaluation runs from its layer (:mod:`esa.replay`). A non-finite loss gives ``ppl_after = inf`` and
-    counts as confirmed. Zeroing an expert's matrices makes its output 0 wherever the router
-    sends a token; the router still sends them, so the expert's share of the routing weight
-    is lost rather than handed to the others.
+    (``ABLATION_DAMAGE_COLUMNS``); each expert's evaluation runs from its layer
+    (:mod:`esa.replay`). A non-finite loss gives ``ppl_after = inf`` and counts as confirmed.
+    Zeroing an expert's matrices makes its output 0 wherever the router sends a token; the
+    router still sends them, so the expert's share of the routing weight is lost rather than
+    handed to the others.
 
     Returns one row per (metric, rank), ``rank`` 0 = the metric's largest mass, columns
     ``SUPER_EXPERT_COLUMNS`` (``score_mass`` the metric's own); a dense model (no expert
@@ -223,7 +224,8 @@ def confirm_super_experts(model: torch.nn.Module, stats: Mapping[str, pd.DataFra
             with perturbed(model, selection, ZERO):
                 rows.append(_ablation(meter.measure(start), baseline.ppl, factor))
     tested = pd.concat([tested[EXPERT_KEY].reset_index(drop=True),
-                        pd.DataFrame(rows, columns=[*DAMAGE, "confirmed"]).drop(columns="confirmed")], axis=1)
+                        pd.DataFrame(rows, columns=[*ABLATION_DAMAGE_COLUMNS, "confirmed"]).drop(columns="confirmed")],
+                       axis=1)
     table = tops.drop(columns="path").merge(tested, on=EXPERT_KEY).assign(
         confirmed=lambda frame: frame["ppl_ratio"] >= factor)
     return table[SUPER_EXPERT_COLUMNS].astype(_EXPERT_DTYPES)
@@ -232,5 +234,5 @@ def confirm_super_experts(model: torch.nn.Module, stats: Mapping[str, pd.DataFra
 def activation_trace(model: torch.nn.Module, windows: torch.Tensor, batch_size: int,
                      chunk_size: int = DEFAULT_CHUNK) -> pd.DataFrame:
     """Max |input| and |output| of every decoder layer's ``mlp.down_proj`` over ``windows``
-    (the massive-activation trace; see :func:`esa.scores.massive_activation_trace`)."""
+    (the massive-activation trace; see :func:`esa.activation_trace.massive_activation_trace`)."""
     return massive_activation_trace(model, list(batches(windows, batch_size)), chunk_size)

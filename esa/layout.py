@@ -17,7 +17,8 @@ from collections.abc import Mapping
 
 from .config import study_models
 from .errors import ESAError
-from .names import ACTIVATION_MAGNITUDE, COMPARISON, GAUSSIAN, METRICS, RELATIVE
+from .metrics import METRICS, REGISTRY, TRACE_METRIC
+from .names import COMPARISON, GAUSSIAN, RELATIVE
 
 KEY_SEP = "/"
 
@@ -145,7 +146,7 @@ class Layout:
         return _in(f"{self.root}/plots/{metric}/{mode}_k{k}/seed{seed}", PLOT_FILES)
 
     def activation_plot(self, seed="{seed}") -> str:
-        return f"{self.root}/plots/{ACTIVATION_MAGNITUDE}/seed{seed}/massive_activations.png"
+        return f"{self.root}/plots/{TRACE_METRIC}/seed{seed}/massive_activations.png"
 
     def perturb_files(self, metric="{metric}", mode="{mode}", k="{k}", tag="{tag}") -> dict[str, str]:
         return _in(f"{self.root}/perturb/{metric}/{mode}_k{k}/{tag}", PERTURB_FILES)
@@ -203,7 +204,7 @@ class Layout:
         if self.config["plots"]:
             first = e["seeds"][0]
             files["plots"] = list(self.plot_files(**key, seed=first).values())
-            if e["metric"] == ACTIVATION_MAGNITUDE:
+            if REGISTRY[e["metric"]].trace:
                 files["plots"].append(self.activation_plot(first))
         if e["perturb"]:
             files["perturb"] = self.perturb_files(**key, tag=perturb_tag(e))
@@ -239,7 +240,7 @@ class Layout:
         return matches[0]
 
     def scored_metrics(self) -> list[str]:
-        """Metrics any experiment scores, in the canonical order of ``esa.names.METRICS``."""
+        """Metrics any experiment scores, in the canonical order of ``esa.metrics.METRICS``."""
         used = {e["metric"] for e in self.experiments.values()}
         return [m for m in METRICS if m in used]
 
@@ -320,8 +321,8 @@ class Layout:
         agreement tables, the confirmation, the culprit searches, the published super weights'
         matches (when the model has any: call on ``of(model)``) and the baseline."""
         baseline = self.baseline_files()
-        inputs: dict = {"baseline": baseline["metrics"], "baseline_config": baseline["config"], "stats": {}, "masks": {},
-                        "results": {}, "stability": {}, "stability_pairs": {}}
+        inputs: dict = {"baseline": baseline["metrics"], "baseline_config": baseline["config"], "stats": {},
+                        "masks": {}, "results": {}, "stability": {}, "stability_pairs": {}}
         for name in self.experiments:
             files = self.experiment_files(name)
             inputs["stats"][name] = {s: f["stats"] for s, f in files["scores"].items()}

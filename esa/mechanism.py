@@ -49,12 +49,12 @@ from .names import MATCHED_CONTROL, SIGN_FLIP, SUPER_WEIGHTS, ZERO
 from .perturb import first_changed_layer_of, perturbed
 from .targets import find_targets, target_parameter
 
-WEIGHT_COLUMNS = ["tensor", "flat_index", "row", "col", "layer", "module", "weight"]
+CONFIRMED_WEIGHT_COLUMNS = ["tensor", "flat_index", "row", "col", "layer", "module", "weight"]
 SWEEP_COLUMNS = ["tensor", "flat_index", "row", "col", "layer", "weight", "scale", *DAMAGE_COLUMNS]
 # the zeroed and the restored model's numbers (and the share recovered) of each weight
 RESTORE_NUMBERS = ["loss_baseline", "loss_zeroed", "ppl_zeroed", "kl_zeroed", "loss_restored", "ppl_restored",
                    "kl_restored", "recovered"]
-RESTORE_COLUMNS = [*WEIGHT_COLUMNS, "projection", "positions", "peak", *RESTORE_NUMBERS, "reason"]
+RESTORE_COLUMNS = [*CONFIRMED_WEIGHT_COLUMNS, "projection", "positions", "peak", *RESTORE_NUMBERS, "reason"]
 # one row per (tensor, set): the flat indices zeroed together and the range of their |w|
 CONTROL_COLUMNS = ["tensor", "layer", "set", "n_weights", "flat_indices", "abs_min", "abs_max", *DAMAGE_COLUMNS]
 _DAMAGE_DTYPES = {**dict.fromkeys(DAMAGE_COLUMNS, "float64"), "finite": "bool"}
@@ -91,9 +91,9 @@ class Mechanism:
 
 def confirmed_weights(super_weights: pd.DataFrame) -> pd.DataFrame:
     """The distinct confirmed weights of confirm's super_weights.parquet, in first-seen order,
-    columns ``WEIGHT_COLUMNS``."""
+    columns ``CONFIRMED_WEIGHT_COLUMNS``."""
     confirmed = super_weights[super_weights["confirmed"]].drop_duplicates(WEIGHT_KEY)
-    return confirmed[WEIGHT_COLUMNS].reset_index(drop=True)
+    return confirmed[CONFIRMED_WEIGHT_COLUMNS].reset_index(drop=True)
 
 
 def _selection(tensor: str, flat_indices) -> pd.DataFrame:
@@ -210,8 +210,8 @@ def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, 
             with _scaled(model, selection, scale) as info:
                 measured = meter.measure(start) if info.n_changed else meter.unchanged()
             sweep.append({**key, "scale": float(scale), **measured})
-        restore.append({**key, "module": w.module, **_restore(meter, selection, start, taps.get(i),
-                                                              massive_fraction)})
+        restore.append({**key, "module": w.module,
+                        **_massive_activation_restore(meter, selection, start, taps.get(i), massive_fraction)})
 
     control = []
     matched = matched_control(model, weights)
@@ -227,8 +227,8 @@ def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, 
     return Mechanism.of(sweep, restore, control)
 
 
-def _restore(meter: DamageMeter, selection: pd.DataFrame, start: int,
-             tap: tuple[str, torch.nn.Module, _ChannelTap] | None, massive_fraction: float) -> dict:
+def _massive_activation_restore(meter: DamageMeter, selection: pd.DataFrame, start: int,
+                                tap: tuple[str, torch.nn.Module, _ChannelTap] | None, massive_fraction: float) -> dict:
     """The restore columns of one weight: zeroed, then zeroed with its massive activation
     given back (``tap``: its projection's name, module and recorded channel; None: not an
     MLP output projection's weight)."""

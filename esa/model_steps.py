@@ -2,8 +2,9 @@
 calling the library and writing its outputs (the table steps are in :mod:`esa.steps`).
 
 Each step takes ``spec``, the exact parameters its outputs depend on (the rule passes them
-as Snakemake params, so a change reruns exactly the steps it invalidates), and the paths of
-its inputs and outputs. Every file is written atomically.
+as Snakemake params, so a change reruns exactly the steps it invalidates; ``esa run`` hands
+them over as the step's class of :mod:`esa.step_specs`), and the paths of its inputs and
+outputs. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -28,111 +29,123 @@ from .names import TABLE_COLUMNS, TOP
 from .perturb import run_perturbations
 from .score_stats import build_stats
 from .scores import compute_scores
+from .step_specs import (
+    BaselineSpec,
+    ConfirmSpec,
+    CulpritsSpec,
+    DataSpec,
+    MechanismSpec,
+    ModelRun,
+    ModelSpec,
+    PerturbSpec,
+    QuantizeSpec,
+    ScoresSpec,
+)
 from .targets import find_targets, split_targets
 
 log = logging.getLogger(__name__)
 
 
-def step_model(spec: dict, *, ref: str) -> None:
+def step_model(spec: ModelSpec, *, ref: str) -> None:
     """Materialise the model source once (GGUF -> safetensors) and write its reference file."""
-    models.materialize(spec["source"], Path(ref).parent)
+    models.materialize(spec.source, Path(ref).parent)
 
 
-def step_data(spec: dict, *, model: str, windows: str, summary: str) -> None:
-    """Tokenise one part (``spec["part"]``: calib or eval) of the text source into windows.
+def step_data(spec: DataSpec, *, model: str, windows: str, summary: str) -> None:
+    """Tokenise one part (``spec.part``: calib or eval) of the text source into windows.
 
     The calibration pool and the evaluation windows are separate steps, so a change to the
     evaluation text never touches the pool (and never re-scores).
     """
     source = models.source_from_ref(model)
-    seq_len, part = spec["seq_len"], spec["part"]
+    seq_len, part = spec.seq_len, spec.part
     context = models.context_length(models.load_config(source))
     if context is not None and seq_len > context:
         raise ESAError(f"seq_len {seq_len} exceeds the model's context of {context} tokens")
     tokenizer = models.load_tokenizer(source)
     calib_docs, eval_docs = data.load_documents(
-        spec["source"], text_field=spec["text_field"], hf_config=spec["hf_config"],
-        calib_split=spec["calib_split"], eval_split=spec["eval_split"],
-        eval_fraction=spec["eval_fraction"], tokenizer=tokenizer)
+        spec.source, text_field=spec.text_field, hf_config=spec.hf_config,
+        calib_split=spec.calib_split, eval_split=spec.eval_split,
+        eval_fraction=spec.eval_fraction, tokenizer=tokenizer)
     docs = calib_docs if part == "calib" else eval_docs
     cut = data.make_windows(tokenizer, docs, seq_len)
     name = {"calib": "calibration", "eval": "evaluation"}[part]
     if len(cut) == 0:
-        raise ESAError(f"the {name} text of {spec['source']!r} is shorter than one window "
+        raise ESAError(f"the {name} text of {spec.source!r} is shorter than one window "
                        f"of seq_len {seq_len} tokens")
-    wanted = spec.get("eval_windows")
+    wanted = spec.eval_windows
     if wanted is not None:
         if wanted > len(cut):
             raise ESAError(f"eval_windows {wanted} is more than the {len(cut)} evaluation "
                            f"windows of seq_len {seq_len} the text holds")
         cut = cut[:wanted]
     write_parquet_atomic(data.windows_frame(cut), windows)
-    write_json_atomic({"part": name, "source": spec["source"], "seq_len": seq_len,
+    write_json_atomic({"part": name, "source": spec.source, "seq_len": seq_len,
                        "bos_id": data.bos_id(tokenizer), "documents": len(docs),
                        "windows": int(len(cut))}, summary)
 
 
-def _load(spec: dict, model: str):
+def _load(spec: ModelRun, model: str):
     """The step's model; ``attn_implementation: auto`` resolves per class, and each manifest
     records the implementation that ran (:func:`esa.models.attention_of`)."""
-    use_deterministic_kernels(spec.get("deterministic", False))  # before the first CUDA kernel
-    return models.load_model(models.source_from_ref(model), spec["device"], spec["dtype"],
-                             spec["attn_implementation"], spec["device_map"])
+    use_deterministic_kernels(spec.deterministic)  # before the first CUDA kernel
+    return models.load_model(models.source_from_ref(model), spec.device, spec.dtype,
+                             spec.attn_implementation, spec.device_map)
 
 
-def step_baseline(spec: dict, *, model: str, eval: str, metrics: str, windows: str,
+def step_baseline(spec: BaselineSpec, *, model: str, eval: str, metrics: str, windows: str,
                   manifest: str, config: str) -> None:
     """Loss and perplexity of the unmodified model on the fixed evaluation windows."""
-    device = models.resolve_device(spec["device"])
-    record = RunRecord(spec, device, spec["dtype"], "baseline")
+    device = models.resolve_device(spec.device)
+    record = RunRecord(spec.as_dict(), device, spec.dtype, "baseline")
     lm = _load(spec, model)
-    result = evaluate(lm, torch.from_numpy(data.read_windows(eval)), spec["batch_size"],
-                      chunk_size=spec["loss_chunk"], progress=True, desc="baseline")
+    result = evaluate(lm, torch.from_numpy(data.read_windows(eval)), spec.batch_size,
+                      chunk_size=spec.loss_chunk, progress=True, desc="baseline")
     if not result.finite:
         log.warning("baseline loss is not finite: %s", result.loss)
     per_window = pd.DataFrame({"window": range(len(result.nll)), "nll": result.nll,
                                "tokens": result.tokens, "loss": result.window_loss})
     write_parquet_atomic(per_window, windows)
-    write_json_atomic(spec, config)
-    write_json_atomic(record.finish(model=spec["model"], attn_implementation=models.attention_of(lm)), manifest)
+    write_json_atomic(spec.as_dict(), config)
+    write_json_atomic(record.finish(model=spec.model, attn_implementation=models.attention_of(lm)), manifest)
     # V, the number of classes of the softmax: a loss of ln V is uniform output (verdicts: saturated)
     write_json_atomic({**result.metrics(), "vocab_size": lm.get_output_embeddings().weight.shape[0]}, metrics)
     log.info("baseline: loss %.6f ppl %.4f over %d tokens", result.loss, result.ppl,
              int(result.tokens.sum()))
 
 
-def step_scores(spec: dict, *, model: str, calib: str, **outputs: dict) -> None:
-    """Score every target weight by each metric of ``spec["metrics"]`` on seed ``spec["seed"]``'s sample.
+def step_scores(spec: ScoresSpec, *, model: str, calib: str, **outputs: dict) -> None:
+    """Score every target weight by each metric of ``spec.metrics`` on seed ``spec.seed``'s sample.
 
     ``outputs``: metric -> its files: candidates (top-M / bottom-M per tensor), stats (per
     tensor distribution), manifest, for activation_magnitude activations (the massive-activation
-    trace of every MLP output projection), and with ``spec["save_full_scores"]`` full_scores.
-    ``spec["layer_group"]`` = [g, G] scores only part g of G of the targets (see
+    trace of every MLP output projection), and with ``spec.save_full_scores`` full_scores.
+    ``spec.layer_group`` = [g, G] scores only part g of G of the targets (see
     :func:`esa.targets.split_targets`).
     """
-    if sorted(outputs) != sorted(spec["metrics"]):
-        raise ESAError(f"expected the files of the metrics {spec['metrics']}, got {sorted(outputs)}")
-    device = models.resolve_device(spec["device"])
-    record = RunRecord(spec, device, spec["dtype"], "scores")
+    if sorted(outputs) != sorted(spec.metrics):
+        raise ESAError(f"expected the files of the metrics {spec.metrics}, got {sorted(outputs)}")
+    device = models.resolve_device(spec.device)
+    record = RunRecord(spec.as_dict(), device, spec.dtype, "scores")
     pool = data.read_windows(calib)
-    sample = data.draw_calibration(len(pool), spec["max_samples"], spec["seed"])
+    sample = data.draw_calibration(len(pool), spec.max_samples, spec.seed)
     lm = _load(spec, model)
-    targets = find_targets(lm, spec["targets"]["include"], spec["targets"]["exclude"])
-    group, groups = spec["layer_group"]
+    targets = find_targets(lm, spec.targets["include"], spec.targets["exclude"])
+    group, groups = spec.layer_group
     targets = split_targets(targets, groups)[group]
-    results = compute_scores(lm, targets, torch.from_numpy(pool[sample]), spec["metrics"],
-                             spec["batch_size"], spec["seed"], probes=spec["probes"],
-                             weighting=spec["weighting"], chunk_size=spec["loss_chunk"],
-                             gradient_checkpointing=spec["gradient_checkpointing"])
+    results = compute_scores(lm, targets, torch.from_numpy(pool[sample]), spec.metrics,
+                             spec.batch_size, spec.seed, probes=spec.probes,
+                             weighting=spec.weighting, chunk_size=spec.loss_chunk,
+                             gradient_checkpointing=spec.gradient_checkpointing)
     for metric, result in results.items():
         out = outputs[metric]
         scores = result.score
         write_parquet_atomic(build_stats(targets, scores), out["stats"])
         write_parquet_atomic(build_candidates(targets, result.weights, result.stat, scores,
-                                              spec["candidates"]), out["candidates"])
+                                              spec.candidates), out["candidates"])
         if "massive_activations" in result.extra:
             write_parquet_atomic(result.extra["massive_activations"], out["activations"])
-        if spec["save_full_scores"]:
+        if spec.save_full_scores:
             from safetensors.torch import save_file
 
             write_atomic(out["full_scores"], lambda tmp: save_file(
@@ -146,36 +159,36 @@ def read_baseline(metrics: str, windows: str) -> Baseline:
     return Baseline.from_frames(read_parquet(windows), json.loads(Path(metrics).read_text()))
 
 
-def step_perturb(spec: dict, *, model: str, eval: str, baseline: str, baseline_windows: str, masks: dict,
+def step_perturb(spec: PerturbSpec, *, model: str, eval: str, baseline: str, baseline_windows: str, masks: dict,
                  results: str, manifest: str) -> None:
     """Perturb the top-k and each control of every seed in place, evaluate, restore bit-exactly.
 
-    ``masks``: seed -> path, one mask per seed of ``spec["seeds"]``; ``baseline`` and
+    ``masks``: seed -> path, one mask per seed of ``spec.seeds``; ``baseline`` and
     ``baseline_windows``: the baseline step's metrics and per-window NLL (each dPPL's paired
-    bootstrap interval, with ``spec["bootstrap"]``).
+    bootstrap interval, with ``spec.bootstrap``).
     """
-    device = models.resolve_device(spec["device"])
-    record = RunRecord(spec, device, spec["dtype"], "perturb")
-    masks_by_seed = {seed: read_parquet(path) for seed, path in by_seed(masks, spec["seeds"]).items()}
+    device = models.resolve_device(spec.device)
+    record = RunRecord(spec.as_dict(), device, spec.dtype, "perturb")
+    masks_by_seed = {seed: read_parquet(path) for seed, path in by_seed(masks, spec.seeds).items()}
     reference = read_baseline(baseline, baseline_windows)
     lm = _load(spec, model)
     table = run_perturbations(lm, masks_by_seed, torch.from_numpy(data.read_windows(eval)),
-                              spec["batch_size"], reference, spec["perturb"], spec["scale"],
-                              spec["noise"], sets=(TOP, *spec["controls"]), chunk_size=spec["loss_chunk"],
-                              bootstrap=Bootstrap(**spec["bootstrap"]))
+                              spec.batch_size, reference, spec.perturb, spec.scale,
+                              spec.noise, sets=(TOP, *spec.controls), chunk_size=spec.loss_chunk,
+                              bootstrap=Bootstrap(**spec.bootstrap))
     write_parquet_atomic(table, results)
     write_json_atomic(record.finish(baseline_ppl=reference.ppl, attn_implementation=models.attention_of(lm)),
                       manifest)
 
 
-def step_confirm(spec: dict, *, model: str, eval: str, baseline: str, baseline_windows: str,
+def step_confirm(spec: ConfirmSpec, *, model: str, eval: str, baseline: str, baseline_windows: str,
                  candidates: dict[str, str], stats: dict[str, str], super_weights: str, super_experts: str,
                  activations: str, rerun: str) -> None:
     """Zero each of every metric's global top-N weights alone, and each of its top-N experts by
     score mass whole; trace the massive activations.
 
     ``candidates`` and ``stats``: metric -> that metric's candidates.parquet / stats.parquet
-    (the confirm seed's), for every metric of ``spec["metrics"]``; stats give the tensor table
+    (the confirm seed's), for every metric of ``spec.metrics``; stats give the tensor table
     that makes each top-N exact (:func:`esa.confirm.global_top`) and the experts' score mass
     (:func:`esa.confirm.confirm_super_experts`, same top-N and factor; a dense model writes an
     empty table). A weight or expert in several metrics' top-N is evaluated once. The experts
@@ -184,32 +197,32 @@ def step_confirm(spec: dict, *, model: str, eval: str, baseline: str, baseline_w
     """
     from .confirm import confirm_super_experts, confirm_super_weights
 
-    metrics = spec["metrics"]
+    metrics = spec.metrics
     for name, paths in (("candidates", candidates), ("stats", stats)):
         if sorted(paths) != sorted(metrics):
             raise ESAError(f"confirm needs {name} of the metrics {metrics}, got {sorted(paths)}")
     lm = _load(spec, model)
     windows = torch.from_numpy(data.read_windows(eval))
     reference = read_baseline(baseline, baseline_windows)
-    bootstrap = Bootstrap(**spec["bootstrap"])
+    bootstrap = Bootstrap(**spec.bootstrap)
     tables = {m: read_parquet(stats[m], columns=[*TABLE_COLUMNS, "sum"]) for m in metrics}
-    experts = confirm_super_experts(lm, tables, windows, spec["batch_size"], reference, top_n=spec["top_n"],
-                                    factor=spec["factor"], chunk_size=spec["loss_chunk"], bootstrap=bootstrap)
+    experts = confirm_super_experts(lm, tables, windows, spec.batch_size, reference, top_n=spec.top_n,
+                                    factor=spec.factor, chunk_size=spec.loss_chunk, bootstrap=bootstrap)
     result = confirm_super_weights(lm, {m: read_parquet(candidates[m]) for m in metrics},
                                    {m: table[TABLE_COLUMNS] for m, table in tables.items()},
-                                   windows, spec["batch_size"], reference, top_n=spec["top_n"],
-                                   factor=spec["factor"], chunk_size=spec["loss_chunk"], bootstrap=bootstrap)
+                                   windows, spec.batch_size, reference, top_n=spec.top_n,
+                                   factor=spec.factor, chunk_size=spec.loss_chunk, bootstrap=bootstrap)
     write_parquet_atomic(result.super_weights, super_weights)
     write_parquet_atomic(experts, super_experts)
     write_parquet_atomic(result.activations, activations)
     write_json_atomic(result.rerun.metrics(), rerun)
 
 
-def step_mechanism(spec: dict, *, model: str, eval: str, baseline: str, baseline_windows: str, super_weights: str,
-                   sweep: str, restore: str, control: str) -> None:
+def step_mechanism(spec: MechanismSpec, *, model: str, eval: str, baseline: str, baseline_windows: str,
+                   super_weights: str, sweep: str, restore: str, control: str) -> None:
     """How each confirmed super weight of confirm's ``super_weights`` acts
-    (:func:`esa.mechanism.super_weight_mechanism`): the scale sweep over ``spec["scales"]``, the
-    massive-activation restore at ``spec["massive_fraction"]`` of the peak, the matched-magnitude
+    (:func:`esa.mechanism.super_weight_mechanism`): the scale sweep over ``spec.scales``, the
+    massive-activation restore at ``spec.massive_fraction`` of the peak, the matched-magnitude
     control. No confirmed super weight: the three tables are written empty, the model not loaded.
     """
     from .mechanism import Mechanism, confirmed_weights, super_weight_mechanism
@@ -220,19 +233,19 @@ def step_mechanism(spec: dict, *, model: str, eval: str, baseline: str, baseline
         result = Mechanism.of([], [], [])
     else:
         result = super_weight_mechanism(_load(spec, model), table, torch.from_numpy(data.read_windows(eval)),
-                                        spec["batch_size"], read_baseline(baseline, baseline_windows),
-                                        spec["scales"], spec["massive_fraction"], chunk_size=spec["loss_chunk"],
-                                        bootstrap=Bootstrap(**spec["bootstrap"]), progress=True)
+                                        spec.batch_size, read_baseline(baseline, baseline_windows),
+                                        spec.scales, spec.massive_fraction, chunk_size=spec.loss_chunk,
+                                        bootstrap=Bootstrap(**spec.bootstrap), progress=True)
     for frame, path in ((result.sweep, sweep), (result.restore, restore), (result.control, control)):
         write_parquet_atomic(frame, path)
 
 
-def step_culprits(spec: dict, *, model: str, eval: str, baseline: str, baseline_windows: str, mask: str,
+def step_culprits(spec: CulpritsSpec, *, model: str, eval: str, baseline: str, baseline_windows: str, mask: str,
                   super_weights: str, culprits: str, search: str, summary: str) -> None:
-    """Take the top set of one experiment's mask (seed ``spec["seed"]``) apart by adaptive group
+    """Take the top set of one experiment's mask (seed ``spec.seed``) apart by adaptive group
     testing (:func:`esa.culprits.find_culprits`): the experiment's perturbation
-    (``spec["perturb"]``, ``spec["scale"]``), destructive at ``spec["factor"]``, at most
-    ``spec["budget"]`` evaluations, groups of ``spec["min_group"]`` weights not split. A set
+    (``spec.perturb``, ``spec.scale``), destructive at ``spec.factor``, at most
+    ``spec.budget`` evaluations, groups of ``spec.min_group`` weights not split. A set
     that is not destructive is evaluated once and written with no culprits. ``super_weights``:
     confirm's, for the summary's confirmed super weights in the set.
     """
@@ -242,26 +255,26 @@ def step_culprits(spec: dict, *, model: str, eval: str, baseline: str, baseline_
     chosen = read_parquet(mask)
     top = chosen[chosen["set"] == TOP]
     lm = _load(spec, model)
-    meter = DamageMeter(lm, torch.from_numpy(data.read_windows(eval)), spec["batch_size"],
-                        read_baseline(baseline, baseline_windows), spec["loss_chunk"], search_layers(lm, top),
-                        Bootstrap(**spec["bootstrap"]))
-    result = find_culprits(lm, top, meter, spec["perturb"], spec["scale"], spec["factor"], spec["budget"],
-                           spec["min_group"], show_progress=True)
+    meter = DamageMeter(lm, torch.from_numpy(data.read_windows(eval)), spec.batch_size,
+                        read_baseline(baseline, baseline_windows), spec.loss_chunk, search_layers(lm, top),
+                        Bootstrap(**spec.bootstrap))
+    result = find_culprits(lm, top, meter, spec.perturb, spec.scale, spec.factor, spec.budget,
+                           spec.min_group, show_progress=True)
     facts = culprit_summary(result, read_parquet(super_weights))
-    log.info("culprits of %s: %d weights, ppl ratio %.4g, %d evaluations, %d culprit weights", spec["experiment"],
+    log.info("culprits of %s: %d weights, ppl ratio %.4g, %d evaluations, %d culprit weights", spec.experiment,
              facts["n_weights"], facts["set_ppl_ratio"], facts["evaluations"], facts["culprit_weights"])
     write_parquet_atomic(result.culprits, culprits)
     write_parquet_atomic(result.search, search)
-    write_json_atomic({key: spec[key] for key in ("experiment", "seed", "perturb", "scale", "factor", "min_group")}
-                      | facts, summary)
+    summary_keys = ("experiment", "seed", "perturb", "scale", "factor", "min_group")
+    write_json_atomic({key: getattr(spec, key) for key in summary_keys} | facts, summary)
 
 
-def step_quantize(spec: dict, *, model: str, eval: str, baseline: str, baseline_windows: str,
+def step_quantize(spec: QuantizeSpec, *, model: str, eval: str, baseline: str, baseline_windows: str,
                   candidates: dict[str, str], super_weights: str, results: str, manifest: str) -> None:
-    """Quantize every target with each scheme of ``spec["schemes"]`` (RTN, :mod:`esa.quantize`)
+    """Quantize every target with each scheme of ``spec.schemes`` (RTN, :mod:`esa.quantize`)
     under every protect condition (:mod:`esa.protect`: none, each metric's global top-k of
-    ``candidates`` (metric -> path on the confirm seed, for every metric of ``spec["metrics"]``)
-    at each k of ``spec["protect"]``, random_k drawn with ``spec["seed"]``, the confirmed super
+    ``candidates`` (metric -> path on the confirm seed, for every metric of ``spec.metrics``)
+    at each k of ``spec.protect``, random_k drawn with ``spec.seed``, the confirmed super
     weights of ``super_weights``) and measure the damage against the unquantized baseline.
     """
     from .mechanism import confirmed_weights
@@ -269,20 +282,20 @@ def step_quantize(spec: dict, *, model: str, eval: str, baseline: str, baseline_
     from .quantize import Scheme, run_quantization
     from .targets import target_table
 
-    metrics = spec["metrics"]
+    metrics = spec.metrics
     if sorted(candidates) != sorted(metrics):
         raise ESAError(f"quantize needs candidates of the metrics {metrics}, got {sorted(candidates)}")
-    device = models.resolve_device(spec["device"])
-    record = RunRecord(spec, device, spec["dtype"], "quantize")
+    device = models.resolve_device(spec.device)
+    record = RunRecord(spec.as_dict(), device, spec.dtype, "quantize")
     lm = _load(spec, model)
-    targets = find_targets(lm, spec["targets"]["include"], spec["targets"]["exclude"])
-    schemes = [Scheme(s["bits"], s["group_size"]) for s in spec["schemes"]]
+    targets = find_targets(lm, spec.targets["include"], spec.targets["exclude"])
+    schemes = [Scheme(s["bits"], s["group_size"]) for s in spec.schemes]
     conditions = protect_conditions({m: read_parquet(candidates[m]) for m in metrics}, target_table(targets),
-                                    spec["protect"], spec["seed"], confirmed_weights(read_parquet(super_weights)))
+                                    spec.protect, spec.seed, confirmed_weights(read_parquet(super_weights)))
     reference = read_baseline(baseline, baseline_windows)
     table = run_quantization(lm, targets, schemes, conditions, torch.from_numpy(data.read_windows(eval)),
-                             spec["batch_size"], reference, chunk_size=spec["loss_chunk"],
-                             bootstrap=Bootstrap(**spec["bootstrap"]))
+                             spec.batch_size, reference, chunk_size=spec.loss_chunk,
+                             bootstrap=Bootstrap(**spec.bootstrap))
     write_parquet_atomic(table, results)
     write_json_atomic(record.finish(baseline_ppl=reference.ppl, attn_implementation=models.attention_of(lm)),
                       manifest)

@@ -1,6 +1,6 @@
-"""The names every layer of ESA shares: metrics, modes, sets, perturbations, and the fixed
-definitions the score tables use. Torch-free, so the rules, the config check and the report
-import it without loading a model library.
+"""The names every layer of ESA shares (the metrics' are in their registry, :mod:`esa.metrics`):
+modes, sets, perturbations, and the fixed definitions the score tables use. Torch-free, so the
+rules, the config check and the report import it without loading a model library.
 
 Each name is spelled once, as a constant; the tuples list the allowed values of each kind.
 """
@@ -11,18 +11,6 @@ import re
 
 import numpy as np
 
-GRAD_X_WEIGHT = "grad_x_weight"
-GRAD_SQUARED = "grad_squared"
-HUTCHINSON_DIAG = "hutchinson_diag"
-ACTIVATION_MAGNITUDE = "activation_magnitude"
-METRICS = (GRAD_X_WEIGHT, GRAD_SQUARED, HUTCHINSON_DIAG, ACTIVATION_MAGNITUDE)
-# metrics that differentiate the calibration loss (hutchinson_diag twice)
-GRADIENT_METRICS = (GRAD_X_WEIGHT, GRAD_SQUARED, HUTCHINSON_DIAG)
-# metrics one first-order gradient pass computes together (one scores_gradients job)
-FIRST_ORDER_METRICS = (GRAD_X_WEIGHT, GRAD_SQUARED)
-# the scores jobs of a seed and the metrics each computes (rules scores_<job>)
-SCORE_JOBS = {"gradients": FIRST_ORDER_METRICS, "hutchinson": (HUTCHINSON_DIAG,),
-              "activations": (ACTIVATION_MAGNITUDE,)}
 PRODUCT, RAW = "product", "raw"
 WEIGHTINGS = (PRODUCT, RAW)
 

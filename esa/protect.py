@@ -33,9 +33,9 @@ from .errors import ESAError
 from .names import GLOBAL, PROTECT_METRIC, PROTECT_NONE, RANDOM_K, SUPER_WEIGHTS
 from .selection import select_topk
 
-WEIGHT_COLUMNS = ["tensor", "flat_index", "row", "col"]  # a protected weight, in the Linear convention
+PROTECTED_WEIGHT_COLUMNS = ["tensor", "flat_index", "row", "col"]  # a protected weight, in the Linear convention
 # an exported protect mask (results/{model}/quantize/protect/{metric}_k{k}.parquet)
-MASK_COLUMNS = [*WEIGHT_COLUMNS, "score"]
+PROTECT_MASK_COLUMNS = [*PROTECTED_WEIGHT_COLUMNS, "score"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def metric_top(candidates: pd.DataFrame, table: pd.DataFrame, k: int, what: str)
         top = select_topk(candidates, table, GLOBAL, k)
     except ESAError as err:
         raise ESAError(f"{what}: {err}") from None
-    return top[MASK_COLUMNS]
+    return top[PROTECT_MASK_COLUMNS]
 
 
 def random_weights(table: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
@@ -89,7 +89,7 @@ def random_weights(table: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
     flat = drawn - (ends - numel)[position]
     cols = table["cols"].to_numpy(np.int64)[position]
     return pd.DataFrame({"tensor": table["tensor"].to_numpy()[position], "flat_index": flat,
-                         "row": flat // cols, "col": flat % cols}, columns=WEIGHT_COLUMNS)
+                         "row": flat // cols, "col": flat % cols}, columns=PROTECTED_WEIGHT_COLUMNS)
 
 
 def protect_conditions(candidates: dict[str, pd.DataFrame], table: pd.DataFrame, protect: list,
@@ -105,12 +105,12 @@ def protect_conditions(candidates: dict[str, pd.DataFrame], table: pd.DataFrame,
     for value in protect:
         ks.setdefault(resolve_k(value, total), value)
     ks = dict(sorted(ks.items()))
-    conditions = [Condition(PROTECT_NONE, "", 0, pd.DataFrame(columns=WEIGHT_COLUMNS))]
+    conditions = [Condition(PROTECT_NONE, "", 0, pd.DataFrame(columns=PROTECTED_WEIGHT_COLUMNS))]
     for metric, frame in candidates.items():
         conditions += [Condition(PROTECT_METRIC, metric, k, metric_top(frame, table, k, f"quantize.protect {value!r}"))
                        for k, value in ks.items()]
     conditions += [Condition(RANDOM_K, "", k, random_weights(table, k, seed)) for k in ks]
-    confirmed = super_weights[WEIGHT_COLUMNS].reset_index(drop=True)
+    confirmed = super_weights[PROTECTED_WEIGHT_COLUMNS].reset_index(drop=True)
     return conditions + [Condition(SUPER_WEIGHTS, "", len(confirmed), confirmed)]
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from .metrics import SCORE_JOBS, implementation_roots
 from .step_table import STEPS
 
 PACKAGE = "esa"
@@ -199,16 +200,26 @@ def _dump(statement: ast.AST) -> str:
     return ast.dump(_strip_docstrings(statement))
 
 
-def version_table(steps: list[str]) -> str:
-    """The README's table (Markdown): for each `esa` module, the steps whose code version its
-    definitions enter, and how many of its definitions each reaches at most."""
+def rule_versions() -> dict[str, tuple[str, tuple[tuple[str, str], ...]]]:
+    """Each distinct code version the rules carry, by name: a step's, and one per scores job
+    (``scores_<job>``: the scores step with its metrics' modules as extra roots, which the step
+    loads by name from the registry)."""
+    versions = {name: (name, ()) for name in STEPS if name != "scores"}
+    versions.update({f"scores_{job}": ("scores", implementation_roots(metrics)) for job, metrics in SCORE_JOBS.items()})
+    return dict(sorted(versions.items()))
+
+
+def version_table(versions: dict[str, tuple[str, tuple[tuple[str, str], ...]]]) -> str:
+    """The README's table (Markdown): for each `esa` module, the rules' code versions
+    (:func:`rule_versions`) its definitions enter, and how many of its definitions each reaches
+    at most."""
     entered: dict[str, dict[str, int]] = {}
-    for step in steps:
-        for module, name in step_definitions(step):
+    for label, (step, extra) in versions.items():
+        for module, name in step_definitions(step, extra):
             if name:
-                entered.setdefault(module, {}).setdefault(step, 0)
-                entered[module][step] += 1
-    rows = ["| module | definitions | steps whose version it enters |", "|---|---|---|"]
+                entered.setdefault(module, {}).setdefault(label, 0)
+                entered[module][label] += 1
+    rows = ["| module | definitions | code versions it enters |", "|---|---|---|"]
     for module in sorted(entered):
         total = len(_index(module).definitions)
         reach = max(entered[module].values())
@@ -217,4 +228,4 @@ def version_table(steps: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    print(version_table(sorted(STEPS)), end="")
+    print(version_table(rule_versions()), end="")

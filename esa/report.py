@@ -74,6 +74,15 @@ def _e(value) -> str:
     return html.escape(str(value))
 
 
+def write_page(out_html, title: str, sections: list[str]) -> str:
+    """Write one self-contained page (``CSS`` inline, ``title`` as its heading, then ``sections``)
+    to ``out_html`` and return its HTML: the study's report and the comparison page."""
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+            f"<style>{CSS}</style></head><body><h1>{_e(title)}</h1>{''.join(sections)}</body></html>\n")
+    write_atomic(out_html, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    return page
+
+
 def _fmt(value) -> str:
     """Numbers with 4 significant digits, None as n/a, the rest as text."""
     if value is None:
@@ -469,8 +478,8 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
     list (one per mode and k). Every other input is a path; any of them None makes its section
     say "not run": super weights as confirm writes them (``esa.confirm.SUPER_WEIGHT_COLUMNS``,
     tested with ``factor``), super experts likewise (``esa.confirm.SUPER_EXPERT_COLUMNS``),
-    activation trace parquet (``esa.scores.TRACE_COLUMNS``), verdict JSON; published super
-    weights' matches (``esa.published.MATCH_COLUMNS``; None says the model has none);
+    activation trace parquet (``esa.activation_trace.TRACE_COLUMNS``), verdict JSON; published
+    super weights' matches (``esa.published.MATCH_COLUMNS``; None says the model has none);
     ``mechanism_paths``: the mechanism step's ``sweep``, ``restore`` and ``control`` by name
     (``esa.mechanism``); ``culprit_paths``: experiment -> its culprit search's ``culprits``,
     ``search`` and ``summary`` (``esa.culprits``); ``quantize_path``: the quantize step's
@@ -498,7 +507,4 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
     ]
     if not experiments:
         sections.insert(2, f"<section><h2>Experiments</h2>{NOT_RUN}</section>")
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-            f"<style>{CSS}</style></head><body><h1>{_e(title)}</h1>{''.join(sections)}</body></html>\n")
-    write_atomic(out_html, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
-    return page
+    return write_page(out_html, title, sections)

@@ -22,7 +22,8 @@ from .config import REPO, load_config
 from .errors import ESAError
 from .layout import Layout
 from .models import resolve_device
-from .names import CONTROLS, END_TOP, HUTCHINSON_DIAG, METRICS, MODES, PERTURBATIONS, TOP
+from .metrics import METRICS, REGISTRY
+from .names import CONTROLS, END_TOP, MODES, PERTURBATIONS, TOP
 
 
 def model_name(source: str) -> str:
@@ -89,7 +90,8 @@ def phase_parser() -> argparse.ArgumentParser:
                     "against controls, through the ESA Snakemake DAG (cached, shared with every run).")
     parser.add_argument("--model", required=True, help="hub id, local directory, .gguf file or builtin:smollm2-135m")
     parser.add_argument("--metric", required=True, choices=METRICS, help="sensitivity metric")
-    parser.add_argument("--mode", required=True, choices=MODES, help="top-k over all targets, per decoder layer, or per tensor")
+    parser.add_argument("--mode", required=True, choices=MODES,
+                        help="top-k over all targets, per decoder layer, or per tensor")
     parser.add_argument("--topk", required=True, type=int, help="k of the top-k (and of each control)")
     parser.add_argument("--max-samples", type=int, default=None,
                         help="calibration windows each seed draws (default: the config's)")
@@ -134,9 +136,8 @@ def phase_config(args) -> tuple[dict, str]:
     overrides = {"model": {"name": model_name(args.model), "source": args.model}, "device": args.device,
                  "plots": args.save_plots, "experiments": [experiment]}
     if args.max_samples is not None:
-        key = {"hutchinson": {"max_samples": args.max_samples}} if args.metric == HUTCHINSON_DIAG \
-            else {"max_samples": args.max_samples}
-        overrides["scoring"] = key
+        own = REGISTRY[args.metric].settings  # a metric's own block overrides scoring.max_samples
+        overrides["scoring"] = {own: {"max_samples": args.max_samples}} if own else {"max_samples": args.max_samples}
     config = resolve(overrides, args.config)
     config["scoring"]["candidates"] = max(config["scoring"]["candidates"], args.topk)
     return config, name

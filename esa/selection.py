@@ -35,7 +35,7 @@ from .names import (CONTROLS, END_BOTTOM, END_TOP, GLOBAL, MODES, PER_LAYER, PER
 
 SELECTED_COLUMNS = ["tensor", "layer", "module", "expert", "part", "row", "col", "flat_index", "weight", "stat",
                     "score", "rank"]
-MASK_COLUMNS = ["set", "tensor", "layer", "module", "expert", "row", "col", "flat_index", "score"]
+TOPK_MASK_COLUMNS = ["set", "tensor", "layer", "module", "expert", "row", "col", "flat_index", "score"]
 
 
 def _pools(table: pd.DataFrame, mode: str) -> pd.Series:
@@ -166,5 +166,5 @@ def build_mask(candidates: pd.DataFrame, tensor_table: pd.DataFrame, mode: str, 
         else:
             sets[control] = select_bottomk(candidates, tensor_table, mode, k)
     mask = pd.concat([frame.assign(set=name) for name, frame in sets.items()], ignore_index=True)
-    return mask[MASK_COLUMNS].astype({"layer": np.int32, "expert": np.int32, "row": np.int32, "col": np.int32,
+    return mask[TOPK_MASK_COLUMNS].astype({"layer": np.int32, "expert": np.int32, "row": np.int32, "col": np.int32,
                                       "flat_index": np.int64, "score": np.float32})

@@ -56,7 +56,8 @@ import pandas as pd
 
 from .config import schema_defaults
 from .errors import ESAError
-from .names import BOTTOM_K, CONTROLS, GLOBAL, GRADIENT_METRICS, TOP, TOP_DENOMINATOR
+from .metrics import GRADIENT_METRICS
+from .names import BOTTOM_K, CONTROLS, GLOBAL, TOP, TOP_DENOMINATOR
 from .results import ExperimentData, load_experiment, read_agreement, read_json, read_optional
 
 STATUSES = ("good", "warn", "bad")

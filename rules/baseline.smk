@@ -13,9 +13,7 @@ rule baseline:
         **res("baseline"),
     params:
         code=code_version("baseline"),
-        spec=lambda wildcards: runtime_spec(
-            wildcards.model, batch_size=config["baseline"]["batch_size"], data=config["data"]
-        ),
+        spec=baseline_spec,
         paths=step_paths,
     shell:
         esa_shell("baseline")

@@ -1,8 +1,8 @@
 """Config validation, the results layout, and the helpers every rule shares.
 
 Each rule reads as inputs -> step -> outputs. Its files come from `LAYOUT` (esa/layout.py,
-the one home of every path), its parameters from a `*_spec` helper below, and its command
-is `esa_shell(step)`, which hands the step every named input and output.
+the one home of every path), its parameters from its step's `<step>_spec` (rules/specs.smk),
+and its command is `esa_shell(step)`, which hands the step every named input and output.
 """
 
 import json
@@ -16,8 +16,9 @@ shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH
 from esa.config import study_config, study_models
 from esa.errors import ESAError
 from esa.layout import Layout, flatten_paths
-from esa.names import ACTIVATION_MAGNITUDE, COMPARISON, HUTCHINSON_DIAG, SCORE_JOBS
-from esa.provenance import code_version
+from esa.metrics import REGISTRY, SCORE_JOBS, TRACE_METRIC
+from esa.names import COMPARISON
+from esa.provenance import code_version, rule_versions
 from esa.recovery import recover
 from esa.step_table import GPU_STEPS
 
@@ -98,32 +99,6 @@ def named(paths):
     return flatten_paths(paths)
 
 
-def model_spec(wildcards):
-    return spec(source=SOURCES[wildcards.model])
-
-
-DATA_KEYS = {
-    "calib": ("source", "hf_config", "calib_split", "text_field", "eval_fraction", "seq_len"),
-    "eval": ("source", "hf_config", "eval_split", "text_field", "eval_fraction", "seq_len", "eval_windows"),
-}
-
-
-def data_spec(model, part):
-    """What one part's windows depend on: the evaluation settings never touch the pool."""
-    data = {key: config["data"][key] for key in DATA_KEYS[part]}
-    data.setdefault("calib_split", None)
-    data.setdefault("eval_split", None)
-    return spec(model=SOURCES[model], part=part, **data)
-
-
-def runtime_spec(model, **params):
-    """Parameters of a step that runs the model: where, in which precision, how the loss is chunked."""
-    keys = ("device", "dtype", "attn_implementation", "loss_chunk", "device_map")
-    # deterministic only when on: turning it on reruns the model steps, off keeps existing results
-    deterministic = {"deterministic": True} if config["deterministic"] else {}
-    return spec(model=SOURCES[model], **{k: config[k] for k in keys}, **deterministic, **params)
-
-
 def check_experiments():
     largest = max((e["topk"] for e in EXPERIMENTS.values()), default=0)
     if largest > config["scoring"]["candidates"]:
@@ -153,38 +128,11 @@ def scores_outputs(job, part):
         metric: LAYOUT.score_files(
             metric,
             part=part,
-            activations=metric == ACTIVATION_MAGNITUDE,
+            activations=REGISTRY[metric].trace,
             full_scores=config["scoring"]["save_full_scores"],
         )
         for metric in SCORE_JOBS[job]
     }
-
-
-def scores_spec(job):
-    """What a scores job depends on: the model, the calibration pool, the metric(s), the seed."""
-    metrics = list(SCORE_JOBS[job])
-    scoring = config["scoring"]
-    hutchinson = metrics == [HUTCHINSON_DIAG]
-
-    def job_spec(wildcards):
-        return runtime_spec(
-            wildcards.model,
-            data=json.loads(data_spec(wildcards.model, "calib")),
-            metrics=metrics,
-            seed=int(wildcards.seed),
-            max_samples=(scoring["hutchinson"]["max_samples"] if hutchinson else None)
-            or scoring["max_samples"],
-            batch_size=scoring["batch_size"],
-            probes=scoring["hutchinson"]["probes"] if hutchinson else None,
-            weighting=scoring["weighting"],
-            candidates=scoring["candidates"],
-            targets=scoring["targets"],
-            save_full_scores=scoring["save_full_scores"],
-            gradient_checkpointing=scoring["gradient_checkpointing"],
-            layer_group=[int(wildcards.group), LAYER_GROUPS] if SPLIT else [0, 1],
-        )
-
-    return job_spec
 
 
 def perturb_params(wildcards):
@@ -224,35 +172,3 @@ def agreement_inputs(wildcards):
 
 def culprit_inputs(wildcards):
     return LAYOUT.of(wildcards.model).culprit_inputs(wildcards.experiment)
-
-
-def culprit_spec(wildcards):
-    """What a culprit search depends on: the experiment's perturbation, its mask's seed, the
-    confirm factor that makes a group destructive, the budget."""
-    e = EXPERIMENTS[wildcards.experiment]
-    return runtime_spec(
-        wildcards.model,
-        experiment=wildcards.experiment,
-        seed=LAYOUT.culprit_seed(wildcards.experiment),
-        perturb=e["perturb"],
-        scale=e["scale"],
-        factor=config["confirm"]["factor"],
-        budget=config["culprits"]["budget"],
-        min_group=config["culprits"]["min_group"],
-        batch_size=config["baseline"]["batch_size"],
-        bootstrap=config["bootstrap"],
-    )
-
-
-def report_spec(wildcards):
-    """What the report step reads of the config: the experiments, the confirm factor, the thresholds."""
-    experiments = [
-        {"name": name, "metric": e["metric"], "mode": e["mode"], "k": e["topk"], "seeds": e["seeds"]}
-        for name, e in EXPERIMENTS.items()
-    ]
-    return spec(
-        model=wildcards.model,
-        experiments=experiments,
-        factor=config["confirm"]["factor"],
-        thresholds=config["verdicts"],
-    )

@@ -21,15 +21,7 @@ rule confirm:
         **res("confirm"),
     params:
         code=code_version("confirm"),
-        spec=lambda wildcards: runtime_spec(
-            wildcards.model,
-            metrics=LAYOUT.scored_metrics(),
-            seed=LAYOUT.confirm_seed(),
-            top_n=config["confirm"]["top_n"],
-            factor=config["confirm"]["factor"],
-            batch_size=config["baseline"]["batch_size"],
-            bootstrap=config["bootstrap"],
-        ),
+        spec=confirm_spec,
         paths=step_paths,
     shell:
         esa_shell("confirm")

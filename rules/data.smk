@@ -12,7 +12,7 @@ rule data:
         **res("data"),
     params:
         code=code_version("data"),
-        spec=lambda wildcards: data_spec(wildcards.model, wildcards.part),
+        spec=data_spec,
         paths=step_paths,
     shell:
         esa_shell("data")

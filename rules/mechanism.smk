@@ -21,13 +21,7 @@ rule mechanism:
         **res("mechanism"),
     params:
         code=code_version("mechanism"),
-        spec=lambda wildcards: runtime_spec(
-            wildcards.model,
-            scales=config["mechanism"]["scales"],
-            massive_fraction=config["mechanism"]["massive_fraction"],
-            batch_size=config["baseline"]["batch_size"],
-            bootstrap=config["bootstrap"],
-        ),
+        spec=mechanism_spec,
         paths=step_paths,
     shell:
         esa_shell("mechanism")

@@ -13,15 +13,7 @@ rule perturb:
         **res("perturb"),
     params:
         code=code_version("perturb"),
-        spec=lambda wildcards: runtime_spec(
-            wildcards.model,
-            **{
-                key: perturb_params(wildcards)[key]
-                for key in ("perturb", "scale", "noise", "controls", "seeds")
-            },
-            batch_size=config["baseline"]["batch_size"],
-            bootstrap=config["bootstrap"],
-        ),
+        spec=perturb_spec,
         paths=step_paths,
     shell:
         esa_shell("perturb")

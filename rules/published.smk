@@ -13,10 +13,7 @@ rule published:
         **res("published"),
     params:
         code=code_version("published"),
-        # the model's published coordinates (esa.published) and the metrics that rank them
-        spec=lambda wildcards: spec(
-            coordinates=LAYOUT.of(wildcards.model).published(), metrics=LAYOUT.scored_metrics()
-        ),
+        spec=published_spec,
         paths=step_paths,
     shell:
         esa_shell("published")

@@ -13,16 +13,7 @@ rule quantize:
         **res("quantize"),
     params:
         code=code_version("quantize"),
-        spec=lambda wildcards: runtime_spec(
-            wildcards.model,
-            schemes=config["quantize"]["schemes"],
-            protect=config["quantize"]["protect"],
-            metrics=LAYOUT.quantize_metrics(),
-            seed=config["quantize"]["seed"],
-            targets=config["scoring"]["targets"],
-            batch_size=config["baseline"]["batch_size"],
-            bootstrap=config["bootstrap"],
-        ),
+        spec=quantize_spec,
         paths=step_paths,
     shell:
         esa_shell("quantize")
@@ -44,7 +35,7 @@ rule protect_mask:
         **res("protect_mask"),
     params:
         code=code_version("protect_mask"),
-        spec=lambda wildcards: spec(metric=wildcards.metric, k=int(wildcards.k)),
+        spec=protect_mask_spec,
         paths=step_paths,
     shell:
         esa_shell("protect_mask")

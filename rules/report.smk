@@ -36,7 +36,7 @@ rule comparison:
         **res("comparison"),
     params:
         code=code_version("comparison"),
-        spec=spec(models=LAYOUT.models, metrics=LAYOUT.scored_metrics(), factor=config["confirm"]["factor"]),
+        spec=comparison_spec,
         paths=step_paths,
     shell:
         esa_shell("comparison")

@@ -28,7 +28,7 @@ for job in SCORE_JOBS:
         resources:
             **res("scores"),
         params:
-            code=code_version("scores"),
+            code=code_version(*rule_versions()[f"scores_{job}"]),
             spec=scores_spec(job),
             paths=step_paths,
         shell:
@@ -56,7 +56,7 @@ if SPLIT:
                 **res("merge_scores"),
             params:
                 code=code_version("merge_scores"),
-                spec=spec(metrics=list(SCORE_JOBS[job]), layer_groups=LAYER_GROUPS),
+                spec=merge_scores_spec(job),
                 paths=step_paths,
             shell:
                 esa_shell("merge_scores")

@@ -13,12 +13,7 @@ rule stability:
         **res("stability"),
     params:
         code=code_version("stability"),
-        spec=lambda wildcards: spec(
-            metric=wildcards.metric,
-            mode=wildcards.mode,
-            k=int(wildcards.k),
-            seeds=LAYOUT.seeds_of(wildcards.metric, wildcards.mode, int(wildcards.k)),
-        ),
+        spec=stability_spec,
         paths=step_paths,
     shell:
         esa_shell("stability")
@@ -39,9 +34,7 @@ rule agreement:
         **res("agreement"),
     params:
         code=code_version("agreement"),
-        spec=lambda wildcards: spec(
-            mode=wildcards.mode, k=int(wildcards.k), metrics=LAYOUT.scored_metrics(), seeds=config["seeds"]
-        ),
+        spec=agreement_spec,
         paths=step_paths,
     shell:
         esa_shell("agreement")

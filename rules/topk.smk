@@ -14,7 +14,7 @@ rule topk:
         **res("topk"),
     params:
         code=code_version("topk"),
-        spec=lambda wildcards: spec(mode=wildcards.mode, k=int(wildcards.k), seed=int(wildcards.seed)),
+        spec=topk_spec,
         paths=step_paths,
     shell:
         esa_shell("topk")
@@ -39,9 +39,7 @@ rule plots:
         **res("plots"),
     params:
         code=code_version("plots"),
-        spec=lambda wildcards: spec(
-            metric=wildcards.metric, mode=wildcards.mode, k=int(wildcards.k), seed=int(wildcards.seed)
-        ),
+        spec=plots_spec,
         paths=step_paths,
     shell:
         esa_shell("plots")
@@ -50,7 +48,7 @@ rule plots:
 rule activation_plot:
     """The massive-activation trace of every MLP output projection (activation_magnitude scoring)."""
     input:
-        activations=LAYOUT.score_files(ACTIVATION_MAGNITUDE, activations=True)["activations"],
+        activations=LAYOUT.score_files(TRACE_METRIC, activations=True)["activations"],
     output:
         plot=LAYOUT.activation_plot(),
     log:
@@ -62,7 +60,7 @@ rule activation_plot:
         **res("activation_plot"),
     params:
         code=code_version("activation_plot"),
-        spec=lambda wildcards: spec(seed=int(wildcards.seed)),
+        spec=activation_plot_spec,
         paths=step_paths,
     shell:
         esa_shell("activation_plot")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from esa import candidates as cand
-from esa.candidates import COLUMNS, build_candidates, extreme_indices, tensor_candidates
+from esa.candidates import CANDIDATE_COLUMNS, build_candidates, extreme_indices, tensor_candidates
 from esa.io import write_json_atomic, write_parquet_atomic
 from esa.targets import Target
 
@@ -67,7 +67,7 @@ def test_tensor_candidates_columns_values_and_dtypes():
     stat = torch.randn(7, 9, generator=generator)
     score = torch.randint(0, 5, (7, 9), generator=generator).float()
     frame = tensor_candidates(meta, weight, stat, score, m=10)
-    assert list(frame.columns) == COLUMNS
+    assert list(frame.columns) == CANDIDATE_COLUMNS
     assert len(frame) == 20
     for end, largest in (("top", True), ("bottom", False)):
         part = frame[frame["end"] == end]

@@ -108,7 +108,8 @@ def test_keys_left_out_take_the_schema_default_not_the_embedded_config():
     from esa.config import schema_defaults, study_config
 
     config = study_config(_config(), ["my.yaml"])
-    assert config["experiments"] == [] and config["scoring"]["max_samples"] == schema_defaults("scoring")["max_samples"] == 16
+    assert config["experiments"] == []
+    assert config["scoring"]["max_samples"] == schema_defaults("scoring")["max_samples"] == 16
     embedded = study_config({}, [])
     assert embedded["model"]["source"] == "builtin:smollm2-135m" and len(embedded["experiments"]) == 9
     assert embedded["scoring"]["max_samples"] == 8

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import FalconH1Config, FalconH1ForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
 from esa.candidates import build_candidates
-from esa.confirm import (COLUMNS, SUPER_EXPERT_COLUMNS, SUPER_WEIGHT_COLUMNS, activation_trace,
+from esa.confirm import (ABLATION_COLUMNS, SUPER_EXPERT_COLUMNS, SUPER_WEIGHT_COLUMNS, activation_trace,
                          confirm_super_experts, confirm_super_weights, global_top, zero_each)
 from esa.damage import Baseline
 from esa.errors import ESAError
@@ -19,7 +19,8 @@ from esa.evaluation import evaluate
 from esa.perturb import perturbed
 from esa.replay import first_changed_layer
 from esa.score_stats import build_stats
-from esa.scores import TRACE_COLUMNS, compute_scores
+from esa.activation_trace import TRACE_COLUMNS
+from esa.scores import compute_scores
 from esa.targets import Target, find_targets, target_table
 
 HIDDEN, INTERMEDIATE, VOCAB = 32, 64, 64
@@ -59,9 +60,10 @@ def test_confirm_finds_exactly_the_planted_super_weight():
     confirmation, baseline = confirm_by_activation(model, top_n=10)
     result = confirmation.super_weights
 
-    # super_weights.parquet's layout: metric, rank (int64), the weight's key, the rest of COLUMNS
+    # super_weights.parquet's layout: metric, rank (int64), the weight's key, the rest of
+    # ABLATION_COLUMNS
     assert list(result.columns) == SUPER_WEIGHT_COLUMNS == [
-        "metric", "rank", "tensor", "flat_index", *(c for c in COLUMNS if c not in ("tensor", "flat_index"))]
+        "metric", "rank", "tensor", "flat_index", *(c for c in ABLATION_COLUMNS if c not in ("tensor", "flat_index"))]
     assert len(result) == 10 and (result["metric"] == "activation_magnitude").all()
     assert result["rank"].dtype == "int64" and result["rank"].tolist() == list(range(10))
     assert result["score"].is_monotonic_decreasing

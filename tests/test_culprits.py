@@ -289,17 +289,18 @@ def test_step_writes_the_three_files_and_the_report_shows_them(tmp_path):
     from esa.layout import Layout
     from esa.model_steps import step_baseline, step_culprits, step_model
     from esa.report import build_report
+    from esa.step_specs import typed_spec
 
     model = _planted_pair(noise=1.0)
     model.save_pretrained(tmp_path / "checkpoint")
     layout = Layout(root=str(tmp_path / "results"))
     files, baseline = layout.culprit_files("planted"), layout.baseline_files()
-    step_model({"source": str(tmp_path / "checkpoint")}, ref=layout.model_ref)
+    step_model(typed_spec("model", {"source": str(tmp_path / "checkpoint")}), ref=layout.model_ref)
     windows = tmp_path / "eval.parquet"
     write_parquet_atomic(windows_frame(unigram_text(8, seed=2).numpy()), windows)
-    runtime = {"device": "cpu", "dtype": "fp32", "attn_implementation": "eager", "device_map": None,
-               "loss_chunk": 256, "batch_size": 4, "bootstrap": {"resamples": 1000, "level": 0.95, "seed": 0}}
-    step_baseline({**runtime, "model": "planted", "data": {"source": "unigram", "seq_len": 32}},
+    runtime = {"model": "planted", "device": "cpu", "dtype": "fp32", "attn_implementation": "eager",
+               "device_map": None, "loss_chunk": 256, "batch_size": 4}
+    step_baseline(typed_spec("baseline", {**runtime, "data": {"source": "unigram", "seq_len": 32}}),
                   model=layout.model_ref, eval=str(windows), **baseline)
     selection = _two_culprit_set(model)
     mask = pd.concat([selection.assign(set="top"), selection.head(5).assign(set="random_k")])  # only top is searched
@@ -307,10 +308,10 @@ def test_step_writes_the_three_files_and_the_report_shows_them(tmp_path):
     confirm = pd.DataFrame({"metric": "m", "rank": [0, 1], "tensor": DOWN, "row": list(ROWS), "col": COL,
                             "flat_index": [row * INTERMEDIATE + COL for row in ROWS], "confirmed": [False, True]})
     write_parquet_atomic(confirm, tmp_path / "super_weights.parquet")
-    spec = {**runtime, "experiment": "planted", "seed": 0, "perturb": "zero", "scale": 1.0, "factor": FACTOR,
-            "budget": 40, "min_group": 1}
+    spec = {**runtime, "bootstrap": {"resamples": 1000, "level": 0.95, "seed": 0}, "experiment": "planted",
+            "seed": 0, "perturb": "zero", "scale": 1.0, "factor": FACTOR, "budget": 40, "min_group": 1}
 
-    step_culprits(spec, model=layout.model_ref, eval=str(windows), baseline=baseline["metrics"],
+    step_culprits(typed_spec("culprits", spec), model=layout.model_ref, eval=str(windows), baseline=baseline["metrics"],
                   baseline_windows=baseline["windows"], mask=str(tmp_path / "mask.parquet"),
                   super_weights=str(tmp_path / "super_weights.parquet"), **files)
 

@@ -206,7 +206,7 @@ def model_ref(tmp_path_factory):
 
 def run_data(model_ref, source, out, part: str = "calib") -> int:
     """`esa run data` as rules/data.smk runs it, writing ``out/windows.parquet`` and ``out/summary.json``."""
-    spec = {"source": str(source), "text_field": "text", "hf_config": None, "calib_split": None,
+    spec = {"model": "test", "source": str(source), "text_field": "text", "hf_config": None, "calib_split": None,
             "eval_split": None, "eval_fraction": 0.2, "seq_len": 8, "part": part}
     return main(["run", "data", "--spec", json.dumps(spec), f"model={model_ref}",
                  f"windows={out / 'windows.parquet'}", f"summary={out / 'summary.json'}"])

@@ -46,8 +46,8 @@ def test_damaged_parquet_is_an_error_naming_the_file(tmp_path, how):
 def test_step_with_damaged_input_ends_in_one_error_line(tmp_path, capsys, how):
     """`esa run topk` on a damaged candidates.parquet: exit 2, one `esa: error:` line, no mask."""
     stats, candidates, mask = (tmp_path / f"{name}.parquet" for name in ("stats", "candidates", "mask"))
-    write_parquet_atomic(pd.DataFrame({"tensor": ["t"], "layer": [0], "module": ["mlp.down_proj"], "expert": [-1], "rows": [4],
-                                       "cols": [4], "numel": [16]}), stats)
+    write_parquet_atomic(pd.DataFrame({"tensor": ["t"], "layer": [0], "module": ["mlp.down_proj"], "expert": [-1],
+                                       "rows": [4], "cols": [4], "numel": [16]}), stats)
     write_parquet_atomic(pd.DataFrame({"tensor": ["t"] * 50, "flat_index": range(50)}), candidates)
     _damage(candidates, how)
     spec = json.dumps({"mode": "global", "k": 2, "seed": 0})

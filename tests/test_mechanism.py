@@ -27,6 +27,7 @@ from esa.model_steps import step_mechanism
 from esa.models import materialize
 from esa.names import MATCHED_CONTROL, SUPER_WEIGHTS
 from esa.report import NOT_RUN, _mechanism_section
+from esa.step_specs import typed_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -230,9 +231,10 @@ def _step_inputs(tmp_path, model, windows, baseline, super_weights) -> dict:
             "super_weights": str(tmp_path / "super_weights.parquet"), **outputs}
 
 
-SPEC = {"device": "cpu", "dtype": "fp32", "attn_implementation": "eager", "device_map": None, "loss_chunk": 256,
-        "scales": [0, -1], "massive_fraction": 0.5, "batch_size": 4,
-        "bootstrap": {"resamples": 200, "level": 0.95, "seed": 0}}
+SPEC = typed_spec("mechanism", {
+    "model": "planted", "device": "cpu", "dtype": "fp32", "attn_implementation": "eager", "device_map": None,
+    "loss_chunk": 256, "scales": [0, -1], "massive_fraction": 0.5, "batch_size": 4,
+    "bootstrap": {"resamples": 200, "level": 0.95, "seed": 0}})
 
 
 def test_step_writes_the_three_tables(tmp_path):

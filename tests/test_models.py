@@ -230,7 +230,8 @@ def test_auto_attention_is_sdpa_where_the_class_has_it_else_eager(tmp_path):
     llama = _saved(make_tiny_llama(), tmp_path / "llama")
     assert models.attention_of(models.load_model(llama, "cpu")) == "sdpa"
     assert models.attention_of(models.load_model(llama, "cpu", attn_implementation="eager")) == "eager"
-    bloom = _saved(BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=16, n_layer=2, n_head=2)), tmp_path / "bloom")
+    bloom = _saved(BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=16, n_layer=2, n_head=2)),
+                   tmp_path / "bloom")
     assert models.attention_of(models.load_model(bloom, "cpu", attn_implementation="auto")) == "eager"
     for requested in ("sdpa", "flash_attention_2"):
         with pytest.raises(ESAError) as err:
@@ -247,13 +248,15 @@ def test_manifest_records_the_resolved_attention(tmp_path):
     from esa.data import windows_frame
     from esa.io import write_parquet_atomic
     from esa.model_steps import step_baseline
+    from esa.step_specs import typed_spec
 
     make_tiny_llama().save_pretrained(tmp_path / "tiny")
     models.materialize(str(tmp_path / "tiny"), tmp_path / "model")
     write_parquet_atomic(windows_frame(np.arange(24, dtype=np.int32).reshape(2, 12) % 64), tmp_path / "eval.parquet")
     spec = {"model": "tiny", "device": "cpu", "dtype": "fp32", "attn_implementation": "auto",
-            "device_map": None, "loss_chunk": 256, "batch_size": 2}
-    step_baseline(spec, model=str(tmp_path / "model/model.json"), eval=str(tmp_path / "eval.parquet"),
-                  metrics=str(tmp_path / "metrics.json"), windows=str(tmp_path / "windows.parquet"),
+            "device_map": None, "loss_chunk": 256, "batch_size": 2, "data": {"source": "test"}}
+    step_baseline(typed_spec("baseline", spec), model=str(tmp_path / "model/model.json"),
+                  eval=str(tmp_path / "eval.parquet"), metrics=str(tmp_path / "metrics.json"),
+                  windows=str(tmp_path / "windows.parquet"),
                   manifest=str(tmp_path / "manifest.json"), config=str(tmp_path / "config.json"))
     assert json.loads((tmp_path / "manifest.json").read_text())["attn_implementation"] == "sdpa"

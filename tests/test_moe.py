@@ -239,8 +239,8 @@ def test_an_expert_several_metrics_rank_is_zeroed_once(family, monkeypatch):
 
     monkeypatch.setattr(DamageMeter, "measure", counting)
     windows = _windows(2, seed=5)
-    result = confirm_super_experts(model, stats, windows, batch_size=2, baseline=Baseline.of(evaluate(model, windows, 2)),
-                                   top_n=2)
+    result = confirm_super_experts(model, stats, windows, batch_size=2,
+                                   baseline=Baseline.of(evaluate(model, windows, 2)), top_n=2)
     assert zeroed == [[(0, 1)], [(1, 3)], [(0, 2)]]  # first-seen order, one expert at a time
     assert list(zip(result["metric"], result["rank"], result["layer"], result["expert"], result["score_mass"])) == [
         ("grad_x_weight", 0, 0, 1, 9.0), ("grad_x_weight", 1, 1, 3, 5.0),

@@ -145,4 +145,4 @@ def test_editing_a_helper_moves_only_the_steps_that_call_it(esa_copy):
 def test_the_readme_table_is_the_generated_one():
     readme = (REPO / "README.md").read_text()
     copy = readme.split("<!-- code-versions:start -->\n", 1)[1].split("<!-- code-versions:end -->", 1)[0]
-    assert copy == provenance.version_table(STEPS)
+    assert copy == provenance.version_table(provenance.rule_versions())

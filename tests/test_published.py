@@ -28,6 +28,7 @@ from esa.report import build_report
 from esa.score_stats import build_stats
 from esa.scores import compute_scores
 from esa.selection import select_topk
+from esa.step_specs import typed_spec
 from esa.steps import step_published
 from esa.targets import Target, find_targets, target_table
 
@@ -196,7 +197,7 @@ def test_planted_super_weight_registered_under_a_test_name_ranks_first_and_is_co
                                               "published_as": "esa-test/tiny-planted"},
                                     "published": {"extra_table": extra}})
     coordinates = coordinates_of(config, "planted")
-    step_published({"coordinates": coordinates, "metrics": ["activation_magnitude"]},
+    step_published(typed_spec("published", {"coordinates": coordinates, "metrics": ["activation_magnitude"]}),
                    candidates={"activation_magnitude": str(paths["candidates"])},
                    stats={"activation_magnitude": str(paths["stats"])}, super_weights=str(paths["super_weights"]),
                    matches=str(paths["matches"]))

@@ -23,10 +23,11 @@ from esa.evaluation import evaluate
 from esa.io import write_json_atomic, write_parquet_atomic
 from esa.model_steps import step_quantize
 from esa.models import materialize
-from esa.protect import MASK_COLUMNS, WEIGHT_COLUMNS, protect_conditions, random_weights, resolve_k
+from esa.protect import PROTECT_MASK_COLUMNS, PROTECTED_WEIGHT_COLUMNS, protect_conditions, random_weights, resolve_k
 from esa.quantize import RESULT_COLUMNS, Scheme, quantized, rtn, run_quantization
 from esa.report import _quantize_section
 from esa.scores import compute_scores
+from esa.step_specs import typed_spec
 from esa.steps import step_protect_mask
 from esa.targets import find_targets, target_parameter, target_table
 
@@ -198,7 +199,7 @@ def _scored(model, metrics=("grad_x_weight", "activation_magnitude"), m=8):
     return targets, target_table(targets), candidates
 
 
-NO_SUPER_WEIGHTS = pd.DataFrame(columns=WEIGHT_COLUMNS)
+NO_SUPER_WEIGHTS = pd.DataFrame(columns=PROTECTED_WEIGHT_COLUMNS)
 
 
 def test_conditions_and_one_row_per_scheme_and_condition(tiny_llama):
@@ -212,7 +213,7 @@ def test_conditions_and_one_row_per_scheme_and_condition(tiny_llama):
         ("metric", "activation_magnitude", 1, 1), ("metric", "activation_magnitude", 8, 8),
         ("random_k", "", 1, 1), ("random_k", "", 8, 8), ("super_weights", "", 0, 0)]
     top = conditions[2].weights
-    assert list(top.columns) == MASK_COLUMNS and top["score"].is_monotonic_decreasing
+    assert list(top.columns) == PROTECT_MASK_COLUMNS and top["score"].is_monotonic_decreasing
     evaluated = []
     tiny_llama.model.norm.register_forward_hook(lambda *args: evaluated.append(1))
     schemes = [Scheme(3), Scheme(4, 8)]
@@ -255,10 +256,11 @@ def test_protect_mask_export(tmp_path):
     candidates["grad_x_weight"].to_parquet(paths["candidates"])
     stats.to_parquet(paths["stats"])
 
-    step_protect_mask({"metric": "grad_x_weight", "k": 3}, **{k: str(v) for k, v in paths.items()})
+    files = {k: str(v) for k, v in paths.items()}
+    step_protect_mask(typed_spec("protect_mask", {"metric": "grad_x_weight", "k": 3}), **files)
 
     mask = pd.read_parquet(paths["mask"])
-    assert list(mask.columns) == MASK_COLUMNS and len(mask) == 3
+    assert list(mask.columns) == PROTECT_MASK_COLUMNS and len(mask) == 3
     arrays = load_file(paths["tensors"])
     assert sorted(arrays) == sorted(set(mask["tensor"]))
     shapes = table.set_index("tensor")
@@ -268,7 +270,7 @@ def test_protect_mask_export(tmp_path):
         assert np.flatnonzero(array).tolist() == sorted(rows["flat_index"])
         assert array[rows["row"], rows["col"]].all()
     with pytest.raises(ESAError, match=r"^protect mask grad_x_weight k=5: k=5 is more than the 4 candidates"):
-        step_protect_mask({"metric": "grad_x_weight", "k": 5}, **{k: str(v) for k, v in paths.items()})
+        step_protect_mask(typed_spec("protect_mask", {"metric": "grad_x_weight", "k": 5}), **files)
 
 
 def test_step_quantize_writes_one_row_per_scheme_and_condition(tmp_path):
@@ -296,8 +298,9 @@ def test_step_quantize_writes_one_row_per_scheme_and_condition(tmp_path):
             "schemes": [{"bits": 3, "group_size": None}], "protect": [1, "0.4%"], "seed": 0}
     out = {"results": tmp_path / "out/results.parquet", "manifest": tmp_path / "out/experiment_manifest.json"}
 
-    step_quantize(spec, model=str(tmp_path / "model/model.json"), eval=str(files["eval"]),
-                  baseline=str(tmp_path / "metrics.json"), baseline_windows=str(files["baseline_windows"]),
+    step_quantize(typed_spec("quantize", spec), model=str(tmp_path / "model/model.json"),
+                  eval=str(files["eval"]), baseline=str(tmp_path / "metrics.json"),
+                  baseline_windows=str(files["baseline_windows"]),
                   candidates={"activation_magnitude": str(files["candidates"])},
                   super_weights=str(files["super_weights"]), **{k: str(v) for k, v in out.items()})
 
@@ -316,7 +319,7 @@ def test_step_quantize_writes_one_row_per_scheme_and_condition(tmp_path):
 
     spec["schemes"] = [{"bits": 3, "group_size": 24}]
     with pytest.raises(ESAError, match="^quantize group_size 24 does not divide the input dimension 32 of "):
-        step_quantize(spec, model=str(tmp_path / "model/model.json"), eval=str(files["eval"]),
+        step_quantize(typed_spec("quantize", spec), model=str(tmp_path / "model/model.json"), eval=str(files["eval"]),
                       baseline=str(tmp_path / "metrics.json"), baseline_windows=str(files["baseline_windows"]),
                       candidates={"activation_magnitude": str(files["candidates"])},
                       super_weights=str(files["super_weights"]), **{k: str(v) for k, v in out.items()})

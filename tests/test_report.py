@@ -15,11 +15,11 @@ import torch
 from conftest import chromium_dom, run_chromium
 
 from esa.candidates import build_candidates
-from esa.confirm import COLUMNS as SUPER_COLUMNS, SUPER_EXPERT_COLUMNS
+from esa.confirm import ABLATION_COLUMNS, SUPER_EXPERT_COLUMNS
 from esa.io import write_json_atomic
 from esa.report import build_report
 from esa.score_stats import build_stats
-from esa.scores import TRACE_COLUMNS
+from esa.activation_trace import TRACE_COLUMNS
 from esa.selection import build_mask
 from esa.stability import metric_agreement, seed_stability
 from esa.summary import summary_text
@@ -75,10 +75,10 @@ def _super_weights(after=(1250.0, 12.2, 30.0)) -> pd.DataFrame:
     dppl = tested["ppl_after"] - BASELINE["ppl"]
     tested = tested.assign(ppl_ratio=tested["ppl_after"] / BASELINE["ppl"], delta_ppl_lo=dppl * 0.8,
                            delta_ppl_hi=dppl * 1.25, kl=[6.5, 0.01, 0.2], top1=[0.125, 0.99, 0.9])
-    tested = tested.assign(confirmed=tested["ppl_ratio"] >= 1.5)[SUPER_COLUMNS]
+    tested = tested.assign(confirmed=tested["ppl_ratio"] >= 1.5)[ABLATION_COLUMNS]
     ranks = pd.DataFrame({"metric": ["grad_x_weight", "grad_x_weight", "activation_magnitude", "grad_squared"],
                           "rank": [0, 1, 0, 0], "flat_index": [127, 362, 127, 211]})
-    return ranks.merge(tested, on="flat_index")[["metric", "rank", *SUPER_COLUMNS]]
+    return ranks.merge(tested, on="flat_index")[["metric", "rank", *ABLATION_COLUMNS]]
 
 
 def _super_experts() -> pd.DataFrame:
@@ -395,8 +395,8 @@ def test_summary_counts_a_weight_several_metrics_rank_once(tmp_path):
     """confirm writes one row per (metric, rank); the same weight found twice is one super weight."""
     from esa.summary import summary_text
 
-    row = {"tensor": "model.layers.1.mlp.down_proj.weight", "layer": 1, "module": "mlp.down_proj", "expert": -1, "part": "", "row": 3,
-           "col": 7, "flat_index": 3 * 16 + 7, "weight": -2.5, "score": 1.0, "ppl_before": 10.0,
+    row = {"tensor": "model.layers.1.mlp.down_proj.weight", "layer": 1, "module": "mlp.down_proj", "expert": -1,
+           "part": "", "row": 3, "col": 7, "flat_index": 3 * 16 + 7, "weight": -2.5, "score": 1.0, "ppl_before": 10.0,
            "ppl_after": 40.0, "ppl_ratio": 4.0, "confirmed": True}
     other = {**row, "col": 8, "flat_index": 3 * 16 + 8, "ppl_after": 10.5, "ppl_ratio": 1.05, "confirmed": False}
     (tmp_path / "confirm").mkdir()

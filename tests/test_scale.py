@@ -15,6 +15,7 @@ from esa.evaluation import mean_token_loss
 from esa.io import write_json_atomic, write_parquet_atomic
 from esa.layout import Layout
 from esa.scores import _scoring_mode, compute_scores
+from esa.step_specs import typed_spec
 from esa.targets import find_targets, split_targets, target_parameter
 
 from conftest import make_tiny_llama
@@ -39,8 +40,8 @@ def scoring_inputs(tmp_path, tiny_model_dir):
     write_parquet_atomic(windows_frame(windows), calib)
     ref = tmp_path / "model.json"
     write_json_atomic({"source": "test", "kind": "dir", "path": str(tiny_model_dir)}, ref)
-    spec = {"device": "cpu", "dtype": "fp32", "attn_implementation": "eager", "loss_chunk": 8,
-            "seed": 1, "max_samples": 4, "batch_size": 2, "probes": 2, "weighting": "product",
+    spec = {"model": "tiny", "data": {}, "device": "cpu", "dtype": "fp32", "attn_implementation": "eager",
+            "loss_chunk": 8, "seed": 1, "max_samples": 4, "batch_size": 2, "probes": 2, "weighting": "product",
             "candidates": 7, "targets": {"include": [], "exclude": []}, "save_full_scores": False,
             "gradient_checkpointing": False, "layer_group": [0, 1], "device_map": None}
     return spec, str(ref), str(calib)
@@ -56,11 +57,11 @@ def test_layer_split_scoring_equals_unsplit(tmp_path, scoring_inputs, metrics):
         return {m: Layout(root=str(tmp_path / where)).score_files(
             m, 1, activations=m == "activation_magnitude", full_scores=True) for m in metrics}
 
-    model_steps.step_scores(spec, model=model, calib=calib, **files("whole"))
+    model_steps.step_scores(typed_spec("scores", spec), model=model, calib=calib, **files("whole"))
     for group in (0, 1):
-        model_steps.step_scores({**spec, "layer_group": [group, 2]}, model=model, calib=calib,
+        model_steps.step_scores(typed_spec("scores", {**spec, "layer_group": [group, 2]}), model=model, calib=calib,
                                 **files(f"part{group}"))
-    steps.step_merge_scores({"metrics": metrics, "layer_groups": 2},
+    steps.step_merge_scores(typed_spec("merge_scores", {"metrics": metrics, "layer_groups": 2}),
                             parts={"0": files("part0"), "1": files("part1")}, **files("merged"))
     whole, merged = files("whole"), files("merged")
     for m in metrics:

@@ -9,8 +9,8 @@ from conftest import make_tiny_llama, unigram_text
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from esa.evaluation import mean_token_loss
-from esa.names import METRICS
-from esa import scores as scores_module
+from esa.metrics import METRICS
+from esa.metrics import gradient_pass
 from esa.scores import compute_scores
 from esa.targets import find_targets
 
@@ -244,7 +244,7 @@ def test_fp16_gradients_are_loss_scaled(monkeypatch):
         return compute_scores(model, find_targets(model), windows, GRADIENT_METRICS, 2, 0, probes=2, progress=False)
 
     reference, scaled = run(full), run(half)
-    monkeypatch.setattr(scores_module, "FP16_LOSS_SCALE", 1.0)
+    monkeypatch.setattr(gradient_pass, "FP16_LOSS_SCALE", 1.0)
     unscaled = run(half)
     assert "loss_scale" not in reference["grad_x_weight"].extra
     for metric in GRADIENT_METRICS:
@@ -262,7 +262,7 @@ def test_fp16_loss_scale_halves_until_finite(monkeypatch):
     windows = unigram_text(4, seed=3, length=32)
 
     def run(start):
-        monkeypatch.setattr(scores_module, "FP16_LOSS_SCALE", start)
+        monkeypatch.setattr(gradient_pass, "FP16_LOSS_SCALE", start)
         return compute_scores(half, find_targets(half), windows, GRADIENT_METRICS, 2, 0, probes=2, progress=False)
 
     halved = run(2.0**40)

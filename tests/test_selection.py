@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from esa.candidates import build_candidates
-from esa.selection import (MASK_COLUMNS, SELECTED_COLUMNS, build_mask, random_control,
+from esa.selection import (TOPK_MASK_COLUMNS, SELECTED_COLUMNS, build_mask, random_control,
                            select_bottomk, select_topk)
 from esa.targets import Target, target_table
 
@@ -167,7 +167,7 @@ def test_random_control_refuses_when_the_top_holds_most_of_a_tensor():
 def test_build_mask_sets(top_set):
     candidates = candidates_for(make_scores(True), m=20)
     mask = build_mask(candidates, TABLE, "per_layer", 12, seed=5)
-    assert list(mask.columns) == MASK_COLUMNS
+    assert list(mask.columns) == TOPK_MASK_COLUMNS
     assert mask["set"].unique().tolist() == ["top", "random_k", "bottom_k"]
     key = ["tensor", "flat_index"]
     parts = {name: part.reset_index(drop=True) for name, part in mask.groupby("set")}

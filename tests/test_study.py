@@ -16,7 +16,8 @@ from conftest import snakemake
 from esa.candidates import build_candidates
 from esa.data import draw_calibration, read_windows
 from esa.models import load_model, source_from_ref
-from esa.names import METRICS, TABLE_COLUMNS
+from esa.metrics import METRICS
+from esa.names import TABLE_COLUMNS
 from esa.published import PUBLISHED_COLUMNS
 from esa.scores import compute_scores
 from esa.selection import select_topk
@@ -194,6 +195,40 @@ def test_plots_are_written(study):
         assert (plots / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _snakemake_report_data(page: str, name: str):
+    """The JSON object Snakemake's report page assigns to ``var <name>``."""
+    import re
+
+    start = re.search(rf"var {name} = (?=\{{)", page).end()
+    return json.JSONDecoder().raw_decode(page, start)[0]
+
+
+def test_snakemake_report_holds_the_flagged_figures_and_the_study_page(study):
+    """`snakemake --report` on the finished study: every output flagged with report() (the Phase 2
+    figures of rule plots, the study page of rule report), in its category, with its caption."""
+    import base64
+
+    workdir, config, _ = study
+    result = snakemake(workdir, config, "--report", str(workdir / "report.html"))
+    assert result.returncode == 0, result.stdout[-3000:]
+    page = (workdir / "report.html").read_text(encoding="utf-8")
+    results, categories = (_snakemake_report_data(page, name) for name in ("results", "categories"))
+    figures = {str(path.relative_to(workdir)) for path in workdir.glob("results/tiny/plots/*/*/seed*/*.png")}
+    index = "results/tiny/report/index.html"
+    assert len(figures) == 2 * 4 and set(results) == figures | {index}  # 2 figures x 4 experiments (first seed)
+    assert {name: sorted(files) for name, files in ((c, sum(g.values(), [])) for c, g in categories.items())} == {
+        "Scores": sorted(f for f in figures if f.endswith("distribution.png")),
+        "Hotspots": sorted(f for f in figures if f.endswith("hotspots.png")), "Report": [index]}
+    for path in figures:
+        assert results[path]["job_properties"]["rule"] == "plots"
+    figure = results["results/tiny/plots/hutchinson_diag/global_k30/seed0/hotspots.png"]
+    assert figure["caption"] == "<p>ESA Phase 2 figure of hutchinson_diag (global, k=30, seed 0).</p>\n"
+    study_page = results[index]
+    assert study_page["job_properties"]["rule"] == "report" and "The ESA study page" in study_page["caption"]
+    embedded = base64.b64decode(study_page["data_uri"].split("base64,", 1)[1])
+    assert embedded == (workdir / index).read_bytes()
+
+
 def test_rerun_is_a_noop_and_identical(study):
     workdir, config, _ = study
     dry = snakemake(workdir, config, "-n")
@@ -316,8 +351,9 @@ def test_changing_the_calibration_sample_size_rescores(study):
 
 def test_changing_esa_code_reruns_the_rules_that_run_it(study, tmp_path):
     """A copy of the workflow whose esa/scores.py docstring and comments, then esa/names.py (a new
-    constant), then the code of esa/stability.py and of esa/selection.py are edited. Before: the
-    new constant in esa/names.py reran 16 of the 19 steps, baseline and scores included."""
+    constant), then the code of esa/stability.py, esa/selection.py, the Hutchinson metric and two
+    phases' paths in esa/layout.py are edited. Before: the new constant in esa/names.py reran 16
+    of the 19 steps, baseline and scores included; a Hutchinson edit rescored every metric."""
     import shutil
 
     workdir, config, _ = study
@@ -343,12 +379,32 @@ def test_changing_esa_code_reruns_the_rules_that_run_it(study, tmp_path):
     with open(copy / "esa/names.py", "a") as handle:  # new code no step uses yet
         handle.write('\nNEW_KIND = ("a", "b")\n')
     assert dry_run() == {}
+
+    def dry_run_edited(path, old, new):
+        """The dry run with one edit of ``path`` (undone afterwards)."""
+        source = copy / path
+        text = source.read_text()
+        assert old in text
+        source.write_text(text.replace(old, new, 1))
+        try:
+            return dry_run()
+        finally:
+            source.write_text(text)
+
     # a second binding of a function is an edit of its code (a no-op one)
-    with open(copy / "esa/stability.py", "a") as handle:
-        handle.write("\njaccard = jaccard\n")
-    assert dry_run() == {"stability": 4, "agreement": 3, "report": 1}
-    with open(copy / "esa/selection.py", "a") as handle:
-        handle.write("\n_select = _select\n")
-    jobs = dry_run()
+    assert dry_run_edited("esa/stability.py", "\ndef jaccard", "\njaccard = None\n\n\ndef jaccard") == {
+        "stability": 4, "agreement": 3, "report": 1}
+    jobs = dry_run_edited("esa/selection.py", "\ndef _select", "\n_select = None\n\n\ndef _select")
     assert jobs["topk"] > 0 and jobs["perturb"] == 2
     assert not any(rule.startswith("scores") for rule in jobs) and "baseline" not in jobs
+    # the Hutchinson code: its scores and what follows them, no other metric's (before: all three
+    # scores jobs shared one code version)
+    jobs = dry_run_edited("esa/metrics/hutchinson_diag.py", "\ndef rademacher",
+                          "\nrademacher = None\n\n\ndef rademacher")
+    assert jobs == {"scores_hutchinson": 2, "topk": 6, "plots": 1, "stability": 1, "agreement": 3, "perturb": 1,
+                    "confirm": 1, "culprits": 1, "mechanism": 1, "published": 1, "quantize": 1, "report": 1}
+    # one phase's path in esa/layout.py: that phase and what reads it
+    assert dry_run_edited("esa/layout.py", '/stability/{metric}', '/stability-moved/{metric}') == {
+        "stability": 4, "report": 1}
+    assert dry_run_edited("esa/layout.py", '/perturb/{metric}', '/perturb-moved/{metric}') == {
+        "perturb": 2, "report": 1}

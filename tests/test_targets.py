@@ -32,7 +32,8 @@ def test_include_adds_outside_weights_exclude_removes(tiny_llama):
 
 
 def test_unmatched_pattern_names_pattern_and_examples(tiny_llama):
-    with pytest.raises(ValueError, match=r"'wo_proj' matches no weight matrix.*model\.layers\.0\.mlp\.down_proj\.weight"):
+    named = r"'wo_proj' matches no weight matrix.*model\.layers\.0\.mlp\.down_proj\.weight"
+    with pytest.raises(ValueError, match=named):
         find_targets(tiny_llama, include=["wo_proj"])
     with pytest.raises(ValueError, match="matches no weight matrix"):
         find_targets(tiny_llama, exclude=["norm"])  # norms are 1-D

@@ -19,6 +19,7 @@ from esa.models import materialize
 from esa.perturb import run_perturbations
 from esa.score_stats import build_stats
 from esa.model_steps import step_baseline
+from esa.step_specs import typed_spec
 from esa.results import ExperimentData
 from esa.targets import Target
 from esa.verdicts import (DEFAULT_THRESHOLDS, agreement_verdicts, baseline_verdict, compute_verdicts,
@@ -253,10 +254,11 @@ def test_baseline_metrics_record_the_vocabulary_size(tmp_path):
     materialize(str(model_dir), tmp_path / "model")
     write_parquet_atomic(windows_frame(np.arange(24, dtype=np.int32).reshape(2, 12)), tmp_path / "eval.parquet")
     spec = {"model": str(model_dir), "device": "cpu", "dtype": "fp32", "attn_implementation": "eager",
-            "device_map": None, "loss_chunk": 256, "batch_size": 2}
-    step_baseline(spec, model=str(tmp_path / "model/model.json"), eval=str(tmp_path / "eval.parquet"),
-                  metrics=str(tmp_path / "metrics.json"), windows=str(tmp_path / "windows.parquet"),
-                  manifest=str(tmp_path / "manifest.json"), config=str(tmp_path / "config.json"))
+            "device_map": None, "loss_chunk": 256, "batch_size": 2, "data": {"source": "unigram"}}
+    step_baseline(typed_spec("baseline", spec), model=str(tmp_path / "model/model.json"),
+                  eval=str(tmp_path / "eval.parquet"), metrics=str(tmp_path / "metrics.json"),
+                  windows=str(tmp_path / "windows.parquet"), manifest=str(tmp_path / "manifest.json"),
+                  config=str(tmp_path / "config.json"))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["vocab_size"] == 80 and metrics["windows"] == 2
 
