@@ -36,8 +36,15 @@ def plot_delta_ppl(results: pd.DataFrame, path: str | Path, title: str) -> None:
     order = [s for s in SETS if s in set(data["set"])]
     several = data["perturbation"].nunique() > 1  # seaborn cannot dodge a single hue level
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    sns.stripplot(data=data, x="set", y="dPPL", hue="perturbation", order=order, dodge=several,
-                  size=8, jitter=0.15, ax=ax)
+    # seaborn jitters with numpy's global generator: a fixed seed makes the figure (and the
+    # report page holding it) the same bytes on every run; the caller's state is put back
+    state = np.random.get_state()
+    np.random.seed(0)
+    try:
+        sns.stripplot(data=data, x="set", y="dPPL", hue="perturbation", order=order, dodge=several,
+                      size=8, jitter=0.15, ax=ax)
+    finally:
+        np.random.set_state(state)
     # the median, unlike the mean, is not dragged by a destroyed run drawn at the ceiling
     sns.pointplot(data=data, x="set", y="dPPL", hue="perturbation", order=order,
                   dodge=0.4 if several else False, estimator="median", errorbar=None, markers="_",

@@ -9,6 +9,7 @@ import shutil
 import struct
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -407,3 +408,18 @@ def test_summary_counts_a_weight_several_metrics_rank_once(tmp_path):
     assert "super weights: 1 confirmed of 2 tested" in lines
     assert ("  model.layers.1.mlp.down_proj.weight[3, 7]  w=-2.5  PPL 10 -> 40 (x4)  "
             "top-N of grad_x_weight, activation_magnitude") in lines
+
+
+def test_the_delta_ppl_figure_is_the_same_bytes_on_every_run(tmp_path):
+    """Before: seaborn's jitter drew from numpy's unseeded global generator, so two identical
+    runs wrote different PNGs (and report pages); the caller's generator state is kept."""
+    from esa.report_plots import plot_delta_ppl
+
+    results = pd.DataFrame({"set": ["top", "top", "random_k", "random_k"], "perturb": "zero", "scale": 1.0,
+                            "seed": [0, 1, 0, 1], "delta_ppl": [5.0, 7.0, 0.1, 0.2]})
+    np.random.seed(123)
+    expected_next = np.random.RandomState(123).uniform()
+    plot_delta_ppl(results, tmp_path / "a.png", "t")
+    assert np.random.uniform() == expected_next
+    plot_delta_ppl(results, tmp_path / "b.png", "t")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
