@@ -5,9 +5,9 @@ For each confirmed super weight w = W[row, col] (:mod:`esa.confirm`'s ``confirme
 distinct (tensor, flat_index)), every edit is measured by :class:`esa.damage.DamageMeter`
 from the weight's own decoder layer on (``DAMAGE_COLUMNS``), and undone bit-exactly:
 
-- Scale sweep: ``w <- s * w`` for each s of ``scales``. s = 0 is ``esa.perturb``'s ``zero``
-  (exactly confirm's ablation), any other s its ``sign_flip`` with scale -s (sign_flip writes
-  ``-scale * w``). A scale that leaves w's value as it is (s = 1) is the baseline's row.
+- Scale sweep: ``w <- s * w`` for each s of ``scales``, ``esa.perturb``'s ``scale`` (s = 0
+  writes exactly what confirm's ``zero`` ablation writes). A scale that leaves w's value as it
+  is (s = 1) is the baseline's row.
 - Massive-activation restore (Yu et al. 2024, "The Super Weight in Large Language Models",
   arXiv:2411.07191, super activations), only for a weight of an MLP output projection P
   (:func:`esa.architecture.mlp_output_projections`: down_proj, fc2, c_proj, an expert stack's
@@ -45,7 +45,7 @@ from .confirm import WEIGHT_KEY
 from .damage import DAMAGE_COLUMNS, Baseline, Bootstrap, DamageMeter
 from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK
-from .names import MATCHED_CONTROL, SIGN_FLIP, SUPER_WEIGHTS, ZERO
+from .names import MATCHED_CONTROL, SCALE, SUPER_WEIGHTS, ZERO
 from .perturb import first_changed_layer_of, perturbed
 from .targets import find_targets, target_parameter
 
@@ -100,9 +100,6 @@ def _selection(tensor: str, flat_indices) -> pd.DataFrame:
     return pd.DataFrame({"tensor": tensor, "flat_index": np.asarray(flat_indices, dtype=np.int64)})
 
 
-def _scaled(model: torch.nn.Module, selection: pd.DataFrame, scale: float):
-    """``w <- scale * w`` on the selection: zero for 0 (exactly), else sign_flip's ``-(-scale) * w``."""
-    return perturbed(model, selection, ZERO) if scale == 0 else perturbed(model, selection, SIGN_FLIP, -scale)
 
 
 def _projections(model: torch.nn.Module) -> dict[int, tuple[str, torch.nn.Module]]:
@@ -207,7 +204,7 @@ def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, 
         key = {"tensor": w.tensor, "flat_index": w.flat_index, "row": w.row, "col": w.col, "layer": w.layer,
                "weight": w.weight}
         for scale in scales:
-            with _scaled(model, selection, scale) as info:
+            with perturbed(model, selection, SCALE, scale) as info:
                 measured = meter.measure(start) if info.n_changed else meter.unchanged()
             sweep.append({**key, "scale": float(scale), **measured})
         restore.append({**key, "module": w.module,

@@ -27,8 +27,8 @@ SETS = (TOP, *CONTROLS)
 END_TOP, END_BOTTOM = "top", "bottom"
 ENDS = (END_TOP, END_BOTTOM)
 
-ZERO, SIGN_FLIP, GAUSSIAN = "zero", "sign_flip", "gaussian"
-PERTURBATIONS = (ZERO, SIGN_FLIP, GAUSSIAN)
+ZERO, SIGN_FLIP, GAUSSIAN, SCALE = "zero", "sign_flip", "gaussian", "scale"
+PERTURBATIONS = (ZERO, SIGN_FLIP, GAUSSIAN, SCALE)
 RELATIVE, ABSOLUTE, TENSOR_STD = "relative", "absolute", "tensor_std"
 NOISE_MODES = (RELATIVE, ABSOLUTE, TENSOR_STD)
 # the perturbations whose damage a culprit search (esa.culprits) can split: deterministic ones

@@ -4,6 +4,7 @@ For each selected weight w (one entry of a weight matrix W):
 
     zero        w <- 0
     sign_flip   w <- -scale * w
+    scale       w <- scale * w                      (scale 0 is zero's +0, exactly)
     gaussian    w <- w + scale * |w| * eps          (noise: relative, the default)
                 w <- w + scale * eps                (noise: absolute)
                 w <- w + scale * std(W) * eps       (noise: tensor_std)
@@ -34,7 +35,7 @@ from .architecture import is_transposed, split_expert, storage_index
 from .damage import DAMAGE_COLUMNS, Baseline, Bootstrap, DamageMeter
 from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK
-from .names import ABSOLUTE, NOISE_MODES, PERTURBATIONS, RELATIVE, SETS, SIGN_FLIP, ZERO
+from .names import ABSOLUTE, GAUSSIAN, NOISE_MODES, PERTURBATIONS, RELATIVE, SCALE, SETS, SIGN_FLIP, ZERO
 from .replay import first_changed_layer
 
 RESULT_COLUMNS = ["set", "seed", "n_weights", "perturb", "scale", "noise", *DAMAGE_COLUMNS, "evaluated"]
@@ -117,13 +118,20 @@ def _groups(model: torch.nn.Module, selection: pd.DataFrame) -> list[tuple[str, 
     return groups
 
 
-def _new_values(kind: str, w: torch.Tensor, param: torch.Tensor, scale: float, noise: str,
-                generator: torch.Generator) -> torch.Tensor:
-    """Perturbed values (fp32) of the selected entries ``w`` (fp32) of ``param``."""
-    if kind == ZERO:
-        return torch.zeros_like(w)
-    if kind == SIGN_FLIP:
-        return -scale * w
+def _zeroed(w: torch.Tensor, param: torch.Tensor, scale: float, noise: str, generator) -> torch.Tensor:
+    return torch.zeros_like(w)
+
+
+def _sign_flipped(w: torch.Tensor, param: torch.Tensor, scale: float, noise: str, generator) -> torch.Tensor:
+    return -scale * w
+
+
+def _scaled(w: torch.Tensor, param: torch.Tensor, scale: float, noise: str, generator) -> torch.Tensor:
+    return torch.zeros_like(w) if scale == 0 else scale * w  # +0, as zero writes, not -0 for w < 0
+
+
+def _noised(w: torch.Tensor, param: torch.Tensor, scale: float, noise: str,
+            generator: torch.Generator) -> torch.Tensor:
     eps = torch.randn(w.numel(), generator=generator, dtype=torch.float32).to(w.device)
     if noise == RELATIVE:
         spread = scale * w.abs()
@@ -132,6 +140,10 @@ def _new_values(kind: str, w: torch.Tensor, param: torch.Tensor, scale: float, n
     else:
         spread = scale * param.detach().float().std(correction=0)
     return w + spread * eps
+
+
+# each perturbation's new values (fp32) of the selected entries w (fp32) of param
+NEW_VALUES = {ZERO: _zeroed, SIGN_FLIP: _sign_flipped, GAUSSIAN: _noised, SCALE: _scaled}
 
 
 def _restore(touched: list[_Touched]) -> None:
@@ -170,7 +182,7 @@ def perturbed(model: torch.nn.Module, selection: pd.DataFrame, kind: str, scale:
                 flat = _flat(param)
                 index = torch.from_numpy(index).to(flat.device)
                 original = flat[index]  # advanced indexing copies
-                new = _new_values(kind, original.float(), param, scale, noise, generator)
+                new = NEW_VALUES[kind](original.float(), param, scale, noise, generator)
                 flat.index_put_((index,), new.to(flat.dtype))
                 touched.append(_Touched(name, param, index, original, flat[index]))
         yield PerturbationInfo(n_weights=sum(len(t.index) for t in touched), n_tensors=len(touched),

@@ -14,7 +14,8 @@ from esa.perturb import RESULT_COLUMNS, perturbed, run_perturbations
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CASES = [("zero", 1.0, "relative"), ("sign_flip", 1.0, "relative"), ("sign_flip", 3.0, "relative"),
-         ("gaussian", 0.5, "relative"), ("gaussian", 0.5, "absolute"), ("gaussian", 0.5, "tensor_std")]
+         ("gaussian", 0.5, "relative"), ("gaussian", 0.5, "absolute"), ("gaussian", 0.5, "tensor_std"),
+         ("scale", 0.5, "relative"), ("scale", 2.0, "relative")]
 TENSORS = ["model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "lm_head.weight"]
 
 
@@ -65,6 +66,8 @@ def test_exactly_the_selected_entries_change_by_the_formula(kind, scale, noise):
             new = torch.zeros_like(w)
         elif kind == "sign_flip":
             new = -scale * w
+        elif kind == "scale":
+            new = scale * w
         else:
             eps = torch.randn(len(index), generator=generator)
             spread = {"relative": scale * w.abs(), "absolute": scale,
@@ -113,6 +116,19 @@ def test_tampering_with_a_touched_entry_raises_and_still_restores():
     assert_bit_identical(model, before)
 
 
+def test_scale_zero_writes_the_bits_zero_writes():
+    """The mechanism's scale sweep at s = 0 is confirm's ablation bit for bit: +0, never the -0
+    that 0 * w gives for a negative w."""
+    model = make_tiny_llama()
+    sel = selection(model)
+    with perturbed(model, sel, "zero"):
+        zeroed = snapshot(model)
+    with perturbed(model, sel, "scale", 0.0):
+        scaled = snapshot(model)
+    for name in zeroed:
+        assert torch.equal(zeroed[name].view(torch.int32), scaled[name].view(torch.int32)), name
+
+
 def test_a_failure_inside_the_context_still_restores():
     model = make_tiny_llama()
     before = snapshot(model)
@@ -122,7 +138,7 @@ def test_a_failure_inside_the_context_still_restores():
     assert_bit_identical(model, before)
 
 
-@pytest.mark.parametrize("kwargs,allowed", [({"kind": "flip"}, "zero, sign_flip, gaussian"),
+@pytest.mark.parametrize("kwargs,allowed", [({"kind": "flip"}, "zero, sign_flip, gaussian, scale"),
                                             ({"kind": "gaussian", "noise": "uniform"},
                                              "relative, absolute, tensor_std")])
 def test_unknown_perturbation_or_noise_lists_allowed_values(kwargs, allowed):
