@@ -13,7 +13,6 @@ Hutchinson probes; the calibration sample is the caller's (draw it from the same
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,9 +26,6 @@ from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK, batches
 from .names import PRODUCT, WEIGHTINGS
 from .targets import Target, target_parameter
-
-log = logging.getLogger(__name__)
-
 
 class ScoreView(Mapping):
     """``score[tensor]`` computed on access from ``stat`` and the weight, so a full-size score

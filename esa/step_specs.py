@@ -1,7 +1,7 @@
 """What each workflow step takes, typed: one frozen dataclass per step of
-:data:`esa.step_table.STEPS`, with exactly the keys its rule sends as ``--spec`` (the ``spec``
-helpers of ``rules/common.smk`` and the rules' ``params``). Torch-free: ``esa run`` parses the
-spec before it imports the step.
+:data:`esa.step_table.STEPS`, with exactly the keys its rule sends as ``--spec`` (its
+``<step>_spec`` in ``rules/specs.smk``; ``ModelRun`` is ``runtime_spec``, ``Evaluation``
+``evaluation_spec``). Torch-free: ``esa run`` parses the spec before it imports the step.
 
 :func:`parse_spec` checks the JSON against the step's class before the step runs: a missing
 key, an unknown key or a value of the wrong type ends as one ``esa: error: <step> spec: ...``
@@ -33,7 +33,7 @@ class Spec:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelRun(Spec):
-    """``runtime_spec``: which model, where, in which precision, how the loss is chunked."""
+    """Which model, where, in which precision, how the loss is chunked."""
     model: str
     device: str
     dtype: str

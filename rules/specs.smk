@@ -34,6 +34,13 @@ def runtime_spec(model, **params):
     return spec(model=SOURCES[model], **{k: config[k] for k in keys}, **deterministic, **params)
 
 
+def evaluation_spec(model, **params):
+    """A step that measures damage against the baseline: its batches and dPPL intervals too."""
+    return runtime_spec(
+        model, batch_size=config["baseline"]["batch_size"], bootstrap=config["bootstrap"], **params
+    )
+
+
 def scores_spec(job):
     """What a scores job depends on: the model, the calibration pool, the metric(s), the seed."""
     metrics = list(SCORE_JOBS[job])
@@ -72,46 +79,38 @@ def baseline_spec(wildcards):
 
 def perturb_spec(wildcards):
     e = perturb_params(wildcards)
-    return runtime_spec(
+    return evaluation_spec(
         wildcards.model,
         **{key: e[key] for key in ("perturb", "scale", "noise", "controls", "seeds")},
-        batch_size=config["baseline"]["batch_size"],
-        bootstrap=config["bootstrap"],
     )
 
 
 def confirm_spec(wildcards):
-    return runtime_spec(
+    return evaluation_spec(
         wildcards.model,
         metrics=LAYOUT.scored_metrics(),
         seed=LAYOUT.confirm_seed(),
         top_n=config["confirm"]["top_n"],
         factor=config["confirm"]["factor"],
-        batch_size=config["baseline"]["batch_size"],
-        bootstrap=config["bootstrap"],
     )
 
 
 def mechanism_spec(wildcards):
-    return runtime_spec(
+    return evaluation_spec(
         wildcards.model,
         scales=config["mechanism"]["scales"],
         massive_fraction=config["mechanism"]["massive_fraction"],
-        batch_size=config["baseline"]["batch_size"],
-        bootstrap=config["bootstrap"],
     )
 
 
 def quantize_spec(wildcards):
-    return runtime_spec(
+    return evaluation_spec(
         wildcards.model,
         schemes=config["quantize"]["schemes"],
         protect=config["quantize"]["protect"],
         metrics=LAYOUT.quantize_metrics(),
         seed=config["quantize"]["seed"],
         targets=config["scoring"]["targets"],
-        batch_size=config["baseline"]["batch_size"],
-        bootstrap=config["bootstrap"],
     )
 
 
@@ -163,7 +162,7 @@ def culprit_spec(wildcards):
     """What a culprit search depends on: the experiment's perturbation, its mask's seed, the
     confirm factor that makes a group destructive, the budget."""
     e = EXPERIMENTS[wildcards.experiment]
-    return runtime_spec(
+    return evaluation_spec(
         wildcards.model,
         experiment=wildcards.experiment,
         seed=LAYOUT.culprit_seed(wildcards.experiment),
@@ -172,8 +171,6 @@ def culprit_spec(wildcards):
         factor=config["confirm"]["factor"],
         budget=config["culprits"]["budget"],
         min_group=config["culprits"]["min_group"],
-        batch_size=config["baseline"]["batch_size"],
-        bootstrap=config["bootstrap"],
     )
 
 
