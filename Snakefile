@@ -6,6 +6,7 @@ import sys
 from snakemake.utils import min_version
 
 sys.path.insert(0, workflow.basedir)
+from esa.layout import KEY_PATTERN
 from esa.metrics import METRICS
 from esa.names import DATA_PARTS, MODES, alternatives
 
@@ -13,10 +14,10 @@ min_version("8.0")
 
 
 include: "rules/common.smk"
-include: "rules/specs.smk"
 
 
 wildcard_constraints:
+    key=KEY_PATTERN,
     seed=r"\d+",
     group=r"\d+",
     k=r"\d+",
@@ -45,7 +46,7 @@ onsuccess:
     from esa.summary import summary_text
 
     done = [
-        LAYOUT.of(m).root
+        os.path.dirname(LAYOUT.of(m).report_files()["verdicts"])
         for m in LAYOUT.models
         if os.path.exists(LAYOUT.of(m).report_files()["verdicts"])
     ]

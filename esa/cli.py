@@ -50,6 +50,23 @@ def check_configs(files: list[str]) -> str:
     return f"config ok: models {models}; {len(config['experiments'])} experiments; seeds {config['seeds']}"
 
 
+def job_paths(step: str, items: list[str], files: list[str], model: str | None) -> list[str]:
+    """The output paths of one job of ``step`` under the config Snakemake reads from ``files``
+    (the key included: results are keyed by what they depend on, esa/layout.py)."""
+    from functools import reduce
+
+    from .config import deep_update, read_config_file, study_config
+    from .layout import Layout
+
+    wildcards = dict(item.partition("=")[::2] for item in items)
+    if any(not name or not value for name, value in wildcards.items()):
+        raise ESAError(f"expected name=value, got {' '.join(items)!r}")
+    layout = Layout(study_config(reduce(deep_update, map(read_config_file, files), {}), files))
+    if model is not None and model not in layout.models:
+        raise ESAError(f"model {model!r} is not in the study; allowed: {', '.join(layout.models)}")
+    return list(layout.of(model or layout.models[0]).outputs(step, **wildcards).values())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esa", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate config files as the workflow reads them (later files over "
                                          "earlier ones, like --configfile A B)")
     check.add_argument("configfiles", nargs="+", metavar="configfile")
+    path = sub.add_parser("path", help="the files one job of a step writes under a config, e.g. "
+                                       "esa path protect_mask metric=grad_x_weight k=100")
+    path.add_argument("step")
+    path.add_argument("wildcards", nargs="*", metavar="name=value", help="the job's wildcards (metric, seed, ...)")
+    path.add_argument("--configfile", nargs="+", default=[], help="the config files Snakemake is given "
+                                                                  "(default: the embedded config/config.yaml)")
+    path.add_argument("--model", default=None, help="one of the study's models (default: the first)")
     summary = sub.add_parser("summary", help="one-screen summary of each model's results directory")
     summary.add_argument("results_dirs", nargs="+", metavar="results_dir", help="e.g. results/smollm2-135m")
     return parser
@@ -78,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             step_function(args.step)(spec, **_paths(args.paths + extra))
         elif args.command == "check":
             print(check_configs(args.configfiles))
+        elif args.command == "path":
+            print("\n".join(job_paths(args.step, args.wildcards, args.configfile, args.model)))
         else:
             from .summary import summary_text
 

@@ -1,9 +1,19 @@
-"""Where every workflow output lives, and which outputs each experiment needs.
+"""Where every workflow output lives, what each step reads, and which outputs each experiment needs.
 
 This module is the one place a result path is written down: the rules, the runbook scripts
-and ``esa summary`` all ask :class:`Layout`. Path patterns keep Snakemake wildcards in braces
+and the tests all ask :class:`Layout`. Path patterns keep Snakemake wildcards in braces
 (``{metric}``, ``{seed}``...) until a caller fills them; a method called with values returns
 concrete paths.
+
+Results are content-addressed, so that studies with different configs share one project:
+each step's files lie in a directory named by the step's *key*, the first 10 hex digits of
+the SHA-256 of its spec (``esa.specs``: what its outputs depend on besides its inputs) and of
+its input paths, which hold the keys of the steps before it. Two configs that agree on what a
+step depends on name the same directory and reuse it; where they differ they write side by
+side (``results/tiny/scores/grad_x_weight/seed0/<key>/``). A pattern's key is the ``{key}``
+wildcard; the rule that fills it checks that the key is the one its config computes
+(:meth:`Layout.job_spec`), so a path of another config is never rebuilt with this one's spec.
+The code a step runs is not in its key: an edit reruns the step in place (``esa.provenance``).
 
 A step takes its files as named paths. A collection (one mask per seed, one candidates file
 per metric) travels as keys joined by ``KEY_SEP`` (``masks/0=...``, ``masks/1=...``), which
@@ -13,14 +23,21 @@ experiment, metric or seed name.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 from collections.abc import Mapping
 
 from .config import study_models
+from .devices import resolve_auto
 from .errors import ESAError
-from .metrics import METRICS, REGISTRY, TRACE_METRIC
+from .metrics import METRICS, REGISTRY, SCORE_JOBS, TRACE_METRIC
 from .names import COMPARISON, GAUSSIAN, RELATIVE
+from .specs import spec_json, step_spec
 
 KEY_SEP = "/"
+KEY = "{key}"  # the key of a pattern: a wildcard the rule's job fills
+KEY_PATTERN = r"[0-9a-f]{10}"
+STUDY_STEPS = ("comparison",)  # steps of the whole study, not of one model
 
 BASELINE_FILES = {"metrics": "metrics.json", "windows": "windows.parquet",
                   "manifest": "experiment_manifest.json", "config": "config.json"}
@@ -32,7 +49,7 @@ PERTURB_FILES = {"results": "results.parquet", "manifest": "experiment_manifest.
 STABILITY_FILES = {"pairs": "pairs.parquet", "summary": "summary.json"}
 CONFIRM_FILES = {"super_weights": "super_weights.parquet", "super_experts": "super_experts.parquet",
                  "activations": "activations.parquet", "rerun": "baseline_rerun.json"}
-REPORT_FILES = {"verdicts": "verdict.json", "index": "index.html", "plots": "plots"}
+REPORT_FILES = {"verdicts": "verdict.json", "index": "index.html", "plots": "plots", "inputs": "inputs.json"}
 CULPRIT_FILES = {"culprits": "culprits.parquet", "search": "search.parquet", "summary": "summary.json"}
 MECHANISM_FILES = {"sweep": "sweep.parquet", "restore": "restore.parquet", "control": "control.parquet"}
 PUBLISHED_FILES = {"matches": "matches.parquet"}
@@ -89,104 +106,258 @@ def _in(directory: str, files: Mapping[str, str]) -> dict[str, str]:
 
 
 class Layout:
-    """Output paths of a study's results directories, and the files each experiment needs.
+    """Output paths of a study's results, what each step reads, and the files each experiment needs.
 
-    ``Layout(config)`` gives patterns with a ``{model}`` wildcard (``results/{model}/...``),
-    ``Layout(config).of(name)`` the paths of one model, ``Layout(root=DIR)`` the paths inside
-    an existing results directory (no experiments).
+    ``Layout(config)`` gives patterns with ``{model}`` and ``{key}`` wildcards
+    (``results/{model}/...``), ``Layout(config).of(name)`` the paths of one model. ``device``:
+    the config's ``device`` with ``auto`` resolved (``esa.devices``); by default resolved on
+    this machine.
     """
 
-    def __init__(self, config: dict | None = None, *, root: str | None = None, model: str = "{model}"):
-        self.config = config or {}
+    def __init__(self, config: dict, *, model: str = "{model}", device: str | None = None,
+                 _keys: dict | None = None):
+        self.config = config
         self.model = model
-        self.models = [m["name"] for m in study_models(self.config)] if self.config else []
-        self.root = root if root is not None else f"results/{model}"
+        self.sources = {m["name"]: m["source"] for m in study_models(config)}
+        self.models = list(self.sources)
+        self.root = f"results/{model}"
         self.logs = f"logs/{model}"
-        self.experiments = {e["name"]: {"seeds": self.config["seeds"], **e}
-                            for e in self.config.get("experiments", [])}
+        self.experiments = {e["name"]: {"seeds": config["seeds"], **e} for e in config.get("experiments", [])}
+        self.device = device or resolve_auto(config["device"])
+        self.split = config["scoring"]["layer_groups"] > 1
+        self._keys = {} if _keys is None else _keys  # shared by every of(): (model, step, wildcards) -> key
 
     def of(self, model: str) -> Layout:
         """The paths of one model of the study."""
-        return Layout(self.config, model=model)
+        return Layout(self.config, model=model, device=self.device, _keys=self._keys)
 
-    def comparison(self) -> str:
-        """The page comparing the study's models side by side."""
-        return f"results/{COMPARISON}/index.html"
+    def source(self) -> str:
+        """The model's source (call on ``of(model)``)."""
+        return self.sources[self.model]
+
+    # ---- keys ----------------------------------------------------------------------------
+    def key(self, step: str, **wildcards) -> str:
+        """The key of one job of ``step``: a hash of its spec and its input paths; ``{key}``
+        when the job is a pattern (a wildcard in braces, or the ``{model}`` layout)."""
+        values = {name: str(value) for name, value in wildcards.items() if value is not None}
+        model = "" if step in STUDY_STEPS else self.model
+        if "{" in model or any("{" in value for value in values.values()):
+            return KEY
+        memo = (model, step, tuple(sorted(values.items())))
+        if memo not in self._keys:
+            inputs = flatten_paths(self.inputs(step, **values))
+            text = spec_json({"step": step, "spec": step_spec(self, step, **values), "inputs": inputs})
+            self._keys[memo] = hashlib.sha256(text.encode()).hexdigest()[:10]
+        return self._keys[memo]
+
+    def job_spec(self, step: str, key: str, **wildcards) -> str:
+        """The ``--spec`` JSON of the job whose output paths hold ``key``, which must be the key
+        this config computes for it (a path of another config is not rebuilt with this one)."""
+        expected = self.key(step, **wildcards)
+        if key != expected:
+            raise ESAError(f"{step} results directory {key} is not this config's ({expected}): results are "
+                           f"keyed by what they depend on (esa/layout.py); ask for the files of this config")
+        return spec_json(step_spec(self, step, **wildcards))
+
+    def _dir(self, path: str, step: str, **wildcards) -> str:
+        return f"{self.root}/{path}/{self.key(step, **wildcards)}"
 
     # ---- one path (pattern) per output -------------------------------------------------
+    def comparison(self, key: str | None = None) -> str:
+        """The page comparing the study's models side by side (``key``: ``KEY`` for the pattern)."""
+        return f"results/{COMPARISON}/{key or self.key(COMPARISON)}/index.html"
+
     @property
     def model_ref(self) -> str:
-        return f"{self.root}/model/model.json"
+        return f"{self._dir('model', 'model')}/model.json"
 
     def data_files(self, part: str = "{part}") -> dict[str, str]:
         """Windows of one part (calib | eval) and their summary."""
-        return {"windows": f"{self.root}/data/{part}.parquet", "summary": f"{self.root}/data/{part}.json"}
+        base = self._dir(f"data/{part}", "data", part=part)
+        return {"windows": f"{base}/windows.parquet", "summary": f"{base}/summary.json"}
 
     def baseline_files(self) -> dict[str, str]:
-        return _in(f"{self.root}/baseline", BASELINE_FILES)
+        return _in(self._dir("baseline", "baseline"), BASELINE_FILES)
+
+    @staticmethod
+    def _job(metric: str) -> str:
+        """The scores job of a metric (a pattern stays a pattern)."""
+        return metric if "{" in metric else REGISTRY[metric].job
 
     def scores_dir(self, metric: str = "{metric}", seed="{seed}", part=None) -> str:
-        base = f"{self.root}/scores/{metric}/seed{seed}"
-        return base if part is None else f"{base}/part{part}"
+        """One metric's scores of one seed; ``part``: one layer group's, before they are merged."""
+        job = self._job(metric)
+        if part is not None:
+            return self._dir(f"scores/{metric}/seed{seed}/part{part}", "scores", job=job, seed=seed, group=part)
+        return self._dir(f"scores/{metric}/seed{seed}", "merge_scores" if self.split else "scores", job=job, seed=seed)
 
-    def score_files(self, metric: str = "{metric}", seed="{seed}", part=None, *,
-                    activations: bool = False, full_scores: bool = False) -> dict[str, str]:
-        """Candidates, stats and manifest of one scores job's metric (plus the optional files)."""
+    def score_files(self, metric: str = "{metric}", seed="{seed}", part=None) -> dict[str, str]:
+        """Candidates, stats and manifest of one scores job's metric, with the files the config
+        adds: the massive-activation trace of the trace metric, the full scores when saved."""
         files = dict(SCORE_FILES)
-        if activations:
+        if metric == TRACE_METRIC:
             files["activations"] = ACTIVATIONS_FILE
-        if full_scores:
+        if self.config["scoring"]["save_full_scores"]:
             files["full_scores"] = FULL_SCORES_FILE
         return _in(self.scores_dir(metric, seed, part), files)
 
+    def score_job_files(self, job: str, seed="{seed}", part=None) -> dict[str, dict[str, str]]:
+        """metric -> files of one scores job (a layer-group part of them when ``part`` is given)."""
+        return {metric: self.score_files(metric, seed, part) for metric in SCORE_JOBS[job]}
+
     def mask(self, metric="{metric}", mode="{mode}", k="{k}", seed="{seed}") -> str:
-        return f"{self.root}/topk/{metric}/{mode}_k{k}/seed{seed}/mask.parquet"
+        w = {"metric": metric, "mode": mode, "k": k, "seed": seed}
+        return f"{self._dir(f'topk/{metric}/{mode}_k{k}/seed{seed}', 'topk', **w)}/mask.parquet"
 
     def plot_files(self, metric="{metric}", mode="{mode}", k="{k}", seed="{seed}") -> dict[str, str]:
-        return _in(f"{self.root}/plots/{metric}/{mode}_k{k}/seed{seed}", PLOT_FILES)
+        w = {"metric": metric, "mode": mode, "k": k, "seed": seed}
+        return _in(self._dir(f"plots/{metric}/{mode}_k{k}/seed{seed}", "plots", **w), PLOT_FILES)
 
     def activation_plot(self, seed="{seed}") -> str:
-        return f"{self.root}/plots/{TRACE_METRIC}/seed{seed}/massive_activations.png"
+        return f"{self._dir(f'plots/{TRACE_METRIC}/seed{seed}', 'activation_plot', seed=seed)}/massive_activations.png"
 
     def perturb_files(self, metric="{metric}", mode="{mode}", k="{k}", tag="{tag}") -> dict[str, str]:
-        return _in(f"{self.root}/perturb/{metric}/{mode}_k{k}/{tag}", PERTURB_FILES)
+        w = {"metric": metric, "mode": mode, "k": k, "tag": tag}
+        return _in(self._dir(f"perturb/{metric}/{mode}_k{k}/{tag}", "perturb", **w), PERTURB_FILES)
 
     def stability_files(self, metric="{metric}", mode="{mode}", k="{k}") -> dict[str, str]:
-        return _in(f"{self.root}/stability/{metric}/{mode}_k{k}", STABILITY_FILES)
+        w = {"metric": metric, "mode": mode, "k": k}
+        return _in(self._dir(f"stability/{metric}/{mode}_k{k}", "stability", **w), STABILITY_FILES)
 
     def agreement(self, mode="{mode}", k="{k}") -> str:
-        return f"{self.root}/agreement/{mode}_k{k}.parquet"
+        return f"{self._dir(f'agreement/{mode}_k{k}', 'agreement', mode=mode, k=k)}/agreement.parquet"
 
     def confirm_files(self) -> dict[str, str]:
-        return _in(f"{self.root}/confirm", CONFIRM_FILES)
+        return _in(self._dir("confirm", "confirm"), CONFIRM_FILES)
 
     def culprit_files(self, experiment: str = "{experiment}") -> dict[str, str]:
         """The culprit search of one experiment's top set (``esa.culprits``)."""
-        return _in(f"{self.root}/culprits/{experiment}", CULPRIT_FILES)
+        return _in(self._dir(f"culprits/{experiment}", "culprits", experiment=experiment), CULPRIT_FILES)
 
     def report_files(self) -> dict[str, str]:
-        return _in(f"{self.root}/report", REPORT_FILES)
+        return _in(self._dir("report", "report"), REPORT_FILES)
 
     def mechanism_files(self) -> dict[str, str]:
-        return _in(f"{self.root}/mechanism", MECHANISM_FILES)
+        return _in(self._dir("mechanism", "mechanism"), MECHANISM_FILES)
 
     def mechanism(self) -> bool:
         """Whether the study runs the super weights' mechanism: enabled, and confirm runs (any experiment)."""
         return bool(self.experiments) and self.config["mechanism"]["enabled"]
 
     def published_files(self) -> dict[str, str]:
-        return _in(f"{self.root}/published", PUBLISHED_FILES)
+        return _in(self._dir("published", "published"), PUBLISHED_FILES)
 
     def quantize_files(self) -> dict[str, str]:
-        return _in(f"{self.root}/quantize", QUANTIZE_FILES)
+        return _in(self._dir("quantize", "quantize"), QUANTIZE_FILES)
 
     def protect_mask_files(self, metric="{metric}", k="{k}") -> dict[str, str]:
         """One metric's global top-k as an exportable protect mask (built on request only)."""
-        base = f"{self.root}/quantize/protect/{metric}_k{k}"
-        return {"mask": f"{base}.parquet", "tensors": f"{base}.safetensors"}
+        base = self._dir(f"quantize/protect/{metric}_k{k}", "protect_mask", metric=metric, k=k)
+        return {"mask": f"{base}/mask.parquet", "tensors": f"{base}/mask.safetensors"}
 
     def log(self, job: str) -> str:
-        return f"{self.logs}/{job}.log"
+        """A job's log, beside the logs of the same job under other configs (its key)."""
+        return f"{self.logs}/{job}_{KEY}.log"
+
+    def outputs(self, step: str, **wildcards) -> dict[str, str]:
+        """The named output files of one job of ``step`` (``esa path`` prints them). A scores
+        job is asked for by ``metric`` (the files of that metric) and ``seed``."""
+        files = {
+            "model": lambda: {"ref": self.model_ref},
+            "data": lambda part: self.data_files(part),
+            "baseline": self.baseline_files, "scores": self.score_files,
+            "topk": lambda metric, mode, k, seed: {"mask": self.mask(metric, mode, k, seed)},
+            "plots": self.plot_files, "activation_plot": lambda seed: {"plot": self.activation_plot(seed)},
+            "perturb": self.perturb_files, "stability": self.stability_files,
+            "agreement": lambda mode, k: {"agreement": self.agreement(mode, k)},
+            "confirm": self.confirm_files, "culprits": self.culprit_files, "mechanism": self.mechanism_files,
+            "published": self.published_files, "quantize": self.quantize_files,
+            "protect_mask": self.protect_mask_files, "report": self.report_files,
+            "comparison": lambda: {"index": self.comparison()},
+        }
+        if step not in files:
+            raise ESAError(f"unknown step {step!r}; allowed: {', '.join(files)}")
+        signature = inspect.signature(files[step])
+        try:
+            signature.bind(**wildcards)
+        except TypeError:
+            names = ", ".join(signature.parameters) or "none"
+            raise ESAError(f"{step} takes the wildcards {names}; got {', '.join(wildcards) or 'none'}") from None
+        return files[step](**wildcards)
+
+    # ---- what each step reads --------------------------------------------------------------
+    def inputs(self, step: str, **wildcards) -> dict:
+        """The named input files of one job of ``step`` (nested: ``masks`` maps seed -> path)."""
+        return getattr(self, f"_{step}_inputs")(**wildcards)
+
+    def _model_inputs(self) -> dict:
+        return {}
+
+    def _data_inputs(self, part) -> dict:
+        return {"model": self.model_ref}
+
+    def _evaluation_inputs(self) -> dict:
+        """The model, the evaluation windows and the baseline a damage is measured against."""
+        baseline = self.baseline_files()
+        return {"model": self.model_ref, "eval": self.data_files("eval")["windows"],
+                "baseline": baseline["metrics"], "baseline_windows": baseline["windows"]}
+
+    def _baseline_inputs(self) -> dict:
+        return {"model": self.model_ref, "eval": self.data_files("eval")["windows"]}
+
+    def _scores_inputs(self, job, seed, group=None) -> dict:
+        return {"model": self.model_ref, "calib": self.data_files("calib")["windows"]}
+
+    def _merge_scores_inputs(self, job, seed) -> dict:
+        groups = self.config["scoring"]["layer_groups"]
+        return {"parts": {g: self.score_job_files(job, seed, g) for g in range(groups)}}
+
+    def _topk_inputs(self, metric, mode, k, seed) -> dict:
+        files = self.score_files(metric, seed)
+        return {"candidates": files["candidates"], "stats": files["stats"]}
+
+    def _plots_inputs(self, metric, mode, k, seed) -> dict:
+        return {"stats": self.score_files(metric, seed)["stats"], "mask": self.mask(metric, mode, k, seed)}
+
+    def _activation_plot_inputs(self, seed) -> dict:
+        return {"activations": self.score_files(TRACE_METRIC, seed)["activations"]}
+
+    def _perturb_inputs(self, metric, mode, k, tag) -> dict:
+        e = self.perturb_experiment(metric, mode, int(k), tag)
+        return {**self._evaluation_inputs(), "masks": {s: self.mask(metric, mode, k, s) for s in e["seeds"]}}
+
+    def _stability_inputs(self, metric, mode, k) -> dict:
+        seeds = self.seeds_of(metric, mode, int(k))
+        return {"masks": {s: self.mask(metric, mode, k, s) for s in seeds},
+                "candidates": {s: self.score_files(metric, s)["candidates"] for s in seeds}}
+
+    def _agreement_inputs(self, mode, k) -> dict:
+        return {"masks": self.agreement_masks(mode, k)}
+
+    def _confirm_inputs(self) -> dict:
+        return {**self._evaluation_inputs(), **self.confirm_inputs()}
+
+    def _culprits_inputs(self, experiment) -> dict:
+        return self.culprit_inputs(experiment)
+
+    def _mechanism_inputs(self) -> dict:
+        return {**self._evaluation_inputs(), "super_weights": self.confirm_files()["super_weights"]}
+
+    def _published_inputs(self) -> dict:
+        return self.published_inputs()
+
+    def _quantize_inputs(self) -> dict:
+        return self.quantize_inputs()
+
+    def _protect_mask_inputs(self, metric, k) -> dict:
+        files = self.score_files(metric, self.confirm_seed())
+        return {"candidates": files["candidates"], "stats": files["stats"]}
+
+    def _report_inputs(self) -> dict:
+        return self.report_inputs()
+
+    def _comparison_inputs(self) -> dict:
+        return self.comparison_inputs()
 
     # ---- which outputs the experiments need --------------------------------------------
     @staticmethod

@@ -1,6 +1,6 @@
 """What each workflow step takes, typed: one frozen dataclass per step of
 :data:`esa.step_table.STEPS`, with exactly the keys its rule sends as ``--spec`` (its
-``<step>_spec`` in ``rules/specs.smk``; ``ModelRun`` is ``runtime_spec``, ``Evaluation``
+``<step>_spec`` in ``esa/specs.py``; ``ModelRun`` is ``runtime_spec``, ``Evaluation``
 ``evaluation_spec``). Torch-free: ``esa run`` parses the spec before it imports the step.
 
 :func:`parse_spec` checks the JSON against the step's class before the step runs: a missing

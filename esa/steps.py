@@ -11,6 +11,7 @@ outputs. Every file is written atomically.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -91,7 +92,15 @@ def step_agreement(spec: AgreementSpec, *, masks: dict, agreement: str) -> None:
     write_parquet_atomic(table[["seed", "mode", "k", "metric_a", "metric_b", "jaccard"]], agreement)
 
 
-def step_report(spec: ReportSpec, *, verdicts: str, index: str, plots: str, baseline: str, baseline_config: str,
+def _relative(paths, start: Path):
+    """Nested named paths relative to ``start`` (None kept)."""
+    if isinstance(paths, dict):
+        return {name: _relative(path, start) for name, path in paths.items()}
+    return None if paths is None else os.path.relpath(paths, start)
+
+
+def step_report(spec: ReportSpec, *, verdicts: str, index: str, plots: str, inputs: str, baseline: str,
+                baseline_config: str,
                 stats: dict, masks: dict, results: dict | None = None, stability: dict | None = None,
                 stability_pairs: dict | None = None, agreement: dict | None = None,
                 super_weights: str | None = None, super_experts: str | None = None,
@@ -106,7 +115,8 @@ def step_report(spec: ReportSpec, *, verdicts: str, index: str, plots: str, base
     experiment ran; ``published``: the published step's matches, when the model has published
     super weights; ``mechanism``: the mechanism step's sweep, restore and control, when enabled;
     ``culprits``: experiment -> its culprit search's culprits, search and summary, when enabled;
-    ``quantize``: the quantize step's results, when enabled.
+    ``quantize``: the quantize step's results, when enabled. ``inputs``: every file read, by
+    name, relative to the model's results directory (``esa summary`` finds them there).
     """
     from .report import build_report
     from .verdicts import verdicts_from_files
@@ -123,6 +133,12 @@ def step_report(spec: ReportSpec, *, verdicts: str, index: str, plots: str, base
                  factor=spec.factor, title=f"ESA report: {spec.model}", super_experts_path=super_experts,
                  published_path=published, mechanism_paths=mechanism, culprit_paths=culprits,
                  quantize_path=quantize)
+    read = {"baseline": baseline, "baseline_config": baseline_config, "stats": stats, "masks": masks,
+            "results": results, "stability": stability, "stability_pairs": stability_pairs, "agreement": agreement,
+            "super_weights": super_weights, "super_experts": super_experts, "activations": activations,
+            "rerun": rerun, "published": published, "mechanism": mechanism, "culprits": culprits,
+            "quantize": quantize}
+    write_json_atomic(_relative(read, Path(index).parents[2]), inputs)
 
 
 def step_published(spec: PublishedSpec, *, candidates: dict, stats: dict, super_weights: str, matches: str) -> None:

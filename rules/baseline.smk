@@ -1,7 +1,6 @@
 rule baseline:
     input:
-        model=LAYOUT.model_ref,
-        eval=LAYOUT.data_files("eval")["windows"],
+        unpack(job_inputs("baseline")),
     output:
         **LAYOUT.baseline_files(),
     log:
@@ -13,7 +12,7 @@ rule baseline:
         **res("baseline"),
     params:
         code=code_version("baseline"),
-        spec=baseline_spec,
+        spec=job_spec("baseline"),
         paths=step_paths,
     shell:
         esa_shell("baseline")

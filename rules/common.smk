@@ -1,11 +1,12 @@
 """Config validation, the results layout, and the helpers every rule shares.
 
 Each rule reads as inputs -> step -> outputs. Its files come from `LAYOUT` (esa/layout.py,
-the one home of every path), its parameters from its step's `<step>_spec` (rules/specs.smk),
-and its command is `esa_shell(step)`, which hands the step every named input and output.
+the one home of every path, and of what each step reads), its parameters from `job_spec(step)`
+(esa/specs.py), and its command is `esa_shell(step)`, which hands the step every named input
+and output. Every output path holds its step's key (a hash of what it depends on), the `{key}`
+wildcard; `job_spec` checks it, so configs that differ write side by side and share the rest.
 """
 
-import json
 import os
 import shlex
 import sys
@@ -13,10 +14,11 @@ import sys
 # jobs (local, conda or Slurm) run `python -m esa` from the workflow checkout, installed or not
 shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
-from esa.config import study_config, study_models
+from esa.config import study_config
+from esa.devices import DEVICE_VARIABLE, resolve_auto
 from esa.errors import ESAError
-from esa.layout import Layout, flatten_paths
-from esa.metrics import REGISTRY, SCORE_JOBS, TRACE_METRIC
+from esa.layout import KEY, Layout, flatten_paths
+from esa.metrics import SCORE_JOBS, TRACE_METRIC
 from esa.names import COMPARISON
 from esa.provenance import code_version, rule_versions
 from esa.recovery import recover
@@ -36,15 +38,6 @@ if workflow.is_main_process:
     recover()
 
 ENV = os.path.join(workflow.basedir, "envs", "esa.yaml")
-SOURCES = {m["name"]: m["source"] for m in study_models(config)}  # model name -> source
-LAYOUT = Layout(config)  # paths with a {model} wildcard
-EXPERIMENTS = LAYOUT.experiments
-LAYER_GROUPS = config["scoring"]["layer_groups"]
-SPLIT = LAYER_GROUPS > 1
-# inputs that only order jobs: a step never reads them
-ORDER_ONLY = ("eval_checked",)
-
-
 BASE_RESOURCES = {"mem_mb": 8000, "runtime": 60}
 
 
@@ -73,9 +66,51 @@ def res(step):
     return {key: value for key, value in _resources(step).items() if key not in dropped}
 
 
-def spec(**params):
-    """A step's parameters as the JSON string handed to `esa run` (and tracked by Snakemake)."""
-    return json.dumps(params, sort_keys=True)
+# `auto` resolved before it enters a key, where Snakemake runs (esa/devices.py); a job a
+# cluster started on its node parses this file again and takes the head's resolution
+if workflow.remote_exec and DEVICE_VARIABLE in os.environ:
+    DEVICE = os.environ[DEVICE_VARIABLE]
+else:
+    DEVICE = os.environ[DEVICE_VARIABLE] = resolve_auto(config["device"])
+
+
+envvars:
+    DEVICE_VARIABLE,
+
+
+LAYOUT = Layout(config, device=DEVICE)  # paths with {model} and {key} wildcards
+EXPERIMENTS = LAYOUT.experiments
+SPLIT = LAYOUT.split
+
+
+def _job(wildcards, fixed):
+    """The layout of a job's model and its wildcards (besides model and key) by name."""
+    names = [name for name in wildcards.keys() if name not in ("model", "key")]
+    layout = LAYOUT.of(wildcards.model) if "model" in wildcards.keys() else LAYOUT
+    return layout, {**{name: wildcards[name] for name in names}, **fixed}
+
+
+def job_inputs(step, **fixed):
+    """The input function of `step`'s rule: its named files (esa/layout.py)."""
+
+    def inputs(wildcards):
+        layout, values = _job(wildcards, fixed)
+        return flatten_paths(layout.inputs(step, **values))
+
+    return inputs
+
+
+def job_spec(step, **fixed):
+    """The spec param of `step`'s rule (esa/specs.py), once its output key is checked."""
+
+    def spec(wildcards):
+        layout, values = _job(wildcards, fixed)
+        try:
+            return layout.job_spec(step, wildcards.key, **values)
+        except ESAError as err:
+            raise WorkflowError(str(err))
+
+    return spec
 
 
 # jobs run the interpreter that runs Snakemake (a venv's, activated or not), unless --use-conda
@@ -91,7 +126,7 @@ def esa_shell(step):
 def step_paths(wildcards, input, output):
     """`name=path` of each named input and output (`esa run` nests `a/b=` keys into dicts)."""
     named = [*input.items(), *output.items()]
-    return " ".join(f"{name}={shlex.quote(path)}" for name, path in named if name not in ORDER_ONLY)
+    return " ".join(f"{name}={shlex.quote(path)}" for name, path in named)
 
 
 def named(paths):
@@ -120,55 +155,3 @@ def check_experiments():
 
 
 check_experiments()
-
-
-def scores_outputs(job, part):
-    """The files of one scores job (a layer-group part of them when `part` is given)."""
-    return {
-        metric: LAYOUT.score_files(
-            metric,
-            part=part,
-            activations=REGISTRY[metric].trace,
-            full_scores=config["scoring"]["save_full_scores"],
-        )
-        for metric in SCORE_JOBS[job]
-    }
-
-
-def perturb_params(wildcards):
-    """The experiment settings a perturb job runs with."""
-    return LAYOUT.perturb_experiment(wildcards.metric, wildcards.mode, int(wildcards.k), wildcards.tag)
-
-
-def perturb_inputs(wildcards):
-    e, layout = perturb_params(wildcards), LAYOUT.of(wildcards.model)
-    masks = {s: layout.mask(e["metric"], e["mode"], e["topk"], s) for s in e["seeds"]}
-    return named(
-        {
-            "model": layout.model_ref,
-            "eval": layout.data_files("eval")["windows"],
-            "baseline": layout.baseline_files()["metrics"],
-            "baseline_windows": layout.baseline_files()["windows"],
-            "masks": masks,
-        }
-    )
-
-
-def stability_inputs(wildcards):
-    seeds, layout = LAYOUT.seeds_of(wildcards.metric, wildcards.mode, int(wildcards.k)), LAYOUT.of(
-        wildcards.model
-    )
-    return named(
-        {
-            "masks": {s: layout.mask(wildcards.metric, wildcards.mode, wildcards.k, s) for s in seeds},
-            "candidates": {s: layout.score_files(wildcards.metric, s)["candidates"] for s in seeds},
-        }
-    )
-
-
-def agreement_inputs(wildcards):
-    return named({"masks": LAYOUT.of(wildcards.model).agreement_masks(wildcards.mode, wildcards.k)})
-
-
-def culprit_inputs(wildcards):
-    return LAYOUT.of(wildcards.model).culprit_inputs(wildcards.experiment)

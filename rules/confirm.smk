@@ -1,15 +1,7 @@
 rule confirm:
     """Super-weight confirmation: zero each metric's global top-N weights one at a time."""
     input:
-        **named(
-            {
-                "model": LAYOUT.model_ref,
-                "eval": LAYOUT.data_files("eval")["windows"],
-                "baseline": LAYOUT.baseline_files()["metrics"],
-                "baseline_windows": LAYOUT.baseline_files()["windows"],
-                **LAYOUT.confirm_inputs(),
-            }
-        ),
+        unpack(job_inputs("confirm")),
     output:
         **LAYOUT.confirm_files(),
     log:
@@ -21,7 +13,7 @@ rule confirm:
         **res("confirm"),
     params:
         code=code_version("confirm"),
-        spec=confirm_spec,
+        spec=job_spec("confirm"),
         paths=step_paths,
     shell:
         esa_shell("confirm")

@@ -1,7 +1,7 @@
 rule culprits:
     """Adaptive group testing: which weights of one experiment's destructive top set do the damage."""
     input:
-        unpack(culprit_inputs),
+        unpack(job_inputs("culprits")),
     output:
         **LAYOUT.culprit_files(),
     log:
@@ -15,7 +15,7 @@ rule culprits:
         **res("culprits"),
     params:
         code=code_version("culprits"),
-        spec=culprit_spec,
+        spec=job_spec("culprits"),
         paths=step_paths,
     shell:
         esa_shell("culprits")

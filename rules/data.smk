@@ -1,6 +1,6 @@
 rule data:
     input:
-        model=LAYOUT.model_ref,
+        unpack(job_inputs("data")),
     output:
         **LAYOUT.data_files(),
     log:
@@ -12,7 +12,7 @@ rule data:
         **res("data"),
     params:
         code=code_version("data"),
-        spec=data_spec,
+        spec=job_spec("data"),
         paths=step_paths,
     shell:
         esa_shell("data")

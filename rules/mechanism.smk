@@ -1,15 +1,7 @@
 rule mechanism:
     """How each confirmed super weight acts: scale sweep, massive-activation restore, matched control."""
     input:
-        **named(
-            {
-                "model": LAYOUT.model_ref,
-                "eval": LAYOUT.data_files("eval")["windows"],
-                "baseline": LAYOUT.baseline_files()["metrics"],
-                "baseline_windows": LAYOUT.baseline_files()["windows"],
-                "super_weights": LAYOUT.confirm_files()["super_weights"],
-            }
-        ),
+        unpack(job_inputs("mechanism")),
     output:
         **LAYOUT.mechanism_files(),
     log:
@@ -21,7 +13,7 @@ rule mechanism:
         **res("mechanism"),
     params:
         code=code_version("mechanism"),
-        spec=mechanism_spec,
+        spec=job_spec("mechanism"),
         paths=step_paths,
     shell:
         esa_shell("mechanism")

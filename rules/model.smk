@@ -10,7 +10,7 @@ rule model:
         **res("model"),
     params:
         code=code_version("model"),
-        spec=model_spec,
+        spec=job_spec("model"),
         paths=step_paths,
     shell:
         esa_shell("model")

@@ -1,7 +1,7 @@
 rule perturb:
     """Top-k vs controls of one (metric, mode, k, perturbation, scale), every seed, one model load."""
     input:
-        unpack(perturb_inputs),
+        unpack(job_inputs("perturb")),
     output:
         **LAYOUT.perturb_files(),
     log:
@@ -13,7 +13,7 @@ rule perturb:
         **res("perturb"),
     params:
         code=code_version("perturb"),
-        spec=perturb_spec,
+        spec=job_spec("perturb"),
         paths=step_paths,
     shell:
         esa_shell("perturb")

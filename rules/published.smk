@@ -1,7 +1,7 @@
 rule published:
     """Where each metric ranks the super weights published for the model, and whether confirm confirmed them."""
     input:
-        **named(LAYOUT.published_inputs()),
+        unpack(job_inputs("published")),
     output:
         **LAYOUT.published_files(),
     log:
@@ -13,7 +13,7 @@ rule published:
         **res("published"),
     params:
         code=code_version("published"),
-        spec=published_spec,
+        spec=job_spec("published"),
         paths=step_paths,
     shell:
         esa_shell("published")

@@ -1,7 +1,7 @@
 rule quantize:
     """RTN quantization of every target under each scheme, with each protect condition kept in full precision."""
     input:
-        **named(LAYOUT.quantize_inputs()),
+        unpack(job_inputs("quantize")),
     output:
         **LAYOUT.quantize_files(),
     log:
@@ -13,7 +13,7 @@ rule quantize:
         **res("quantize"),
     params:
         code=code_version("quantize"),
-        spec=quantize_spec,
+        spec=job_spec("quantize"),
         paths=step_paths,
     shell:
         esa_shell("quantize")
@@ -22,8 +22,7 @@ rule quantize:
 rule protect_mask:
     """One metric's global top-k on the confirm seed as a protect mask (on request: not built by `all`)."""
     input:
-        candidates=LAYOUT.score_files(seed=LAYOUT.confirm_seed())["candidates"],
-        stats=LAYOUT.score_files(seed=LAYOUT.confirm_seed())["stats"],
+        unpack(job_inputs("protect_mask")),
     output:
         **LAYOUT.protect_mask_files(),
     log:
@@ -35,7 +34,7 @@ rule protect_mask:
         **res("protect_mask"),
     params:
         code=code_version("protect_mask"),
-        spec=protect_mask_spec,
+        spec=job_spec("protect_mask"),
         paths=step_paths,
     shell:
         esa_shell("protect_mask")

@@ -1,11 +1,12 @@
 rule report:
     """verdict.json and the self-contained report page of the whole study."""
     input:
-        unpack(lambda wildcards: named(LAYOUT.of(wildcards.model).report_inputs())),
+        unpack(job_inputs("report")),
     output:
         verdicts=LAYOUT.report_files()["verdicts"],
         index=report(LAYOUT.report_files()["index"], category="Report", caption="../report/index.rst"),
         plots=directory(LAYOUT.report_files()["plots"]),
+        inputs=LAYOUT.report_files()["inputs"],
     log:
         LAYOUT.log("report"),
     conda:
@@ -15,7 +16,7 @@ rule report:
         **res("report"),
     params:
         code=code_version("report"),
-        spec=report_spec,
+        spec=job_spec("report"),
         paths=step_paths,
     shell:
         esa_shell("report")
@@ -24,11 +25,11 @@ rule report:
 rule comparison:
     """The study's models side by side: baseline, super weights, massive activations, heavy tails, agreement."""
     input:
-        **named(LAYOUT.comparison_inputs()),
+        unpack(job_inputs("comparison")),
     output:
-        index=LAYOUT.comparison(),
+        index=LAYOUT.comparison(KEY),
     log:
-        f"logs/{COMPARISON}.log",
+        f"logs/{COMPARISON}_{KEY}.log",
     conda:
         ENV
     threads: threads("comparison")
@@ -36,7 +37,7 @@ rule comparison:
         **res("comparison"),
     params:
         code=code_version("comparison"),
-        spec=comparison_spec,
+        spec=job_spec("comparison"),
         paths=step_paths,
     shell:
         esa_shell("comparison")

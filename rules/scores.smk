@@ -1,10 +1,3 @@
-# Order only: the evaluation data step checks the text holds eval_windows before any scoring
-# starts (minutes of it otherwise); ancient, so new evaluation windows never re-score.
-SCORES_INPUTS = {
-    "model": LAYOUT.model_ref,
-    "calib": LAYOUT.data_files("calib")["windows"],
-    "eval_checked": ancient(LAYOUT.data_files("eval")["summary"]),
-}
 PART = "{group}" if SPLIT else None
 
 
@@ -17,9 +10,9 @@ for job in SCORE_JOBS:
         name:
             f"scores_{job}"
         input:
-            **SCORES_INPUTS,
+            unpack(job_inputs("scores", job=job)),
         output:
-            **named(scores_outputs(job, PART)),
+            **named(LAYOUT.score_job_files(job, part=PART)),
         log:
             LAYOUT.log(f"scores_{job}_seed{{seed}}" + ("_part{group}" if SPLIT else "")),
         conda:
@@ -29,7 +22,7 @@ for job in SCORE_JOBS:
             **res("scores"),
         params:
             code=code_version(*rule_versions()[f"scores_{job}"]),
-            spec=scores_spec(job),
+            spec=job_spec("scores", job=job),
             paths=step_paths,
         shell:
             esa_shell("scores")
@@ -44,9 +37,9 @@ if SPLIT:
             name:
                 f"merge_scores_{job}"
             input:
-                **named({"parts": {g: scores_outputs(job, g) for g in range(LAYER_GROUPS)}}),
+                unpack(job_inputs("merge_scores", job=job)),
             output:
-                **named(scores_outputs(job, None)),
+                **named(LAYOUT.score_job_files(job)),
             log:
                 LAYOUT.log(f"merge_scores_{job}_seed{{seed}}"),
             conda:
@@ -56,7 +49,7 @@ if SPLIT:
                 **res("merge_scores"),
             params:
                 code=code_version("merge_scores"),
-                spec=merge_scores_spec(job),
+                spec=job_spec("merge_scores", job=job),
                 paths=step_paths,
             shell:
                 esa_shell("merge_scores")

@@ -1,7 +1,7 @@
 rule stability:
     """Jaccard and Spearman of one (metric, mode, k)'s top-k across seeds."""
     input:
-        unpack(stability_inputs),
+        unpack(job_inputs("stability")),
     output:
         **LAYOUT.stability_files(),
     log:
@@ -13,7 +13,7 @@ rule stability:
         **res("stability"),
     params:
         code=code_version("stability"),
-        spec=stability_spec,
+        spec=job_spec("stability"),
         paths=step_paths,
     shell:
         esa_shell("stability")
@@ -22,7 +22,7 @@ rule stability:
 rule agreement:
     """Jaccard between the metrics' top-k sets at one (mode, k), per seed."""
     input:
-        unpack(agreement_inputs),
+        unpack(job_inputs("agreement")),
     output:
         agreement=LAYOUT.agreement(),
     log:
@@ -34,7 +34,7 @@ rule agreement:
         **res("agreement"),
     params:
         code=code_version("agreement"),
-        spec=agreement_spec,
+        spec=job_spec("agreement"),
         paths=step_paths,
     shell:
         esa_shell("agreement")

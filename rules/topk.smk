@@ -1,8 +1,7 @@
 rule topk:
     """Top-k of one (metric, mode, k, seed) with its random_k and bottom_k controls."""
     input:
-        candidates=LAYOUT.score_files()["candidates"],
-        stats=LAYOUT.score_files()["stats"],
+        unpack(job_inputs("topk")),
     output:
         mask=LAYOUT.mask(),
     log:
@@ -14,7 +13,7 @@ rule topk:
         **res("topk"),
     params:
         code=code_version("topk"),
-        spec=topk_spec,
+        spec=job_spec("topk"),
         paths=step_paths,
     shell:
         esa_shell("topk")
@@ -23,8 +22,7 @@ rule topk:
 rule plots:
     """Score distribution and hotspot heatmaps (the runbook's --save-plots)."""
     input:
-        stats=LAYOUT.score_files()["stats"],
-        mask=LAYOUT.mask(),
+        unpack(job_inputs("plots")),
     output:
         distribution=report(
             LAYOUT.plot_files()["distribution"], category="Scores", caption="../report/figure.rst"
@@ -39,7 +37,7 @@ rule plots:
         **res("plots"),
     params:
         code=code_version("plots"),
-        spec=plots_spec,
+        spec=job_spec("plots"),
         paths=step_paths,
     shell:
         esa_shell("plots")
@@ -48,7 +46,7 @@ rule plots:
 rule activation_plot:
     """The massive-activation trace of every MLP output projection (activation_magnitude scoring)."""
     input:
-        activations=LAYOUT.score_files(TRACE_METRIC, activations=True)["activations"],
+        unpack(job_inputs("activation_plot")),
     output:
         plot=LAYOUT.activation_plot(),
     log:
@@ -60,7 +58,7 @@ rule activation_plot:
         **res("activation_plot"),
     params:
         code=code_version("activation_plot"),
-        spec=activation_plot_spec,
+        spec=job_spec("activation_plot"),
         paths=step_paths,
     shell:
         esa_shell("activation_plot")

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Llama models built from a config (no hub access), and the
 workflow run as a Snakemake subprocess."""
 
+import copy
 import os
 import re
 import shutil
@@ -23,6 +24,17 @@ def snakemake(workdir, config, *args, timeout=900):
     return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
                            "--directory", str(workdir), "--configfile", str(cfg), "--cores", "2", *args],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def study_layout(config: dict, model: str | None = None):
+    """The results paths (relative to the workdir) of a test study run with ``config``, as the
+    Snakefile keys them: ``study_layout(config).baseline_files()["metrics"]``. ``model``: one of
+    the study's models (default: the first)."""
+    from esa.config import validate_config
+    from esa.layout import Layout
+
+    layout = Layout(validate_config(copy.deepcopy(config)))
+    return layout.of(model or layout.models[0])
 
 
 INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import UNIGRAM, make_tiny_llama, shared_sign_direction, snakemake, unigram_text
+from conftest import UNIGRAM, make_tiny_llama, shared_sign_direction, snakemake, study_layout, unigram_text
 
 from esa.config import validate_config
 from esa.culprits import CULPRIT_COLUMNS, SEARCH_COLUMNS, culprit_summary, find_culprits, search_layers
@@ -286,22 +286,28 @@ def test_step_writes_the_three_files_and_the_report_shows_them(tmp_path):
     report's section tells it."""
     from esa.data import windows_frame
     from esa.io import write_json_atomic, write_parquet_atomic
-    from esa.layout import Layout
     from esa.model_steps import step_baseline, step_culprits, step_model
     from esa.report import build_report
     from esa.step_specs import typed_spec
 
     model = _planted_pair(noise=1.0)
     model.save_pretrained(tmp_path / "checkpoint")
-    layout = Layout(root=str(tmp_path / "results"))
-    files, baseline = layout.culprit_files("planted"), layout.baseline_files()
-    step_model(typed_spec("model", {"source": str(tmp_path / "checkpoint")}), ref=layout.model_ref)
+    # the files where a study of the planted model with this experiment keeps them, under tmp_path
+    layout = study_layout({"model": {"name": "planted", "source": str(tmp_path / "checkpoint")},
+                           "data": {"source": "builtin:pydoc"}, "seeds": [0],
+                           "experiments": [{"name": "planted", "metric": "grad_x_weight", "mode": "global",
+                                            "topk": 302, "perturb": "zero"}],
+                           "culprits": {"experiments": ["planted"]}})
+    files, baseline = ({name: str(tmp_path / path) for name, path in paths.items()}
+                       for paths in (layout.culprit_files("planted"), layout.baseline_files()))
+    model_ref = str(tmp_path / layout.model_ref)
+    step_model(typed_spec("model", {"source": str(tmp_path / "checkpoint")}), ref=model_ref)
     windows = tmp_path / "eval.parquet"
     write_parquet_atomic(windows_frame(unigram_text(8, seed=2).numpy()), windows)
     runtime = {"model": "planted", "device": "cpu", "dtype": "fp32", "attn_implementation": "eager",
                "device_map": None, "loss_chunk": 256, "batch_size": 4}
     step_baseline(typed_spec("baseline", {**runtime, "data": {"source": "unigram", "seq_len": 32}}),
-                  model=layout.model_ref, eval=str(windows), **baseline)
+                  model=model_ref, eval=str(windows), **baseline)
     selection = _two_culprit_set(model)
     mask = pd.concat([selection.assign(set="top"), selection.head(5).assign(set="random_k")])  # only top is searched
     write_parquet_atomic(mask.assign(expert=-1, score=1.0), tmp_path / "mask.parquet")
@@ -311,7 +317,7 @@ def test_step_writes_the_three_files_and_the_report_shows_them(tmp_path):
     spec = {**runtime, "bootstrap": {"resamples": 1000, "level": 0.95, "seed": 0}, "experiment": "planted",
             "seed": 0, "perturb": "zero", "scale": 1.0, "factor": FACTOR, "budget": 40, "min_group": 1}
 
-    step_culprits(typed_spec("culprits", spec), model=layout.model_ref, eval=str(windows), baseline=baseline["metrics"],
+    step_culprits(typed_spec("culprits", spec), model=model_ref, eval=str(windows), baseline=baseline["metrics"],
                   baseline_windows=baseline["windows"], mask=str(tmp_path / "mask.parquet"),
                   super_weights=str(tmp_path / "super_weights.parquet"), **files)
 
@@ -350,9 +356,10 @@ def test_workflow_schedules_one_search_per_experiment_and_rejects_a_bad_one(tmp_
     dry = snakemake(tmp_path, config, "-n", "--quiet", "rules")
     assert dry.returncode == 0, dry.stdout[-3000:]
     assert re.search(r"^culprits\s+1$", dry.stdout, re.M)
-    plan = snakemake(tmp_path, config, "-n", "results/tiny/culprits/flip/summary.json")
-    assert "results/tiny/topk/grad_x_weight/global_k8/seed1/mask.parquet" in plan.stdout
-    assert "results/tiny/confirm/super_weights.parquet" in plan.stdout
+    layout = study_layout(config)
+    plan = snakemake(tmp_path, config, "-n", layout.culprit_files("flip")["summary"])
+    assert layout.mask("grad_x_weight", "global", 8, 1) in plan.stdout
+    assert layout.confirm_files()["super_weights"] in plan.stdout
     bad = snakemake(tmp_path, {**config, "culprits": {"experiments": ["nope"]}}, "-n")
     assert bad.returncode != 0 and ("invalid config at culprits.experiments: 'nope' is not an experiment with a "
                                     "zero or sign_flip perturbation; allowed: flip") in bad.stdout

@@ -10,7 +10,7 @@ import os
 import pandas as pd
 import pytest
 import torch
-from conftest import bit_identical, bits, make_tiny_llama, snakemake, snapshot, unigram_text
+from conftest import bit_identical, bits, make_tiny_llama, snakemake, snapshot, study_layout, unigram_text
 
 from esa.confirm import zero_each
 from esa.culprits import find_culprits
@@ -115,7 +115,8 @@ def test_the_dag_runs_on_the_device(tmp_path, tiny_model_dir):
                                "perturb": "zero", "controls": ["random_k"]}]}
     result = snakemake(tmp_path, config)
     assert result.returncode == 0, result.stdout[-4000:]
-    root = tmp_path / "results/tiny"
-    manifest = json.loads((root / "perturb/grad_x_weight/global_k10/zero_1/experiment_manifest.json").read_text())
+    layout = study_layout(config)
+    perturbed = layout.perturb_files("grad_x_weight", "global", 10, "zero_1")
+    manifest = json.loads((tmp_path / perturbed["manifest"]).read_text())
     assert str(manifest["device"]).startswith(DEVICE)
-    assert (root / "report/index.html").exists()
+    assert (tmp_path / layout.report_files()["index"]).exists()

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import assert_bit_identical, confirm_by_activation, snakemake, snapshot, unigram_text
+from conftest import assert_bit_identical, confirm_by_activation, snakemake, snapshot, study_layout, unigram_text
 from test_confirm import COL, DOWN, INTERMEDIATE, ROW, _planted_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -289,7 +289,9 @@ def test_config_and_layout():
         validate_config(_config(mechanism={"scales": []}))
     enabled = validate_config(_config(experiments=[EXPERIMENT], mechanism={"enabled": True}))
     layout = Layout(enabled).of("tiny")
-    files = {name: f"results/tiny/mechanism/{name}.parquet" for name in ("sweep", "restore", "control")}
+    files = layout.mechanism_files()  # the three tables in the mechanism step's keyed directory
+    directory = f"{layout.root}/mechanism/{layout.key('mechanism')}"
+    assert files == {name: f"{directory}/{name}.parquet" for name in ("sweep", "restore", "control")}
     assert layout.report_inputs()["mechanism"] == files and set(files.values()) <= set(layout.model_files())
     no_experiments = Layout(validate_config(_config(mechanism={"enabled": True}))).of("tiny")
     assert "mechanism" not in no_experiments.report_inputs()  # no confirm, nothing to study
@@ -303,6 +305,7 @@ def test_workflow_plans_the_mechanism_step(tmp_path):
     command = next(line for line in planned.stdout.splitlines() if "esa run mechanism" in line)
     spec = json.loads(command.split("--spec '")[1].split("' ")[0])
     assert (spec["scales"], spec["massive_fraction"], spec["batch_size"]) == ([0, 2], 0.5, 4)
-    assert "super_weights=results/tiny/confirm/super_weights.parquet" in command
-    assert "control=results/tiny/mechanism/control.parquet" in command
+    layout = study_layout(config)
+    assert f"super_weights={layout.confirm_files()['super_weights']}" in command
+    assert f"control={layout.mechanism_files()['control']}" in command
     assert "rule confirm:" in planned.stdout and "rule report:" in planned.stdout

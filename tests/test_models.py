@@ -125,14 +125,20 @@ def stand_in_gguf(tmp_path, monkeypatch):
 
 def test_results_directory_is_relocatable(tmp_path, stand_in_gguf, tiny_windows):
     """model.json names the de-quantised checkpoint relative to itself: move results/, load."""
+    from conftest import study_layout
+
     gguf, stand_in = stand_in_gguf
-    ref = models.materialize(str(gguf), tmp_path / "old/results/tiny/model")
-    written = json.loads((tmp_path / "old/results/tiny/model/model.json").read_text())
+    config = {"model": {"name": "tiny", "source": str(gguf)}, "data": {"source": "builtin:pydoc"}}
+    model_ref = Path(study_layout(config).model_ref)  # results/tiny/model/<key>/model.json
+    assert model_ref.parts[0] == "results"
+    ref = models.materialize(str(gguf), (tmp_path / "old" / model_ref).parent)
+    written = json.loads((tmp_path / "old" / model_ref).read_text())
     assert ref["path"] == written["path"] == "checkpoint"
 
     (tmp_path / "old/results").rename(tmp_path / "moved")
-    source = models.source_from_ref(tmp_path / "moved/tiny/model/model.json")
-    assert source == models.ModelSource("dir", str(tmp_path / "moved/tiny/model/checkpoint"))
+    moved_ref = tmp_path / "moved" / model_ref.relative_to("results")
+    source = models.source_from_ref(moved_ref)
+    assert source == models.ModelSource("dir", str(moved_ref.parent / "checkpoint"))
     moved = models.load_model(source, "cpu", "fp32", "eager")
     original = models.load_model(models.ModelSource("dir", str(stand_in)), "cpu", "fp32", "eager")
     assert evaluate(moved, tiny_windows, 3).ppl == evaluate(original, tiny_windows, 3).ppl

@@ -1,17 +1,19 @@
 """Several models in one study: one DAG with a {model} wildcard, a comparison page, and a
 summary of several result folders."""
 
+import copy
 import re
 
 import pandas as pd
 import pytest
 import torch
-from conftest import chromium_dom, snakemake
+from conftest import chromium_dom, snakemake, study_layout
 from test_study import scheduled
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from esa.config import load_config, validate_config
 from esa.errors import ESAError
+from esa.layout import Layout
 from esa.summary import summary_text
 
 
@@ -53,16 +55,23 @@ def two_models(tmp_path_factory, tiny_model_dir, gpt2_model_dir):
     return workdir, models, result
 
 
+def _comparison(models: list[dict]) -> str:
+    """The comparison page of the study of ``models``, relative to the workdir."""
+    return Layout(validate_config(copy.deepcopy(_config(models)))).comparison()
+
+
 def test_one_run_studies_both_models_and_compares_them(two_models):
     workdir, models, result = two_models
+    config = _config(models)
     for name in ("llama", "gpt2"):
-        root = workdir / "results" / name
-        assert (root / "report/index.html").exists() and (root / "confirm/super_weights.parquet").exists()
-        assert (workdir / "logs" / name / "baseline.log").exists()
-    stats = pd.read_parquet(workdir / "results/gpt2/scores/grad_x_weight/seed0/stats.parquet")
+        layout = study_layout(config, name)
+        assert (workdir / layout.report_files()["index"]).exists()
+        assert (workdir / layout.confirm_files()["super_weights"]).exists()
+        assert (workdir / layout.log("baseline").replace("{key}", layout.key("baseline"))).exists()
+    stats = pd.read_parquet(workdir / study_layout(config, "gpt2").score_files("grad_x_weight", 0)["stats"])
     assert stats["module"].tolist()[:4] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
     assert (stats["rows"].tolist()[:4], stats["cols"].tolist()[:4]) == ([48, 16, 64, 16], [16, 16, 16, 64])
-    page = (workdir / "results/comparison/index.html").read_text()
+    page = (workdir / _comparison(models)).read_text()
     for section in ("Baseline", "Confirmed super weights", "Strongest massive activation",
                     "Heavy tails of the scores", "Metric agreement"):
         assert f"<h2>{section}" in page
@@ -88,17 +97,19 @@ def test_adding_a_model_schedules_only_that_models_jobs(two_models, tiny_model_d
 
 
 def test_summary_takes_several_result_folders(two_models):
-    workdir, _, _ = two_models
-    text = summary_text(workdir / "results/llama", workdir / "results/gpt2")
+    workdir, models, _ = two_models
+    layouts = [study_layout(_config(models), name) for name in ("llama", "gpt2")]
+    text = summary_text(*(workdir / layout.root for layout in layouts))
     blocks = text.split("\n\n")
-    assert [b.splitlines()[0] for b in blocks] == [f"ESA summary: {workdir / 'results/llama'}",
-                                                   f"ESA summary: {workdir / 'results/gpt2'}"]
+    # one report in each model's folder: its block is titled by the report's directory
+    assert [b.splitlines()[0] for b in blocks] == [
+        f"ESA summary: {(workdir / layout.report_files()['index']).parent}" for layout in layouts]
     assert all(b.splitlines()[1].startswith("baseline: PPL ") for b in blocks)
 
 
 def test_comparison_page_renders_in_headless_chromium(two_models, tmp_path, chromium):
-    workdir, _, _ = two_models
-    dom = chromium_dom(chromium, workdir / "results/comparison/index.html", tmp_path)
+    workdir, models, _ = two_models
+    dom = chromium_dom(chromium, workdir / _comparison(models), tmp_path)
     assert dom.count("<table>") == 5 - dom.count('class="not-run"')
     assert "ESA comparison: llama, gpt2" in dom
 

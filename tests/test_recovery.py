@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import snakemake
+from conftest import snakemake, study_layout
 
 from esa.integrity import damage, damaged_files
 from esa.io import write_json_atomic, write_parquet_atomic
@@ -93,18 +93,22 @@ def test_a_damaged_file_removes_what_was_made_from_it(tmp_path):
 
 
 def test_a_damaged_checkpoint_file_removes_its_model_json(tmp_path):
-    model = tmp_path / "results/m/model"
+    layout = study_layout({"model": {"name": "m", "source": "builtin:smollm2-135m"}, "device": "cpu",
+                           "data": {"source": "builtin:pydoc"}})
+    model_json = tmp_path / layout.model_ref
+    model = model_json.parent  # the model step writes the checkpoint beside model.json
+    summary = layout.data_files("eval")["summary"]
     (model / "checkpoint").mkdir(parents=True)
-    (model / "model.json").write_text("{}")
+    model_json.write_text("{}")
     (model / "checkpoint/model.safetensors").write_bytes(b"\x10")
-    _record(tmp_path, "results/m/data/eval.json", ["results/m/model/model.json"])
-    (tmp_path / "results/m/data").mkdir()
-    (tmp_path / "results/m/data/eval.json").write_text("{}")
+    _record(tmp_path, summary, [layout.model_ref])
+    (tmp_path / summary).parent.mkdir(parents=True)
+    (tmp_path / summary).write_text("{}")
     found, dependents = remove_damaged(tmp_path)
     assert list(found) == [model / "checkpoint/model.safetensors"]
-    assert dependents == [tmp_path / "results/m/data/eval.json"]
-    assert not (model / "model.json").exists() and not (model / "checkpoint/model.safetensors").exists()
-    assert not (tmp_path / "results/m/data/eval.json").exists()
+    assert dependents == [tmp_path / summary]
+    assert not model_json.exists() and not (model / "checkpoint/model.safetensors").exists()
+    assert not (tmp_path / summary).exists()
 
 
 def test_locks_of_a_live_run_are_left_alone(tmp_path):
@@ -151,12 +155,12 @@ def test_a_damaged_result_is_rebuilt_by_the_same_command(tmp_path, topk_config):
     """Before: a truncated mask.parquet was named by the step that read it, and `snakemake -n`
     said there was nothing to do; then a truncated candidates.parquet was removed but, with the
     mask made from it present, never rebuilt."""
-    root = tmp_path / "results/tiny"
-    target = "results/tiny/topk/grad_x_weight/global_k5/seed0/mask.parquet"
+    layout = study_layout(topk_config)
+    target = layout.mask("grad_x_weight", "global", 5, 0)
     first = snakemake(tmp_path, topk_config, target)
     assert first.returncode == 0, first.stdout[-3000:]
-    mask = root / target.split("tiny/", 1)[1]
-    candidates = root / "scores/grad_x_weight/seed0/candidates.parquet"
+    mask = tmp_path / target
+    candidates = tmp_path / layout.score_files("grad_x_weight", 0)["candidates"]
     before = {path: pd.read_parquet(path) for path in (mask, candidates)}
     assert "Nothing to be done" in snakemake(tmp_path, topk_config, "-n", target).stdout
 

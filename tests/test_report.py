@@ -4,6 +4,7 @@ and the one-screen summary."""
 import html
 import json
 import math
+import os
 import re
 import shutil
 import struct
@@ -13,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import chromium_dom, run_chromium
+from conftest import chromium_dom, run_chromium, study_layout
 
 from esa.candidates import build_candidates
 from esa.confirm import ABLATION_COLUMNS, SUPER_EXPERT_COLUMNS
@@ -39,6 +40,12 @@ RUN = {"model": "builtin:smollm2-135m", "device": "auto", "dtype": "fp32", "attn
        "data": {"source": "hf:wikitext", "hf_config": "wikitext-2-raw-v1", "eval_split": "test",
                 "calib_split": "train", "text_field": "text", "eval_fraction": 0.2, "seq_len": 256,
                 "eval_windows": 16}}
+# the study whose files the fixture writes where the workflow keeps them (esa.layout)
+STUDY = {"model": {"name": MODEL, "source": RUN["model"]}, "data": {"source": "builtin:pydoc"}, "seeds": list(SEEDS),
+         "experiments": [{"name": "gradxw_global_k20", "metric": "grad_x_weight", "mode": "global", "topk": 20,
+                          "perturb": "zero"},
+                         {"name": "actmag_perlayer_k5", "metric": "activation_magnitude", "mode": "per_layer",
+                          "topk": 5, "perturb": None, "seeds": [0]}]}
 
 
 def _candidates(metric_seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -95,12 +102,40 @@ def _super_experts() -> pd.DataFrame:
     return frame.assign(confirmed=frame["ppl_ratio"] >= 1.5)[SUPER_EXPERT_COLUMNS]
 
 
+def _relative(paths, start: str):
+    """Nested named paths relative to ``start``, as the report step writes inputs.json."""
+    if isinstance(paths, dict):
+        return {name: _relative(path, start) for name, path in paths.items()}
+    return None if paths is None else os.path.relpath(paths, start)
+
+
+def _write_inputs(layout, workdir: Path) -> Path:
+    """The report's inputs.json (what it read, relative to results/{model}); its directory."""
+    inputs = workdir / layout.report_files()["inputs"]
+    write_json_atomic(_relative(layout.report_inputs(), layout.root), inputs)
+    return inputs.parent
+
+
+def _to_parquet(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(path)
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> dict:
-    """The files of a small study: one full experiment, one scored-only experiment."""
-    root = tmp_path_factory.mktemp("results") / MODEL  # results/{model}: the report's model name
-    write_json_atomic(BASELINE, root / "baseline/metrics.json")
-    write_json_atomic(RUN, root / "baseline/config.json")  # the baseline step's spec, as it writes it
+    """The files of a small study: one full experiment, one scored-only experiment, where the
+    workflow writes them (``STUDY``'s layout under a workdir)."""
+    workdir = tmp_path_factory.mktemp("study")
+    layout = study_layout(STUDY)
+    root = workdir / layout.root  # results/{model}: the report's model name
+    confirm = layout.confirm_files()
+    # the files the tests read by name, relative to results/{model} (a copy of it has them too)
+    named = {"baseline": layout.baseline_files()["metrics"], "baseline_config": layout.baseline_files()["config"],
+             "super_weights": confirm["super_weights"], "super_experts": confirm["super_experts"],
+             "activations": confirm["activations"], "verdicts": layout.report_files()["verdicts"]}
+    named = {name: os.path.relpath(path, layout.root) for name, path in named.items()}
+    write_json_atomic(BASELINE, root / named["baseline"])
+    write_json_atomic(RUN, root / named["baseline_config"])  # the baseline step's spec, as it writes it
     table = target_table(TARGETS)
     # as the config lists an experiment (topk, seeds), with its files one per seed
     entry = {"name": "gradxw_global_k20", "metric": "grad_x_weight", "mode": "global", "topk": 20,
@@ -109,49 +144,58 @@ def study(tmp_path_factory) -> dict:
     for seed in SEEDS:
         candidates[seed], stats = _candidates(seed)
         masks[seed] = build_mask(candidates[seed], table, "global", 20, seed)
+        paths = {"stats": layout.score_files("grad_x_weight", seed)["stats"],
+                 "masks": layout.mask("grad_x_weight", "global", 20, seed)}
         for kind, frame in (("stats", stats), ("masks", masks[seed])):
-            path = root / f"{kind}_seed{seed}.parquet"
-            frame.to_parquet(path)
-            entry[kind].append(str(path))
+            _to_parquet(frame, workdir / paths[kind])
+            entry[kind].append(str(workdir / paths[kind]))
         other = build_mask(_candidates(100 + seed)[0], table, "global", 20, seed)
         agreement.append(metric_agreement({"grad_x_weight": masks[seed], "grad_squared": other})
                          .assign(seed=seed, mode="global", k=20))
+    stability = {name: workdir / path for name, path in layout.stability_files("grad_x_weight", "global", 20).items()}
+    results = workdir / layout.perturb_files("grad_x_weight", "global", 20, "zero_1")["results"]
     pairs, summary = seed_stability(masks, candidates)
-    pairs.to_parquet(root / "pairs.parquet")
+    _to_parquet(pairs, stability["pairs"])
     spec = {"metric": "grad_x_weight", "mode": "global", "k": 20, "seeds": list(SEEDS)}
-    write_json_atomic({**spec, **summary}, root / "stability.json")  # as the stability step writes it
-    _results().to_parquet(root / "results.parquet")
-    entry.update(results=str(root / "results.parquet"), stability=str(root / "stability.json"),
-                 stability_pairs=str(root / "pairs.parquet"))
+    write_json_atomic({**spec, **summary}, stability["summary"])  # as the stability step writes it
+    _to_parquet(_results(), results)
+    entry.update(results=str(results), stability=str(stability["summary"]), stability_pairs=str(stability["pairs"]))
     scored_only = {"name": "actmag_perlayer_k5", "metric": "activation_magnitude", "mode": "per_layer",
                    "k": 5, "stats": {"0": entry["stats"][0]}}
     agreement = pd.concat(agreement, ignore_index=True)
-    agreement.to_parquet(root / "agreement_global_k20.parquet")  # one table per (mode, k)
-    agreement.assign(mode="per_layer", k=5).to_parquet(root / "agreement_per_layer_k5.parquet")
-    (root / "confirm").mkdir()
-    _super_weights().to_parquet(root / "confirm/super_weights.parquet")
-    _super_experts().to_parquet(root / "confirm/super_experts.parquet")
-    pd.DataFrame([{"layer": layer, "module": "mlp.down_proj", "side": side, "value": value, "channel": 7,
-                   "window": 0, "position": 0, "token": 1}
-                  for layer, values in enumerate([(900.0, 850.0), (3.0, 2.5)])
-                  for side, value in zip(("input", "output"), values)], columns=TRACE_COLUMNS
-                 ).to_parquet(root / "activations.parquet")
+    tables = [workdir / layout.agreement("global", 20), workdir / layout.agreement("per_layer", 5)]
+    _to_parquet(agreement, tables[0])  # one table per (mode, k)
+    _to_parquet(agreement.assign(mode="per_layer", k=5), tables[1])
+    _to_parquet(_super_weights(), root / named["super_weights"])
+    _to_parquet(_super_experts(), root / named["super_experts"])
+    _to_parquet(pd.DataFrame([{"layer": layer, "module": "mlp.down_proj", "side": side, "value": value, "channel": 7,
+                               "window": 0, "position": 0, "token": 1}
+                              for layer, values in enumerate([(900.0, 850.0), (3.0, 2.5)])
+                              for side, value in zip(("input", "output"), values)], columns=TRACE_COLUMNS),
+                root / named["activations"])
     experiments = [entry, scored_only]
-    agreement = [root / "agreement_global_k20.parquet", root / "agreement_per_layer_k5.parquet"]
-    verdicts = verdicts_from_files(root / "baseline/metrics.json", experiments, agreement)
-    write_json_atomic(verdicts, root / "report/verdict.json")
-    return {"root": root, "experiments": experiments, "verdicts": verdicts, "agreement": agreement}
+    verdicts = verdicts_from_files(root / named["baseline"], experiments, tables)
+    write_json_atomic(verdicts, root / named["verdicts"])
+    report = _write_inputs(layout, workdir)
+    return {"root": root, "named": named, "report": report, "experiments": experiments, "verdicts": verdicts,
+            "agreement": tables}
+
+
+def _at(study, root: Path | None = None) -> dict[str, Path]:
+    """The study's named files under ``root`` (default its results/{model}; or a copy of it)."""
+    root = study["root"] if root is None else root
+    return {name: root / path for name, path in study["named"].items()}
 
 
 def _build(study, out: Path, full: bool = True) -> str:
-    root = study["root"]
-    return build_report(root / "baseline/metrics.json", study["experiments"] if full else [],
+    files = _at(study)
+    return build_report(files["baseline"], study["experiments"] if full else [],
                         study["agreement"] if full else None,
-                        root / "confirm/super_weights.parquet" if full else None,
-                        root / "activations.parquet" if full else None,
-                        root / "report/verdict.json" if full else None, out,
-                        baseline_config=root / "baseline/config.json", plot_dir=out.parent / "plots", model=MODEL,
-                        super_experts_path=root / "confirm/super_experts.parquet" if full else None)
+                        files["super_weights"] if full else None,
+                        files["activations"] if full else None,
+                        files["verdicts"] if full else None, out,
+                        baseline_config=files["baseline_config"], plot_dir=out.parent / "plots", model=MODEL,
+                        super_experts_path=files["super_experts"] if full else None)
 
 
 def test_report_is_self_contained_with_every_section(study, tmp_path):
@@ -216,12 +260,11 @@ def test_super_experts_are_listed_largest_ppl_factor_first(study, tmp_path):
 
 def test_a_dense_model_says_it_has_no_experts(study, tmp_path):
     shutil.copytree(study["root"], tmp_path / MODEL)
-    root = tmp_path / MODEL
-    _super_experts().iloc[:0].to_parquet(root / "confirm/super_experts.parquet")
-    page = build_report(root / "baseline/metrics.json", [], None, root / "confirm/super_weights.parquet", None, None,
-                        tmp_path / "index.html", baseline_config=root / "baseline/config.json",
-                        plot_dir=tmp_path / "plots", model=MODEL,
-                        super_experts_path=root / "confirm/super_experts.parquet")
+    files = _at(study, tmp_path / MODEL)
+    _super_experts().iloc[:0].to_parquet(files["super_experts"])
+    page = build_report(files["baseline"], [], None, files["super_weights"], None, None,
+                        tmp_path / "index.html", baseline_config=files["baseline_config"],
+                        plot_dir=tmp_path / "plots", model=MODEL, super_experts_path=files["super_experts"])
     assert _section(page, "super-experts") == ('<section id="super-experts"><h2>Super experts</h2>'
                                                "<p>The model has no experts (a dense model): no expert was zeroed."
                                                "</p></section>")
@@ -261,7 +304,7 @@ def test_report_opens_with_the_summary(study, tmp_path):
                      "grad_squared #1")]
     assert "[9, 2]" not in summary  # tested, not confirmed
     # the verdict counts of verdict.json
-    stored = json.loads((study["root"] / "report/verdict.json").read_text())
+    stored = json.loads(_at(study)["verdicts"].read_text())
     counts = [(status, sum(v["status"] == status for v in stored)) for status in ("good", "warn", "bad")]
     assert re.findall(r'<span class="badge (\w+)">(\d+) \1</span>', summary) == [(s, str(n)) for s, n in counts]
     assert counts == [("good", 4), ("warn", 2), ("bad", 3)]
@@ -269,10 +312,10 @@ def test_report_opens_with_the_summary(study, tmp_path):
 
 def test_summary_says_plainly_when_no_weight_is_confirmed(study, tmp_path):
     shutil.copytree(study["root"], tmp_path / MODEL)
-    root = tmp_path / MODEL
-    _super_weights(after=(14.0, 12.2, 16.5)).to_parquet(root / "confirm/super_weights.parquet")
-    summary = _summary(build_report(root / "baseline/metrics.json", [], None, root / "confirm/super_weights.parquet",
-                                    None, None, tmp_path / "index.html", baseline_config=root / "baseline/config.json",
+    files = _at(study, tmp_path / MODEL)
+    _super_weights(after=(14.0, 12.2, 16.5)).to_parquet(files["super_weights"])
+    summary = _summary(build_report(files["baseline"], [], None, files["super_weights"],
+                                    None, None, tmp_path / "index.html", baseline_config=files["baseline_config"],
                                     plot_dir=tmp_path / "plots", model=MODEL))
     text = html.unescape(re.sub(r"<[^>]+>", "", summary))
     assert (f"No super weight confirmed. Of 3 weights tested, the largest PPL factor is "
@@ -372,9 +415,10 @@ def test_report_renders_in_headless_chromium(study, tmp_path, chromium):
 # ---- summary ----------------------------------------------------------------------------
 
 def test_summary_text(study):
-    text = summary_text(study["root"])
+    text = summary_text(study["root"])  # results/{model}: its one report
     lines = text.splitlines()
-    assert lines[0] == f"ESA summary: {study['root']}"
+    assert lines[0] == f"ESA summary: {study['report']}"
+    assert summary_text(study["report"]) == text  # the report's directory itself
     assert lines[1] == ("baseline: PPL 12.18  loss 2.5000 +- 0.021  (4080 tokens, 16 windows, finite)")
     assert lines[2] == "super weights: 2 confirmed of 3 tested"
     assert lines[3] == (f"  {TARGETS[1].name}[3, 7]  w=-2.75  PPL 12.18 -> 1250 (x103)  "
@@ -400,11 +444,13 @@ def test_summary_counts_a_weight_several_metrics_rank_once(tmp_path):
            "part": "", "row": 3, "col": 7, "flat_index": 3 * 16 + 7, "weight": -2.5, "score": 1.0, "ppl_before": 10.0,
            "ppl_after": 40.0, "ppl_ratio": 4.0, "confirmed": True}
     other = {**row, "col": 8, "flat_index": 3 * 16 + 8, "ppl_after": 10.5, "ppl_ratio": 1.05, "confirmed": False}
-    (tmp_path / "confirm").mkdir()
-    pd.DataFrame([{**row, "metric": "grad_x_weight", "rank": 0}, {**other, "metric": "grad_x_weight", "rank": 1},
-                  {**row, "metric": "activation_magnitude", "rank": 0}]).to_parquet(
-        tmp_path / "confirm" / "super_weights.parquet")
-    lines = summary_text(tmp_path).splitlines()
+    layout = study_layout(STUDY)
+    _to_parquet(pd.DataFrame([{**row, "metric": "grad_x_weight", "rank": 0},
+                              {**other, "metric": "grad_x_weight", "rank": 1},
+                              {**row, "metric": "activation_magnitude", "rank": 0}]),
+                tmp_path / layout.confirm_files()["super_weights"])
+    _write_inputs(layout, tmp_path)  # the report that read it
+    lines = summary_text(tmp_path / layout.root).splitlines()
     assert "super weights: 1 confirmed of 2 tested" in lines
     assert ("  model.layers.1.mlp.down_proj.weight[3, 7]  w=-2.5  PPL 10 -> 40 (x4)  "
             "top-N of grad_x_weight, activation_magnitude") in lines

@@ -13,12 +13,11 @@ from esa import model_steps, steps
 from esa.data import windows_frame
 from esa.evaluation import mean_token_loss
 from esa.io import write_json_atomic, write_parquet_atomic
-from esa.layout import Layout
 from esa.scores import _scoring_mode, compute_scores
 from esa.step_specs import typed_spec
 from esa.targets import find_targets, split_targets, target_parameter
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, study_layout
 
 
 def test_split_targets_keeps_order_and_layer_blocks():
@@ -53,9 +52,14 @@ def test_layer_split_scoring_equals_unsplit(tmp_path, scoring_inputs, metrics):
     spec, model, calib = scoring_inputs
     spec = {**spec, "metrics": metrics, "save_full_scores": True}
 
+    # the files of a study that saves full scores (activation_magnitude's include its trace), one
+    # copy per job under tmp_path / where
+    layout = study_layout({"model": {"name": "tiny", "source": model}, "data": {"source": "builtin:pydoc"},
+                           "scoring": {"save_full_scores": True}})
+
     def files(where):
-        return {m: Layout(root=str(tmp_path / where)).score_files(
-            m, 1, activations=m == "activation_magnitude", full_scores=True) for m in metrics}
+        return {m: {name: str(tmp_path / where / path) for name, path in layout.score_files(m, 1).items()}
+                for m in metrics}
 
     model_steps.step_scores(typed_spec("scores", spec), model=model, calib=calib, **files("whole"))
     for group in (0, 1):

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import study_layout
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_SH = REPO / "tests" / "cluster" / "slurm.sh"
@@ -191,13 +192,13 @@ def test_esa_workflow_runs_through_slurm(slurm_cluster, tmp_path, tiny_model_dir
         assert _gpu_tres(cluster.cmd("scontrol", "show", "job", by_rule[rule])) == [], rule
 
     # the same numbers as the local run
-    root = "results/tiny"
-    for name in ("baseline/metrics.json", "confirm/baseline_rerun.json"):
-        assert (slurm_dir / root / name).read_text() == (local_dir / root / name).read_text()
-    for name in ("scores/grad_x_weight/seed0/candidates.parquet", "topk/grad_x_weight/global_k5/seed0/mask.parquet",
-                 "perturb/grad_x_weight/global_k5/zero_1/results.parquet", "confirm/super_weights.parquet"):
-        pd.testing.assert_frame_equal(pd.read_parquet(slurm_dir / root / name),
-                                      pd.read_parquet(local_dir / root / name))
+    layout = study_layout(config)
+    for name in (layout.baseline_files()["metrics"], layout.confirm_files()["rerun"]):
+        assert (slurm_dir / name).read_text() == (local_dir / name).read_text()
+    for name in (layout.score_files("grad_x_weight", 0)["candidates"], layout.mask("grad_x_weight", "global", 5, 0),
+                 layout.perturb_files("grad_x_weight", "global", 5, "zero_1")["results"],
+                 layout.confirm_files()["super_weights"]):
+        pd.testing.assert_frame_equal(pd.read_parquet(slurm_dir / name), pd.read_parquet(local_dir / name))
 
 
 def test_gpu_requests_switched_off_by_config(slurm_cluster, tmp_path):

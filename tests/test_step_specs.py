@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, study_layout
 from test_io import _topk_argv
 
 from esa.provenance import module_path
@@ -131,9 +131,10 @@ def test_every_spec_a_dry_run_prints_parses(tmp_path, study):
         specs = _dry_run_specs(tmp_path)
     else:
         config = tmp_path / "config.yaml"
-        config.write_text(yaml.safe_dump(_every_step_config(tmp_path)))
-        specs = _dry_run_specs(tmp_path, "all", "results/tiny/quantize/protect/grad_x_weight_k5.parquet",
-                               "--configfile", str(config))
+        every_step = _every_step_config(tmp_path)
+        config.write_text(yaml.safe_dump(every_step))
+        protect = study_layout(every_step, "tiny").protect_mask_files("grad_x_weight", 5)["mask"]
+        specs = _dry_run_specs(tmp_path, "all", protect, "--configfile", str(config))
         assert {step for step, _ in specs} == set(STEPS)
     assert len(specs) > 40
     for step, text in specs:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import snakemake
+from conftest import snakemake, study_layout
 
 from esa.candidates import build_candidates
 from esa.data import draw_calibration, read_windows
@@ -82,32 +82,33 @@ def study(tmp_path_factory, tiny_model_dir):
 def test_scores_on_disk_equal_a_direct_computation(study):
     """candidates.parquet of seed 1 equals scoring seed 1's calibration sample directly."""
     workdir, config, _ = study
-    root = workdir / "results/tiny"
-    model = load_model(source_from_ref(root / "model/model.json"), "cpu", "fp32", "sdpa")
-    pool = read_windows(root / "data/calib.parquet")
+    layout = study_layout(config)
+    model = load_model(source_from_ref(workdir / layout.model_ref), "cpu", "fp32", "sdpa")
+    pool = read_windows(workdir / layout.data_files("calib")["windows"])
     sample = torch.from_numpy(pool[draw_calibration(len(pool), 4, 1)])
     targets = find_targets(model)
     direct = compute_scores(model, targets, sample, ["grad_x_weight"], 2, 1, progress=False)["grad_x_weight"]
     expected = build_candidates(targets, direct.weights, direct.stat, direct.score, 40)
-    on_disk = pd.read_parquet(root / "scores/grad_x_weight/seed1/candidates.parquet")
+    scores = layout.score_files("grad_x_weight", 1)
+    on_disk = pd.read_parquet(workdir / scores["candidates"])
     pd.testing.assert_frame_equal(on_disk, expected)
-    manifest = json.loads((root / "scores/grad_x_weight/seed1/manifest.json").read_text())
+    manifest = json.loads((workdir / scores["manifest"]).read_text())
     assert manifest["calibration_windows"] == draw_calibration(len(pool), 4, 1).tolist()
 
 
 def test_seeds_change_the_calibration_sample_and_the_ranking(study):
-    workdir, _, _ = study
-    root = workdir / "results/tiny/scores/grad_x_weight"
-    a = json.loads((root / "seed0/manifest.json").read_text())["calibration_windows"]
-    b = json.loads((root / "seed1/manifest.json").read_text())["calibration_windows"]
+    workdir, config, _ = study
+    layout = study_layout(config)
+    a, b = (json.loads((workdir / layout.score_files("grad_x_weight", seed)["manifest"]).read_text())
+            ["calibration_windows"] for seed in (0, 1))
     assert a != b
-    pairs = pd.read_parquet(workdir / "results/tiny/stability/grad_x_weight/per_layer_k20/pairs.parquet")
+    pairs = pd.read_parquet(workdir / layout.stability_files("grad_x_weight", "per_layer", 20)["pairs"])
     assert len(pairs) == 1 and 0.0 < pairs.jaccard[0] < 1.0
 
 
 def test_masks_hold_top_and_matched_controls(study):
-    workdir, _, _ = study
-    mask = pd.read_parquet(workdir / "results/tiny/topk/grad_x_weight/per_layer_k20/seed0/mask.parquet")
+    workdir, config, _ = study
+    mask = pd.read_parquet(workdir / study_layout(config).mask("grad_x_weight", "per_layer", 20, 0))
     counts = mask.groupby("set").size().to_dict()
     assert counts == {"top": 40, "random_k": 40, "bottom_k": 40}  # 2 layers x k=20
     top = mask[mask.set == "top"]
@@ -117,16 +118,17 @@ def test_masks_hold_top_and_matched_controls(study):
 
 
 def test_perturbation_results_against_the_baseline(study):
-    workdir, _, _ = study
-    root = workdir / "results/tiny"
-    baseline = json.loads((root / "baseline/metrics.json").read_text())
-    results = pd.read_parquet(root / "perturb/grad_x_weight/per_layer_k20/sign_flip_1/results.parquet")
+    workdir, config, _ = study
+    layout = study_layout(config)
+    baseline = json.loads((workdir / layout.baseline_files()["metrics"]).read_text())
+    perturbed = layout.perturb_files("grad_x_weight", "per_layer", 20, "sign_flip_1")
+    results = pd.read_parquet(workdir / perturbed["results"])
     assert sorted(zip(results["seed"], results["set"])) == [
         (0, "bottom_k"), (0, "random_k"), (0, "top"), (1, "bottom_k"), (1, "random_k"), (1, "top")]
     assert (results.n_weights == 40).all() and results.finite.all()
     np.testing.assert_allclose(results.delta_ppl, results.ppl - baseline["ppl"])
     np.testing.assert_allclose(results.ppl_ratio, results.ppl / baseline["ppl"])
-    hutch = pd.read_parquet(root / "perturb/hutchinson_diag/global_k30/zero_1/results.parquet")
+    hutch = pd.read_parquet(workdir / layout.perturb_files("hutchinson_diag", "global", 30, "zero_1")["results"])
     assert set(hutch["set"]) == {"top", "random_k"}
 
 
@@ -134,25 +136,27 @@ def test_published_coordinates_are_ranked_where_the_candidates_decide(study):
     """The published step ranks each coordinate under each metric on the confirm seed: an exact
     rank is the coordinate's place in the global order of the stored candidates; the report
     lists them."""
-    workdir, _, _ = study
-    root = workdir / "results/tiny"
-    matches = pd.read_parquet(root / "published/matches.parquet")
-    tested = pd.read_parquet(root / "confirm/super_weights.parquet").drop_duplicates(["tensor", "flat_index"])
+    workdir, config, _ = study
+    layout = study_layout(config)
+    matches = pd.read_parquet(workdir / layout.published_files()["matches"])
+    tested = pd.read_parquet(workdir / layout.confirm_files()["super_weights"])
+    tested = tested.drop_duplicates(["tensor", "flat_index"])
     assert len(matches) == 2 * 4 and set(matches["source"]) == {"test 0", "test 1"}  # x four metrics
     assert set(matches["status"]) <= {"exact", "at_least"}
     for match in matches.itertuples():
-        scored = root / f"scores/{match.metric}/seed0"
-        stats = pd.read_parquet(scored / "stats.parquet")
+        scored = {name: workdir / path for name, path in layout.score_files(match.metric, 0).items()}
+        stats = pd.read_parquet(scored["stats"])
         cols = int(stats.set_index("tensor").loc[match.tensor, "cols"])
         assert match.flat_index == match.row * cols + match.col
         if match.status == "exact":
-            last = select_topk(pd.read_parquet(scored / "candidates.parquet"), stats[TABLE_COLUMNS], "global",
+            last = select_topk(pd.read_parquet(scored["candidates"]), stats[TABLE_COLUMNS], "global",
                                match.rank + 1).iloc[-1]
             assert (last["tensor"], last["row"], last["col"], last["score"]) == (
                 match.tensor, match.row, match.col, match.score)
         hit = tested[(tested["tensor"] == match.tensor) & (tested["flat_index"] == match.flat_index)]
         assert match.tested == (len(hit) == 1)
-    section = (root / "report/index.html").read_text().split('<section id="published">')[1].split("</section>")[0]
+    page = (workdir / layout.report_files()["index"]).read_text()
+    section = page.split('<section id="published">')[1].split("</section>")[0]
     assert "2 super weights published for <b>esa-test/tiny</b>" in section
 
 
@@ -160,39 +164,39 @@ def test_quantize_culprits_and_mechanism_run_in_the_dag(study):
     """One 3-bit scheme: none, each metric's top-1 and top-10, random_k at 1 and 10, the super
     weights; the culprit search of the hutch experiment and the mechanism tables are written
     whatever the tiny model holds (no confirmed super weight: empty tables)."""
-    workdir, _, _ = study
-    root = workdir / "results/tiny"
-    quantize = pd.read_parquet(root / "quantize/results.parquet")
+    workdir, config, _ = study
+    layout = study_layout(config)
+    quantize = pd.read_parquet(workdir / layout.quantize_files()["results"])
     conditions = [("none", "", 0), *(("metric", m, k) for m in METRICS for k in (1, 10)),
                   ("random_k", "", 1), ("random_k", "", 10), ("super_weights", "", 0)]
     assert list(zip(quantize["protect"], quantize["metric"], quantize["k"])) == conditions
     assert quantize["n_protected"].tolist() == [k for _, _, k in conditions]
     assert (quantize["bits"] == 3).all() and (quantize["group_size"] == 16).all()
     none = quantize[quantize["protect"] == "none"].iloc[0]
-    assert none["ppl"] != json.loads((root / "baseline/metrics.json").read_text())["ppl"] and none["kl"] > 0
-    summary = json.loads((root / "culprits/hutch/summary.json").read_text())
+    baseline = json.loads((workdir / layout.baseline_files()["metrics"]).read_text())
+    assert none["ppl"] != baseline["ppl"] and none["kl"] > 0
+    summary = json.loads((workdir / layout.culprit_files("hutch")["summary"]).read_text())
     assert summary["n_weights"] == 30 and summary["evaluations"] >= 1
-    for name in ("sweep", "restore", "control"):
-        assert (root / f"mechanism/{name}.parquet").exists()
-    page = (root / "report/index.html").read_text()
+    for path in layout.mechanism_files().values():
+        assert (workdir / path).exists()
+    page = (workdir / layout.report_files()["index"]).read_text()
     for heading in ("Quantization: what protection buys", "Culprits in destructive sets", "How each super weight acts"):
         assert heading in page
 
 
 def test_agreement_between_metrics(study):
-    workdir, _, _ = study
-    table = pd.read_parquet(workdir / "results/tiny/agreement/global_k30.parquet")
+    workdir, config, _ = study
+    table = pd.read_parquet(workdir / study_layout(config).agreement("global", 30))
     assert set(table.seed) == {0, 1}
     assert len(table) == 2 * 6  # four metrics -> six pairs per seed
     assert ((table.jaccard >= 0) & (table.jaccard <= 1)).all()
 
 
 def test_plots_are_written(study):
-    workdir, _, _ = study
-    plots = workdir / "results/tiny/plots"
-    for path in ["grad_x_weight/per_layer_k20/seed0/distribution.png", "grad_x_weight/per_layer_k20/seed0/hotspots.png",
-                 "activation_magnitude/seed0/massive_activations.png"]:
-        assert (plots / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    workdir, config, _ = study
+    layout = study_layout(config)
+    for path in [*layout.plot_files("grad_x_weight", "per_layer", 20, 0).values(), layout.activation_plot(0)]:
+        assert (workdir / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _snakemake_report_data(page: str, name: str):
@@ -213,15 +217,16 @@ def test_snakemake_report_holds_the_flagged_figures_and_the_study_page(study):
     assert result.returncode == 0, result.stdout[-3000:]
     page = (workdir / "report.html").read_text(encoding="utf-8")
     results, categories = (_snakemake_report_data(page, name) for name in ("results", "categories"))
-    figures = {str(path.relative_to(workdir)) for path in workdir.glob("results/tiny/plots/*/*/seed*/*.png")}
-    index = "results/tiny/report/index.html"
+    layout = study_layout(config)
+    figures = {str(path.relative_to(workdir)) for path in workdir.glob("results/tiny/plots/*/*/seed*/*/*.png")}
+    index = layout.report_files()["index"]
     assert len(figures) == 2 * 4 and set(results) == figures | {index}  # 2 figures x 4 experiments (first seed)
     assert {name: sorted(files) for name, files in ((c, sum(g.values(), [])) for c, g in categories.items())} == {
         "Scores": sorted(f for f in figures if f.endswith("distribution.png")),
         "Hotspots": sorted(f for f in figures if f.endswith("hotspots.png")), "Report": [index]}
     for path in figures:
         assert results[path]["job_properties"]["rule"] == "plots"
-    figure = results["results/tiny/plots/hutchinson_diag/global_k30/seed0/hotspots.png"]
+    figure = results[layout.plot_files("hutchinson_diag", "global", 30, 0)["hotspots"]]
     assert figure["caption"] == "<p>ESA Phase 2 figure of hutchinson_diag (global, k=30, seed 0).</p>\n"
     study_page = results[index]
     assert study_page["job_properties"]["rule"] == "report" and "The ESA study page" in study_page["caption"]
@@ -233,8 +238,9 @@ def test_rerun_is_a_noop_and_identical(study):
     workdir, config, _ = study
     dry = snakemake(workdir, config, "-n")
     assert "Nothing to be done" in dry.stdout
-    mask = workdir / "results/tiny/topk/grad_x_weight/per_layer_k20/seed1/mask.parquet"
-    results = workdir / "results/tiny/perturb/grad_x_weight/per_layer_k20/sign_flip_1/results.parquet"
+    layout = study_layout(config)
+    mask = workdir / layout.mask("grad_x_weight", "per_layer", 20, 1)
+    results = workdir / layout.perturb_files("grad_x_weight", "per_layer", 20, "sign_flip_1")["results"]
     before = mask.read_bytes(), pd.read_parquet(results)
     # only these two files' jobs: a forced rule reruns everything after it, for every target
     again = snakemake(workdir, config, "--forcerun", "topk", "perturb", "--", str(mask.relative_to(workdir)),
@@ -277,6 +283,29 @@ def test_runbook_command_resolves_to_its_dag_targets(argv, tmp_path):
     assert ("perturb" in jobs) == (args.perturb is not None)
     assert ("stability" in jobs) == args.stability_check
     assert ("plots" in jobs) == args.save_plots
+
+
+def test_runbook_commands_share_one_evaluation_and_baseline(tmp_path):
+    """The runbook's nine Phase 2-3 commands on one model name one set of evaluation windows and
+    one baseline (they differ in metric, k, seeds and calibration windows only), and the
+    commands that agree on a metric's scoring settings name the same scores (device cpu: no GPU here)."""
+    from esa.runbook import phase_config, phase_parser
+
+    layouts, scores = [], {}
+    for argv in runbook_commands():
+        argv = list(argv)
+        argv[argv.index("--device") + 1] = "cpu"
+        argv[argv.index("--out-dir") + 1] = str(tmp_path / argv[argv.index("--out-dir") + 1])
+        config, name = phase_config(phase_parser().parse_args(argv))
+        layout = study_layout(config)
+        layouts.append(layout)
+        e = layout.experiments[name]
+        for seed in e["seeds"]:
+            scores.setdefault((e["metric"], seed, json.dumps(config["scoring"], sort_keys=True)), set()).add(
+                layout.score_files(e["metric"], seed)["candidates"])
+    assert len({(lay.data_files("eval")["windows"], lay.baseline_files()["metrics"]) for lay in layouts}) == 1
+    assert len({lay.model_ref for lay in layouts}) == 1
+    assert all(len(paths) == 1 for paths in scores.values())
 
 
 def test_llama_runbook_config_resolves(tmp_path):
@@ -332,7 +361,7 @@ def test_deterministic_kernels_rerun_the_model_steps_and_off_keeps_existing_resu
     """Off (the default) leaves the key out of every spec, as before it existed; on reruns every
     step that runs the model (and what reads them), never the model or data steps."""
     workdir, config, _ = study
-    baseline_spec = json.loads(next((workdir / "results").rglob("baseline/config.json")).read_text())
+    baseline_spec = json.loads((workdir / study_layout(config).baseline_files()["config"]).read_text())
     assert "deterministic" not in baseline_spec and baseline_spec["device"] == "cpu"
     jobs = scheduled(snakemake(workdir, changed(config, lambda c: c.update(deterministic=True)), "-n", "--quiet",
                                "rules"))
@@ -404,7 +433,52 @@ def test_changing_esa_code_reruns_the_rules_that_run_it(study, tmp_path):
     assert jobs == {"scores_hutchinson": 2, "topk": 6, "plots": 1, "stability": 1, "agreement": 3, "perturb": 1,
                     "confirm": 1, "culprits": 1, "mechanism": 1, "published": 1, "quantize": 1, "report": 1}
     # one phase's path in esa/layout.py: that phase and what reads it
-    assert dry_run_edited("esa/layout.py", '/stability/{metric}', '/stability-moved/{metric}') == {
+    assert dry_run_edited("esa/layout.py", 'f"stability/{metric}', 'f"stability-moved/{metric}') == {
         "stability": 4, "report": 1}
-    assert dry_run_edited("esa/layout.py", '/perturb/{metric}', '/perturb-moved/{metric}') == {
+    assert dry_run_edited("esa/layout.py", 'f"perturb/{metric}', 'f"perturb-moved/{metric}') == {
         "perturb": 2, "report": 1}
+
+
+def test_configs_coexist_and_share_what_they_agree_on(tmp_path, tiny_model_dir):
+    """The default study, then a runbook command with other settings in the same project
+    (device cpu against the study's auto, which is cpu here; twice the calibration windows):
+    the command reuses the study's model, data and baseline and scores beside it; then neither
+    the study nor the command has anything left to do. Before: the command replaced the
+    study's baseline and scores, and the study's next run recomputed them."""
+    from esa.runbook import model_name, phase_config, phase_main, phase_parser
+
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    study = {"model": {"name": model_name(str(tiny_model_dir)), "source": str(tiny_model_dir)}, "device": "auto",
+             "data": {"source": "builtin:pydoc", "seq_len": 32, "eval_windows": 4},
+             "scoring": {"max_samples": 4, "batch_size": 2, "candidates": 20},
+             "experiments": [{"name": "gxw", "metric": "grad_x_weight", "mode": "global", "topk": 10}]}
+    first = snakemake(workdir, study)
+    assert first.returncode == 0, first.stdout[-3000:]
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(study))
+    argv = ["--model", str(tiny_model_dir), "--metric", "grad_x_weight", "--mode", "global", "--topk", "10",
+            "--max-samples", "8", "--device", "cpu", "--out-dir", str(tmp_path / "out" / "p2"),
+            "--config", str(base), "--workdir", str(workdir)]
+    command, name = phase_config(phase_parser().parse_args(argv))
+    targets = study_layout(command).experiment_targets(name)
+    assert scheduled(snakemake(workdir, command, "-n", "--quiet", "rules", "--", *targets)) == {
+        "scores_gradients": 1, "topk": 1}
+    assert phase_main(argv) == 0
+    assert "Nothing to be done" in snakemake(workdir, study, "-n").stdout
+    assert "Nothing to be done" in snakemake(workdir, command, "-n", "--", *targets).stdout
+    # both scores, side by side: the study's 4 calibration windows and the command's 8
+    drawn = {len(json.loads((workdir / study_layout(c).score_files("grad_x_weight", 0)["manifest"]).read_text())
+                 ["calibration_windows"]) for c in (study, command)}
+    assert drawn == {4, 8}
+    # `esa path` names the files under a config as the workflow keys them
+    from esa.cli import job_paths
+
+    assert job_paths("scores", ["metric=grad_x_weight", "seed=0"], [str(base)], None) == list(
+        study_layout(study).score_files("grad_x_weight", 0).values())
+    # a path of no config's key is refused, naming both keys
+    baseline = study_layout(study).baseline_files()["metrics"]
+    key = baseline.split("/")[-2]
+    wrong = snakemake(workdir, study, "-n", baseline.replace(key, "0123456789"))
+    assert wrong.returncode != 0
+    assert f"baseline results directory 0123456789 is not this config's ({key})" in wrong.stdout

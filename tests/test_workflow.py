@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import snakemake
+from conftest import snakemake, study_layout
 
 from esa.data import read_windows
 from esa.evaluation import evaluate
@@ -27,34 +27,42 @@ def tiny_config(tiny_model_dir):
             "baseline": {"batch_size": 4}}
 
 
+def _log(layout, job: str, step: str, **wildcards) -> str:
+    """The concrete log of one job: ``layout.log(job)`` with its step's key filled in."""
+    return layout.log(job).replace("{key}", layout.key(step, **wildcards))
+
+
 def test_baseline_dag_runs_caches_and_reproduces(tmp_path, tiny_config):
-    first = snakemake(tmp_path, tiny_config, "results/tiny/baseline/metrics.json")
+    layout = study_layout(tiny_config)
+    files = {name: tmp_path / path for name, path in layout.baseline_files().items()}
+    target = layout.baseline_files()["metrics"]
+    first = snakemake(tmp_path, tiny_config, target)
     assert first.returncode == 0, first.stdout[-3000:]
-    base = tmp_path / "results/tiny/baseline"
-    metrics = json.loads((base / "metrics.json").read_text())
+    metrics = json.loads(files["metrics"].read_text())
     # independent check: evaluate the stored evaluation windows directly
-    model = load_model(source_from_ref(tmp_path / "results/tiny/model/model.json"), "cpu", "fp32", "eager")
-    windows = torch.from_numpy(read_windows(tmp_path / "results/tiny/data/eval.parquet"))
+    model = load_model(source_from_ref(tmp_path / layout.model_ref), "cpu", "fp32", "eager")
+    windows = torch.from_numpy(read_windows(tmp_path / layout.data_files("eval")["windows"]))
     assert windows.shape == (6, 32)
     reference = evaluate(model, windows, batch_size=1)
     assert abs(metrics["ppl"] - reference.ppl) / reference.ppl < 1e-5
     assert metrics["tokens"] == 6 * 31 and metrics["windows"] == 6 and metrics["finite"]
-    manifest = json.loads((base / "experiment_manifest.json").read_text())
+    manifest = json.loads(files["manifest"].read_text())
     assert {"python", "versions", "device_name", "dtype", "git_commit", "config_hash", "start", "end",
             "wall_seconds", "peak_host_rss_mb"} <= manifest.keys()
-    assert json.loads((base / "config.json").read_text())["batch_size"] == 4
-    assert (tmp_path / "logs/tiny/baseline.log").exists()
+    assert json.loads(files["config"].read_text())["batch_size"] == 4
+    assert (tmp_path / _log(layout, "baseline", "baseline")).exists()
 
-    dry = snakemake(tmp_path, tiny_config, "-n", "results/tiny/baseline/metrics.json")
+    dry = snakemake(tmp_path, tiny_config, "-n", target)
     assert "Nothing to be done" in dry.stdout
 
-    (base / "metrics.json").unlink()
-    again = snakemake(tmp_path, tiny_config, "results/tiny/baseline/metrics.json")
+    files["metrics"].unlink()
+    again = snakemake(tmp_path, tiny_config, target)
     assert again.returncode == 0
-    assert json.loads((base / "metrics.json").read_text())["ppl"] == metrics["ppl"]
+    assert json.loads(files["metrics"].read_text())["ppl"] == metrics["ppl"]
 
-    assert snakemake(tmp_path, tiny_config, "results/tiny/data/calib.parquet").returncode == 0
-    calib = read_windows(tmp_path / "results/tiny/data/calib.parquet")
+    calib_windows = layout.data_files("calib")["windows"]
+    assert snakemake(tmp_path, tiny_config, calib_windows).returncode == 0
+    calib = read_windows(tmp_path / calib_windows)
     assert not {tuple(w) for w in calib} & {tuple(w) for w in windows.numpy()}
 
 
@@ -77,11 +85,12 @@ def test_bad_value_is_a_schema_error(tmp_path, tiny_config):
 ])
 def test_data_errors_leave_no_output(tmp_path, tiny_config, data, message):
     tiny_config["data"].update(data)
-    result = snakemake(tmp_path, tiny_config, "results/tiny/data/eval.parquet")
+    layout = study_layout(tiny_config)
+    result = snakemake(tmp_path, tiny_config, layout.data_files("eval")["windows"])
     assert result.returncode != 0
-    log = (tmp_path / "logs/tiny/data_eval.log").read_text().strip().splitlines()
+    log = (tmp_path / _log(layout, "data_eval", "data", part="eval")).read_text().strip().splitlines()
     assert log[-1].startswith("esa: error: ") and message in log[-1]
-    assert not list((tmp_path / "results/tiny/data").glob("*"))
+    assert not list((tmp_path / layout.root / "data").rglob("*"))
 
 
 def test_runbook_phase1_command(tmp_path, tiny_model_dir):
@@ -114,19 +123,20 @@ def test_runbook_phase1_command(tmp_path, tiny_model_dir):
 
 
 def test_eval_windows_are_checked_before_any_scoring(tmp_path, tiny_config):
-    """Scoring waits for the evaluation data step, which checks eval_windows against the text
-    (that new evaluation windows still never re-score: test_study)."""
+    """On 2 cores the evaluation data step, which checks eval_windows against the text, ends the
+    run before any scoring starts: both data steps take one thread, and a scores job waits for
+    two (that new evaluation windows still never re-score: test_study)."""
     tiny_config.update(seeds=[0], plots=False, report=False,
                        experiments=[{"name": "e", "metric": "grad_x_weight", "mode": "global", "topk": 5}])
     tiny_config["data"]["eval_windows"] = 100000
-    # even asked for scores alone, the check runs first
-    failed = snakemake(tmp_path, tiny_config, "results/tiny/scores/grad_x_weight/seed0/candidates.parquet")
+    layout = study_layout(tiny_config)
+    failed = snakemake(tmp_path, tiny_config)
     assert failed.returncode != 0
-    log = (tmp_path / "logs/tiny/data_eval.log").read_text().strip().splitlines()
+    log = (tmp_path / _log(layout, "data_eval", "data", part="eval")).read_text().strip().splitlines()
     assert log[-1].startswith("esa: error: eval_windows 100000 is more than the")
     assert re.search(r"INFO esa.data: text source 'builtin:pydoc': one document per pydoc topic; "
                      r"calibration \d+ document\(s\), evaluation \d+ document\(s\)$", log[-2])
-    assert not (tmp_path / "results/tiny/scores").exists() and not list((tmp_path / "logs/tiny").glob("scores*"))
+    assert not (tmp_path / layout.root / "scores").exists() and not list((tmp_path / layout.logs).glob("scores*"))
 
 
 def _job_of(run: subprocess.Popen, step: str):
@@ -149,7 +159,7 @@ def test_killed_run_resumes_with_the_default_command(tmp_path, tiny_config):
     """Snakemake itself killed with SIGKILL while a job runs: the plain command removes the
     stale lock and reruns the cut-short job (profiles/default sets rerun-incomplete); before,
     it was refused until `snakemake --unlock`."""
-    target = "results/tiny/model/model.json"
+    target = study_layout(tiny_config).model_ref
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config))
     run = subprocess.Popen([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
                             "--directory", str(tmp_path), "--configfile", str(tmp_path / "config.yaml"),
@@ -181,13 +191,14 @@ def test_jobs_run_the_interpreter_that_runs_snakemake(tmp_path, tiny_config):
     (fake / "python").write_text("#!/bin/sh\necho 'the wrong python' >&2\nexit 3\n")
     (fake / "python").chmod(0o755)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config))
+    target = study_layout(tiny_config).model_ref
     venv_snakemake = Path(sys.executable).parent / "snakemake"
     result = subprocess.run([str(venv_snakemake), "--snakefile", str(REPO / "Snakefile"), "--directory",
                              str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "--cores", "2",
-                             "results/tiny/model/model.json"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             target], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, timeout=600, env={**os.environ, "PATH": f"{fake}:/usr/bin:/bin"})
     assert result.returncode == 0, result.stdout[-3000:]
-    assert json.loads((tmp_path / "results/tiny/model/model.json").read_text())["kind"] == "dir"
+    assert json.loads((tmp_path / target).read_text())["kind"] == "dir"
 
 
 def test_building_the_dag_and_the_table_steps_never_import_torch(tmp_path):
