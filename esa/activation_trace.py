@@ -5,6 +5,9 @@ there; Sun et al. 2024). activation_magnitude scoring, confirm and mechanism tak
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pandas as pd
 import torch
 from torch import nn
@@ -41,30 +44,55 @@ class _MassiveTrace:
                 for side, best in self.best.items() if best is not None]
 
 
+class MassiveActivations:
+    """The massive-activation trace of every forward pass run while it is attached
+    (:func:`traced`): the windows are numbered across the passes in the order they run, each
+    pass's token windows read where the model takes them (its input embeddings)."""
+
+    def __init__(self, model: nn.Module):
+        self.traces = [(_MassiveTrace(layer, name), module) for layer, name, module in mlp_output_projections(model)]
+        self.offset = 0
+
+    def next_batch(self, module: nn.Module, args: tuple) -> None:
+        """The input embeddings' forward pre-hook: a new batch of windows starts."""
+        for trace, _ in self.traces:
+            trace.batch, trace.offset = args[0], self.offset
+        self.offset += args[0].shape[0]
+
+    def frame(self) -> pd.DataFrame:
+        """One row per (layer, side), columns ``TRACE_COLUMNS``: max |input| or |output|, its
+        channel, window (row across all passes), position and token."""
+        return pd.DataFrame([row for trace, _ in self.traces for row in trace.rows()], columns=TRACE_COLUMNS)
+
+
+@contextmanager
+def traced(model: nn.Module) -> Iterator[MassiveActivations]:
+    """Trace every decoder layer's MLP output projection (:func:`esa.architecture.mlp_output_projections`)
+    in the forward passes run inside the block, so that a pass the caller runs anyway (a
+    reference pass) yields the trace too."""
+    activations = MassiveActivations(model)
+    handles = [model.get_input_embeddings().register_forward_pre_hook(activations.next_batch)]
+    handles += [module.register_forward_hook(trace) for trace, module in activations.traces]
+    try:
+        yield activations
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def massive_activation_trace(model: nn.Module, windows: list[torch.Tensor], chunk_size: int = DEFAULT_CHUNK,
                              pre_hooks: list[tuple[nn.Module, object]] = (), progress: bool = False,
                              desc: str = "forward") -> pd.DataFrame:
-    """Forward passes over batches of windows, tracing every decoder layer's MLP output
-    projection (:func:`esa.architecture.mlp_output_projections`).
-
-    Returns one row per (layer, side) with columns ``TRACE_COLUMNS``: max |input| or
-    |output|, its channel, window (row across all batches), position and token.
-    ``pre_hooks`` (module, hook) are attached for the same passes.
-    """
+    """Forward passes over batches of windows, traced (:func:`traced`); ``pre_hooks`` (module,
+    hook) are attached for the same passes. Returns :meth:`MassiveActivations.frame`."""
     device = model.get_input_embeddings().weight.device
-    traces = [(_MassiveTrace(layer, name), module) for layer, name, module in mlp_output_projections(model)]
     handles = [module.register_forward_pre_hook(hook) for module, hook in pre_hooks]
-    handles += [module.register_forward_hook(trace) for trace, module in traces]
     try:
-        offset = 0
-        for batch in tqdm(windows, desc=desc, disable=not progress):
-            for trace, _ in traces:
-                trace.batch, trace.offset = batch, offset
-            window_nll(model, batch.to(device), chunk_size=chunk_size)
-            offset += batch.shape[0]
+        with traced(model) as activations:
+            for batch in tqdm(windows, desc=desc, disable=not progress):
+                window_nll(model, batch.to(device), chunk_size=chunk_size)
     finally:
         for handle in handles:
             handle.remove()
-    return pd.DataFrame([row for trace, _ in traces for row in trace.rows()], columns=TRACE_COLUMNS)
-
+    return activations.frame()

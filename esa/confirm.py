@@ -41,7 +41,7 @@ from .evaluation import DEFAULT_CHUNK, Evaluation, batches, evaluate
 from .names import GLOBAL, ZERO
 from .perturb import first_changed_layer_of, perturbed
 from .replay import first_changed_layer
-from .activation_trace import massive_activation_trace
+from .activation_trace import massive_activation_trace, traced
 from .selection import select_topk
 
 # each ablation's damage (esa.damage): PPL after, its ratio to before, the bootstrap interval of
@@ -117,15 +117,16 @@ def zero_each(model: torch.nn.Module, weights: pd.DataFrame, eval_windows: torch
     """Zero each row of ``weights`` (tensor, layer, module, row, col, flat_index, weight,
     score) alone and measure the damage (:mod:`esa.damage`) it does.
 
-    The unmodified model runs first for the activation trace, then as the
-    :class:`esa.damage.DamageMeter`'s reference (which keeps the candidate layers' inputs: each
-    ablation runs from the first layer it changes, :mod:`esa.replay`), and last as the rerun,
-    after every weight is restored. The table has one row per row of ``weights``, in their
+    The unmodified model runs first as the :class:`esa.damage.DamageMeter`'s reference (which
+    keeps the candidate layers' inputs: each ablation runs from the first layer it changes,
+    :mod:`esa.replay`), traced (the massive activations: :func:`esa.activation_trace.traced`),
+    and last as the rerun, after every weight is restored. The table has one row per row of ``weights``, in their
     order, columns ``ABLATION_COLUMNS``; ``ppl_before`` is the baseline's PPL.
     """
     starts = [first_changed_layer(model, tensor) for tensor in weights["tensor"]]
-    trace = activation_trace(model, eval_windows, batch_size, chunk_size)
-    meter = DamageMeter(model, eval_windows, batch_size, baseline, chunk_size, set(starts), bootstrap)
+    with traced(model) as activations:
+        meter = DamageMeter(model, eval_windows, batch_size, baseline, chunk_size, set(starts), bootstrap)
+    trace = activations.frame()
     rows = []
     for i, start in enumerate(starts):
         with perturbed(model, weights.iloc[i:i + 1], ZERO):

@@ -203,12 +203,15 @@ def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, 
                                                    desc="mechanism", disable=not progress)):
         key = {"tensor": w.tensor, "flat_index": w.flat_index, "row": w.row, "col": w.col, "layer": w.layer,
                "weight": w.weight}
+        zeroed = None  # the sweep's scale 0 is the restore's zeroed model: measured once
         for scale in scales:
             with perturbed(model, selection, SCALE, scale) as info:
                 measured = meter.measure(start) if info.n_changed else meter.unchanged()
             sweep.append({**key, "scale": float(scale), **measured})
-        restore.append({**key, "module": w.module,
-                        **_massive_activation_restore(meter, selection, start, taps.get(i), massive_fraction)})
+            if scale == 0 and info.n_changed:
+                zeroed = measured
+        restore.append({**key, "module": w.module, **_massive_activation_restore(
+            meter, selection, start, taps.get(i), massive_fraction, zeroed)})
 
     control = []
     matched = matched_control(model, weights)
@@ -225,12 +228,14 @@ def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, 
 
 
 def _massive_activation_restore(meter: DamageMeter, selection: pd.DataFrame, start: int,
-                                tap: tuple[str, torch.nn.Module, _ChannelTap] | None, massive_fraction: float) -> dict:
+                                tap: tuple[str, torch.nn.Module, _ChannelTap] | None, massive_fraction: float,
+                                zeroed: dict | None = None) -> dict:
     """The restore columns of one weight: zeroed, then zeroed with its massive activation
     given back (``tap``: its projection's name, module and recorded channel; None: not an
-    MLP output projection's weight)."""
+    MLP output projection's weight). ``zeroed``: the zeroed model's measurement when the
+    sweep has it (scale 0 writes zero's bits), measured here otherwise."""
     with perturbed(meter.model, selection, ZERO):
-        zeroed = meter.measure(start)
+        zeroed = zeroed if zeroed is not None else meter.measure(start)
         row = {"loss_baseline": meter.baseline.loss, "loss_zeroed": zeroed["loss"], "ppl_zeroed": zeroed["ppl"],
                "kl_zeroed": zeroed["kl"]}
         if tap is None:

@@ -85,6 +85,24 @@ def test_confirm_finds_exactly_the_planted_super_weight():
     pd.testing.assert_frame_equal(confirmation.activations, activation_trace(model, unigram_text(8, seed=2), 4))
 
 
+def test_confirm_runs_the_unmodified_model_twice_not_three_times():
+    """The reference pass of the damage meter yields the activation trace too (before: a pass of
+    its own first): with no weight to zero, zero_each embeds each batch once for the reference
+    and once for the rerun, and the trace equals the standalone trace's."""
+    model = _planted_model()
+    windows = unigram_text(8, seed=2)
+    calls = []
+    handle = model.get_input_embeddings().register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        result = zero_each(model, pd.DataFrame(columns=["tensor", "layer", "module", "expert", "part", "row", "col",
+                                                        "flat_index", "weight", "score"]),
+                           windows, 4, Baseline.of(evaluate(model, windows, 4)))
+    finally:
+        handle.remove()
+    assert len(calls) == 2 * 2 + 2  # the baseline here, then the reference and the rerun: 2 batches each
+    pd.testing.assert_frame_equal(result.activations, activation_trace(model, windows, 4))
+
+
 def test_factor_is_the_confirmation_line():
     model = _planted_model()
     evaluation = unigram_text(4, seed=2)
@@ -145,7 +163,7 @@ def test_confirm_tests_each_weight_of_the_metrics_top_n_once():
     result = confirm_super_weights(model, candidates, dict.fromkeys(candidates, table), evaluation, 4,
                                    baseline, top_n=2).super_weights
 
-    assert len(evaluated) == 5  # one batch: the trace, the reference, two distinct weights, the rerun
+    assert len(evaluated) == 4  # one batch: the reference (traced), two distinct weights, the rerun
     assert list(result.columns) == SUPER_WEIGHT_COLUMNS
     planted_index, other_index = ROW * INTERMEDIATE + COL, 0
     assert list(zip(result["metric"], result["rank"], result["flat_index"], result["score"])) == [
@@ -232,10 +250,10 @@ def test_skipping_the_unchanged_layers_is_bit_exact(build, names):
 
     result = zero_each(model, candidates, windows, 4, baseline)
 
-    # layer i ran in the trace pass, the damage meter's reference pass, the rerun and every
-    # ablation starting at or below it
+    # layer i ran in the damage meter's reference pass (traced: before, a trace pass of its own
+    # came first), the rerun and every ablation starting at or below it
     starts = [first_changed_layer(model, name) for name in names]
-    assert computed == [2 * (3 + sum(s <= i for s in starts)) for i in range(len(layers))]
+    assert computed == [2 * (2 + sum(s <= i for s in starts)) for i in range(len(layers))]
     table = result.super_weights
     assert table["tensor"].tolist() == names
     for i, name in enumerate(names):

@@ -144,6 +144,26 @@ def test_restoring_the_massive_activation_undoes_the_zeroing():
     assert peak_only["recovered"] == pytest.approx(0.00433, abs=1e-5)  # one position of 256
 
 
+def test_the_restore_reuses_the_sweeps_scale_zero():
+    """Scale 0 of the sweep is the restore's zeroed model: with 0 among the scales the restore
+    measures only the restored model, the same table as a restore that zeroes by itself, and the
+    run costs as many evaluations as one scale fewer (before: one more)."""
+    model, confirmation, windows, baseline = _planted()
+    weights = confirmation.super_weights
+    evaluations = []
+    handle = model.model.norm.register_forward_hook(lambda *args: evaluations.append(1))
+    try:
+        with_zero = super_weight_mechanism(model, weights, windows, 4, baseline, [0, 0.5], 0.5)
+        with_zero_cost = len(evaluations)
+        evaluations.clear()
+        without = super_weight_mechanism(model, weights, windows, 4, baseline, [0.5], 0.5)
+    finally:
+        handle.remove()
+    pd.testing.assert_frame_equal(with_zero.restore, without.restore)
+    # reference, the sweep's scales, the restored (and zeroed without 0), the control's two sets
+    assert with_zero_cost == len(evaluations) == 2 * (1 + 2 + 1 + 2)
+
+
 def test_matched_control_and_a_weight_outside_the_mlp_output():
     """Two confirmed weights of down_proj and one of q_proj: each tensor's control is its
     largest other |w| (ties by lower flat index), and q_proj gets no restore test."""
