@@ -47,17 +47,19 @@ class _MassiveTrace:
 class MassiveActivations:
     """The massive-activation trace of every forward pass run while it is attached
     (:func:`traced`): the windows are numbered across the passes in the order they run, each
-    pass's token windows read where the model takes them (its input embeddings)."""
+    pass's token windows read where ESA hands them to the model (the decoder's ``input_ids``;
+    the input embeddings may see more positions, e.g. CPM-Ant's prompt prefix)."""
 
     def __init__(self, model: nn.Module):
         self.traces = [(_MassiveTrace(layer, name), module) for layer, name, module in mlp_output_projections(model)]
         self.offset = 0
 
-    def next_batch(self, module: nn.Module, args: tuple) -> None:
-        """The input embeddings' forward pre-hook: a new batch of windows starts."""
+    def next_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The decoder's forward pre-hook (with kwargs): a new batch of windows starts."""
+        windows = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
         for trace, _ in self.traces:
-            trace.batch, trace.offset = args[0], self.offset
-        self.offset += args[0].shape[0]
+            trace.batch, trace.offset = windows, self.offset
+        self.offset += windows.shape[0]
 
     def frame(self) -> pd.DataFrame:
         """One row per (layer, side), columns ``TRACE_COLUMNS``: max |input| or |output|, its
@@ -71,7 +73,7 @@ def traced(model: nn.Module) -> Iterator[MassiveActivations]:
     in the forward passes run inside the block, so that a pass the caller runs anyway (a
     reference pass) yields the trace too."""
     activations = MassiveActivations(model)
-    handles = [model.get_input_embeddings().register_forward_pre_hook(activations.next_batch)]
+    handles = [model.get_decoder().register_forward_pre_hook(activations.next_batch, with_kwargs=True)]
     handles += [module.register_forward_hook(trace) for trace, module in activations.traces]
     try:
         yield activations

@@ -119,3 +119,6 @@ def test_blocks_targets_mlp_output_and_trace(name):
     assert sorted(zip(trace["layer"], trace["side"])) == [(layer, side) for layer in range(layers)
                                                           for side in ("input", "output")]
     assert all(math.isfinite(v) for v in trace["value"])
+    # where the trace says the maximum sits is a position of the windows ESA passed in
+    assert all(0 <= p < windows.shape[1] and token == windows[w, p]
+               for w, p, token in zip(trace["window"], trace["position"], trace["token"]))
