@@ -22,6 +22,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from .precision import autocast
+
 DEFAULT_CHUNK = 256
 
 
@@ -109,10 +111,13 @@ def _head_divergence(head, reference_head, softcap: float | None, hidden: torch.
 
 def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The final hidden states (the LM head's input) of a batch of windows."""
+    """The final hidden states (the LM head's input) of a batch of windows, the decoder run in
+    the model's mixed precision (:mod:`esa.precision`), returned in the LM head's dtype."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    with autocast(model):
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return hidden.to(model.get_output_embeddings().weight.dtype)
 
 
 def _shifted(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):

@@ -32,6 +32,7 @@ from .devices import resolve_auto
 from .errors import ESAError
 from .metrics import METRICS, REGISTRY, SCORE_JOBS, TRACE_METRIC
 from .names import COMPARISON, GAUSSIAN, RELATIVE
+from .precision import resolve_mixed_precision
 from .specs import spec_json, step_spec
 
 KEY_SEP = "/"
@@ -110,12 +111,12 @@ class Layout:
 
     ``Layout(config)`` gives patterns with ``{model}`` and ``{key}`` wildcards
     (``results/{model}/...``), ``Layout(config).of(name)`` the paths of one model. ``device``:
-    the config's ``device`` with ``auto`` resolved (``esa.devices``); by default resolved on
-    this machine.
+    the config's ``device`` with ``auto`` resolved (``esa.devices``), ``mixed_precision`` the
+    config's for that device (``esa.precision``); by default both resolved on this machine.
     """
 
     def __init__(self, config: dict, *, model: str = "{model}", device: str | None = None,
-                 _keys: dict | None = None):
+                 mixed_precision: str | None = None, _keys: dict | None = None):
         self.config = config
         self.model = model
         self.sources = {m["name"]: m["source"] for m in study_models(config)}
@@ -124,12 +125,15 @@ class Layout:
         self.logs = f"logs/{model}"
         self.experiments = {e["name"]: {"seeds": config["seeds"], **e} for e in config.get("experiments", [])}
         self.device = device or resolve_auto(config["device"])
+        self.mixed_precision = mixed_precision or resolve_mixed_precision(config["mixed_precision"], self.device,
+                                                                          config["dtype"])
         self.split = config["scoring"]["layer_groups"] > 1
         self._keys = {} if _keys is None else _keys  # shared by every of(): (model, step, wildcards) -> key
 
     def of(self, model: str) -> Layout:
         """The paths of one model of the study."""
-        return Layout(self.config, model=model, device=self.device, _keys=self._keys)
+        return Layout(self.config, model=model, device=self.device, mixed_precision=self.mixed_precision,
+                      _keys=self._keys)
 
     def source(self) -> str:
         """The model's source (call on ``of(model)``)."""

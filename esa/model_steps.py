@@ -26,6 +26,7 @@ from .io import read_parquet, write_atomic, write_json_atomic, write_parquet_ato
 from .layout import by_seed
 from .manifest import RunRecord
 from .names import TABLE_COLUMNS, TOP
+from .precision import use_mixed_precision
 from .perturb import run_perturbations
 from .score_stats import build_stats
 from .scores import compute_scores
@@ -86,11 +87,13 @@ def step_data(spec: DataSpec, *, model: str, windows: str, summary: str) -> None
 
 
 def _load(spec: ModelRun, model: str):
-    """The step's model; ``attn_implementation: auto`` resolves per class, and each manifest
-    records the implementation that ran (:func:`esa.models.attention_of`)."""
+    """The step's model, its passes in the spec's mixed precision (:mod:`esa.precision`, which
+    the manifest's spec records); ``attn_implementation: auto`` resolves per class, and each
+    manifest records the implementation that ran (:func:`esa.models.attention_of`)."""
     use_deterministic_kernels(spec.deterministic)  # before the first CUDA kernel
-    return models.load_model(models.source_from_ref(model), spec.device, spec.dtype,
-                             spec.attn_implementation, spec.device_map)
+    lm = models.load_model(models.source_from_ref(model), spec.device, spec.dtype,
+                           spec.attn_implementation, spec.device_map)
+    return use_mixed_precision(lm, spec.mixed_precision)
 
 
 def step_baseline(spec: BaselineSpec, *, model: str, eval: str, metrics: str, windows: str,

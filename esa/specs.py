@@ -42,13 +42,15 @@ def data_spec(layout, part) -> dict:
 
 
 def runtime_spec(layout, **params) -> dict:
-    """Parameters of a step that runs the model: where (``auto`` resolved), in which precision,
-    how the loss is chunked."""
+    """Parameters of a step that runs the model: where (``auto`` resolved), in which precision
+    (``mixed_precision: auto`` resolved), how the loss is chunked."""
     config = layout.config
     # deterministic only when on: turning it on reruns the model steps, off keeps existing results
     deterministic = {"deterministic": True} if config["deterministic"] else {}
+    # likewise mixed precision (resolved: auto enters no key): "no" keeps the results made before it existed
+    mixed = {"mixed_precision": layout.mixed_precision} if layout.mixed_precision != "no" else {}
     return {"model": layout.source(), **{k: config[k] for k in RUNTIME_KEYS}, "device": layout.device,
-            **deterministic, **params}
+            **deterministic, **mixed, **params}
 
 
 def evaluation_spec(layout, **params) -> dict:

@@ -42,6 +42,7 @@ class ModelRun(Spec):
     device_map: str | None
     # sent only when on, so that turning it off keeps the results made before it existed
     deterministic: bool = False
+    mixed_precision: str = "no"  # esa.precision, resolved; likewise sent only when not "no"
 
 
 @dataclass(frozen=True, kw_only=True)

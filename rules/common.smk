@@ -16,6 +16,7 @@ shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH
 
 from esa.config import study_config
 from esa.devices import DEVICE_VARIABLE, resolve_auto
+from esa.precision import PRECISION_VARIABLE, resolve_mixed_precision
 from esa.errors import ESAError
 from esa.layout import KEY, Layout, flatten_paths
 from esa.metrics import SCORE_JOBS, TRACE_METRIC
@@ -66,19 +67,27 @@ def res(step):
     return {key: value for key, value in _resources(step).items() if key not in dropped}
 
 
-# `auto` resolved before it enters a key, where Snakemake runs (esa/devices.py); a job a
-# cluster started on its node parses this file again and takes the head's resolution
+# `auto` device and mixed precision resolved before they enter a key, where Snakemake runs
+# (esa/devices.py, esa/precision.py); a job a cluster started on its node parses this file
+# again and takes the head's resolutions
 if workflow.remote_exec and DEVICE_VARIABLE in os.environ:
     DEVICE = os.environ[DEVICE_VARIABLE]
+    MIXED_PRECISION = os.environ[PRECISION_VARIABLE]
 else:
     DEVICE = os.environ[DEVICE_VARIABLE] = resolve_auto(config["device"])
+    MIXED_PRECISION = os.environ[PRECISION_VARIABLE] = resolve_mixed_precision(
+        config["mixed_precision"], DEVICE, config["dtype"]
+    )
 
 
 envvars:
     DEVICE_VARIABLE,
+    PRECISION_VARIABLE,
 
 
-LAYOUT = Layout(config, device=DEVICE)  # paths with {model} and {key} wildcards
+LAYOUT = Layout(
+    config, device=DEVICE, mixed_precision=MIXED_PRECISION
+)  # paths with {model} and {key} wildcards
 EXPERIMENTS = LAYOUT.experiments
 SPLIT = LAYOUT.split
 

@@ -9,7 +9,8 @@ returns its stat per parameter.
 
 fp16 loss scaling: most gradients of a mean token loss lie below fp16's smallest normal number
 (2^-14; measured on SmolLM2-135M: 63% of its target gradients, median 4e-5), where fp16 keeps only
-a few significant bits, and 0.06% below 2^-25, where it keeps none. With fp16 parameters the
+a few significant bits, and 0.06% below 2^-25, where it keeps none. With fp16 parameters, or fp16
+mixed precision (fp32 weights, fp16 activations and their gradients: ``esa.precision``), the
 gradients are taken of ``S * L_b`` (S = 2^16 at the start, halved until the gradients and the
 Hessian-vector products are finite, as a GradScaler does) and divided by S in fp32, an exact
 power-of-two division; the statistics are those of ``L_b``. The final S is in ``extra["loss_scale"]``.
@@ -26,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ..evaluation import mean_token_loss
+from ..precision import FP16, mixed_precision_of
 from ..targets import Target, target_parameter
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,8 @@ def gradient_pass(model: nn.Module, targets: list[Target], params: list[nn.Param
     first = {name: m for name, m in metrics.items() if not m.needs_graph}
     second = {name: m for name, m in metrics.items() if m.needs_graph}
     states = {name: m.start(params, seed, probes) for name, m in metrics.items()}
-    scale = FP16_LOSS_SCALE if any(p.dtype == torch.float16 for p in params) else 1.0
+    fp16 = mixed_precision_of(model) == FP16 or any(p.dtype == torch.float16 for p in params)
+    scale = FP16_LOSS_SCALE if fp16 else 1.0
     with _double_backward_attention(model) if second else nullcontext():
         for batch in tqdm(windows, desc="scores: batches", disable=not progress):
             gradients = GradientBatch(model, batch.to(device), params, scale, bool(second), chunk_size)
