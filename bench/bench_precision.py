@@ -96,7 +96,8 @@ def compare(workdir: Path, config: dict) -> dict:
         path = workdir / path
         return json.loads(path.read_text()) if path.suffix == ".json" else pd.read_parquet(path)
 
-    out: dict = {"baseline": {mode: read(layout.baseline_files()["metrics"])["ppl"] for mode, layout in layouts.items()}}
+    out: dict = {"baseline": {mode: read(layout.baseline_files()["metrics"])["ppl"]
+                              for mode, layout in layouts.items()}}
     out["scores"] = []
     for metric in layouts["no"].scored_metrics():
         for seed in config["seeds"]:
@@ -146,7 +147,8 @@ def table(result: dict) -> str:
         bound = " (pool-bound)" if by_k[1000]["pool_bound"].any() else ""
         lines.append(f"| {metric} | {by_k[100]['jaccard'].min():.3f} | {by_k[1000]['jaccard'].min():.3f}{bound} "
                      f"| {by_k[1000]['spearman'].min():.4f} |")
-    lines += ["", "| experiment | set | seed | dPPL fp32 [interval] | dPPL bf16 mixed [interval] |", "|---|---|---|---|---|"]
+    lines += ["", "| experiment | set | seed | dPPL fp32 [interval] | dPPL bf16 mixed [interval] |",
+              "|---|---|---|---|---|"]
     for row in result["perturb"]:
         cells = [f"{row[f'delta_ppl_{m}']:.4g} [{row[f'delta_ppl_lo_{m}']:.3g}, {row[f'delta_ppl_hi_{m}']:.3g}]"
                  for m in MODES]
@@ -161,9 +163,10 @@ def table(result: dict) -> str:
     lines += ["", f"verdicts: {len(verdicts['no'])}, differing: {', '.join(differ) or 'none'}", "",
               "| rule | fp32 s | bf16 mixed s |", "|---|---|---|"]
     times = result["times"]
-    for rule in sorted(times["no"]["rules_s"], key=lambda r: -times["no"]["rules_s"][r]):
+    fp32, bf16 = times["no"]["rules_s"], times["bf16"]["rules_s"]
+    for rule in sorted(fp32, key=lambda r: -fp32[r]):
         if rule != "all":
-            lines.append(f"| {rule} | {times['no']['rules_s'][rule]:.0f} | {times['bf16']['rules_s'].get(rule, 0):.0f} |")
+            lines.append(f"| {rule} | {fp32[rule]:.0f} | {bf16.get(rule, 0):.0f} |")
     lines += [f"| study (wall) | {times['no']['wall_s']:.0f} | {times['bf16']['wall_s']:.0f} |", "", decision(result)]
     return "\n".join(lines)
 
