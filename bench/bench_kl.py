@@ -18,11 +18,11 @@ import time
 import numpy as np
 import torch
 
+from bundled import bundled_model_and_windows
+
 import esa.evaluation as evaluation
 from esa.damage import Baseline, DamageMeter
-from esa.data import load_documents, make_windows
 from esa.evaluation import evaluate
-from esa.models import load_model, load_tokenizer, resolve_source
 
 
 def main() -> None:
@@ -32,10 +32,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    source = resolve_source("builtin:smollm2-135m")
-    model = load_model(source, "cpu", "fp32", "sdpa")
-    _, docs = load_documents("builtin:pydoc")
-    windows = torch.from_numpy(make_windows(load_tokenizer(source), docs, args.seq_len)[: args.windows]).long()
+    model, windows = bundled_model_and_windows(args.windows, args.seq_len)
     meter = DamageMeter(model, windows, args.batch_size, Baseline.of(evaluate(model, windows, args.batch_size)))
     kl_function, spent = evaluation._kl_per_position, []
 

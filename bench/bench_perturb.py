@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from esa.data import load_documents, make_windows
+from bundled import bundled_model_and_windows
+
 from esa.evaluation import evaluate
-from esa.models import load_model, load_tokenizer, resolve_source
 from esa.perturb import perturbed
 from esa.targets import find_targets
 
@@ -33,10 +33,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=100, help="weights per decoder layer")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    source = resolve_source("builtin:smollm2-135m")
-    model = load_model(source, "cpu", "fp32", "sdpa")
-    _, docs = load_documents("builtin:pydoc")
-    windows = torch.from_numpy(make_windows(load_tokenizer(source), docs, args.seq_len)[: args.windows]).long()
+    model, windows = bundled_model_and_windows(args.windows, args.seq_len)
     rng = np.random.default_rng(0)
     rows = []
     for layer in sorted({t.layer for t in find_targets(model)}):
