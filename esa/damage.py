@@ -42,7 +42,7 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .evaluation import DEFAULT_CHUNK, Evaluation, batches, decoder_hidden, hidden_nll, window_divergence
+from .evaluation import DEFAULT_CHUNK, Evaluation, batches, reference_pass, window_divergence
 from .replay import keep_layer_inputs, replayed
 
 log = logging.getLogger(__name__)
@@ -127,13 +127,11 @@ class DamageMeter:
         head = model.get_output_embeddings()
         self._reference_head = partial(functional_call, head,
                                        {name: p.detach().clone() for name, p in head.named_parameters()})
-        self._hidden, nll, tokens = [], [], []
+        self._references, nll, tokens = [], [], []
         with torch.no_grad(), keep_layer_inputs(model, set(start_layers)) as kept:
             for batch in tqdm(self.batches, desc="reference", disable=not progress, leave=False):
-                ids = batch.to(device)
-                hidden = decoder_hidden(model, ids)
-                n, t = hidden_nll(model, hidden, ids, chunk_size=chunk_size)
-                self._hidden.append(hidden)
+                n, t, reference = reference_pass(model, batch.to(device), chunk_size=chunk_size)
+                self._references.append(reference)
                 nll.append(n.double().cpu())
                 tokens.append(t.long().cpu())
         self._kept = kept
@@ -149,8 +147,8 @@ class DamageMeter:
         device = self.model.get_input_embeddings().weight.device
         parts = []
         with replayed(self.model, start, self._kept):
-            for batch, hidden in zip(self.batches, self._hidden):
-                parts.append(window_divergence(self.model, batch.to(device), hidden, self._reference_head,
+            for batch, reference in zip(self.batches, self._references):
+                parts.append(window_divergence(self.model, batch.to(device), reference, self._reference_head,
                                                self.chunk_size))
         nll, tokens, kl, agree = (torch.cat([p[i] for p in parts]).cpu().numpy() for i in range(4))
         return Evaluation(nll.astype(np.float64), tokens.astype(np.int64), kl, agree)

@@ -43,6 +43,13 @@ def _logits(head, softcap: float | None, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 
+def _nll_of_logits(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Summed NLL per window (float64) of one chunk's logits (:func:`_head_nll`)."""
+    target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    nll = torch.logsumexp(logits, dim=-1) - target_logit
+    return (nll.double() * valid).sum(dim=1)
+
+
 def _head_nll(head: torch.nn.Module, softcap: float | None, hidden: torch.Tensor,
               targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Summed NLL per window (float64) of one chunk of positions.
@@ -52,10 +59,7 @@ def _head_nll(head: torch.nn.Module, softcap: float | None, hidden: torch.Tensor
     float64. ``F.cross_entropy`` on a [B, V, T] layout is ~10x less accurate in fp32 on CPU
     (1e-5 relative at 262k classes); this is within ~1e-8 of a float64 log-softmax.
     """
-    logits = _logits(head, softcap, hidden)
-    target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    nll = torch.logsumexp(logits, dim=-1) - target_logit
-    return (nll.double() * valid).sum(dim=1)
+    return _nll_of_logits(_logits(head, softcap, hidden), targets, valid)
 
 
 # float64 elements per block of the KL's work. On a CPU 2 MB a copy, so that the block's
@@ -65,37 +69,68 @@ def _head_nll(head: torch.nn.Module, softcap: float | None, hidden: torch.Tensor
 KL_BLOCK_ELEMENTS = {"cpu": 2**18, "cuda": 2**25}
 
 
-def _kl_per_position(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) at every position (float64) from the reference's logits a and the model's
-    logits b, the class dimension last. With A = logsumexp_v a_v, B = logsumexp_v b_v and
-    p_v = exp(a_v - A), log p_v - log q_v = (a_v - b_v) - (A - B), so, as sum_v p_v = 1,
+def _block_rows(classes: int, device: torch.device) -> int:
+    """Positions per block of the float64 work (``KL_BLOCK_ELEMENTS``, at least one)."""
+    return max(1, KL_BLOCK_ELEMENTS.get(device.type, KL_BLOCK_ELEMENTS["cuda"]) // classes)
+
+
+def log_normaliser(logits: torch.Tensor) -> torch.Tensor:
+    """``A = logsumexp_v a_v`` at every position, in float64 from the (at least fp32) logits,
+    the class dimension last; worked through in blocks of positions (a per-position result)."""
+    classes = logits.shape[-1]
+    flat = logits.reshape(-1, classes)
+    rows = _block_rows(classes, flat.device)
+    out = torch.empty(flat.shape[0], dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.shape[0], rows):
+        out[start:start + rows] = torch.logsumexp(flat[start:start + rows].double(), dim=-1)
+    return out.reshape(logits.shape[:-1])
+
+
+def _kl_per_position(reference: torch.Tensor, logits: torch.Tensor, reference_normaliser: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) at every position (float64) from the reference's logits a, its log-normaliser
+    A (:func:`log_normaliser`, taken once in the reference pass) and the model's logits b, the
+    class dimension last. With B = logsumexp_v b_v and p_v = exp(a_v - A),
+    log p_v - log q_v = (a_v - b_v) - (A - B), so, as sum_v p_v = 1,
 
         KL(p || q) = sum_v p_v (a_v - b_v) - (A - B),
 
-    in float64 from the (at least fp32) logits: two log-normalisers, one exp, one dot product
-    (a third fewer passes than two log-softmaxes; within 1e-13 nats of them, and 0 exactly for
-    equal logits). Finite logits give a finite KL. The positions of every window are worked
-    through together in blocks of at most ``KL_BLOCK_ELEMENTS`` float64 elements of the device
-    (at least one position): a per-position result, so the blocks change no bit of it."""
+    in float64 from the (at least fp32) logits: one log-normaliser, one exp, one dot product
+    per evaluation (within 1e-13 nats of two log-softmaxes, and 0 exactly for equal logits).
+    Finite logits give a finite KL. The positions of every window are worked through together
+    in blocks of at most ``KL_BLOCK_ELEMENTS`` float64 elements of the device (at least one
+    position): a per-position result, so the blocks change no bit of it."""
     positions, classes = reference.shape[:-1], reference.shape[-1]
     reference, logits = reference.reshape(-1, classes), logits.reshape(-1, classes)
-    block = KL_BLOCK_ELEMENTS.get(reference.device.type, KL_BLOCK_ELEMENTS["cuda"])
-    rows = max(1, block // classes)
+    normaliser = reference_normaliser.reshape(-1, 1)
+    rows = _block_rows(classes, reference.device)
     kl = torch.empty(reference.shape[0], dtype=torch.float64, device=reference.device)
     for start in range(0, reference.shape[0], rows):
         a, b = reference[start:start + rows].double(), logits[start:start + rows].double()
-        log_normaliser = torch.logsumexp(a, dim=-1, keepdim=True)
-        gap = (log_normaliser - torch.logsumexp(b, dim=-1, keepdim=True)).squeeze(-1)
+        A = normaliser[start:start + rows]
+        gap = (A - torch.logsumexp(b, dim=-1, keepdim=True)).squeeze(-1)
         difference = b.neg_().add_(a)  # a - b, in b's storage
-        p = a.sub_(log_normaliser).exp_()  # in a's storage
+        p = a.sub_(A).exp_()  # in a's storage
         kl[start:start + rows] = torch.linalg.vecdot(p, difference) - gap
     return kl.reshape(positions)
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The unmodified model's side of one batch's KL and top-1 agreement: its final hidden
+    states [B, T, d], and per predicted position [B, T - 1] its float64 log-normaliser and its
+    top-1 class, taken once in the reference pass (:func:`reference_pass`) instead of in every
+    edit's evaluation."""
+
+    hidden: torch.Tensor
+    log_normaliser: torch.Tensor
+    top1: torch.Tensor
+
+
 def _head_divergence(head, reference_head, softcap: float | None, hidden: torch.Tensor,
-                     reference_hidden: torch.Tensor, targets: torch.Tensor,
+                     reference: Reference, targets: torch.Tensor,
                      valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed NLL, KL divergence and top-1 agreements per window (float64) of one chunk.
+    """Summed NLL, KL divergence and top-1 agreements per window (float64) of one chunk
+    (``reference``: the chunk's positions of the reference).
 
     With q the model's and p the reference's next-token distribution at a position
     (log-softmax of the logits),
@@ -110,11 +145,11 @@ def _head_divergence(head, reference_head, softcap: float | None, hidden: torch.
     memory: the two chunks' fp32 logits and a few float64 blocks (:func:`_kl_per_position`).
     """
     logits = _logits(head, softcap, hidden)
-    nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    reference = _logits(reference_head, softcap, reference_hidden)
-    agree = (reference.argmax(dim=-1) == logits.argmax(dim=-1)).to(torch.float64)
-    kl = _kl_per_position(reference, logits)
-    return tuple((term.double() * valid).sum(dim=1) for term in (nll, kl, agree))
+    nll = _nll_of_logits(logits, targets, valid)
+    agree = (reference.top1 == logits.argmax(dim=-1)).to(torch.float64)
+    reference_logits = _logits(reference_head, softcap, reference.hidden)
+    kl = _kl_per_position(reference_logits, logits, reference.log_normaliser)
+    return nll, *((term.double() * valid).sum(dim=1) for term in (kl, agree))
 
 
 def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor,
@@ -168,11 +203,32 @@ def hidden_nll(model: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Te
 
 
 @torch.no_grad()
-def window_divergence(model: torch.nn.Module, input_ids: torch.Tensor, reference_hidden: torch.Tensor,
+def reference_pass(model: torch.nn.Module, input_ids: torch.Tensor,
+                   chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor, Reference]:
+    """The unmodified model on a batch of windows: :func:`window_nll`'s ``(nll, tokens)``, bit
+    for bit, and the :class:`Reference` its edits are measured against, from one pass of the
+    LM head."""
+    hidden = decoder_hidden(model, input_ids)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    targets, valid = _shifted(input_ids, None)
+    total = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=input_ids.device)
+    normalisers, top1 = [], []
+    for start in range(0, targets.shape[1], chunk_size):
+        end = min(start + chunk_size, targets.shape[1])
+        logits = _logits(head, softcap, hidden[:, start:end])
+        total = total + _nll_of_logits(logits, targets[:, start:end], valid[:, start:end])
+        normalisers.append(log_normaliser(logits))
+        top1.append(logits.argmax(dim=-1))
+    return total, valid.sum(dim=1), Reference(hidden, torch.cat(normalisers, dim=1), torch.cat(top1, dim=1))
+
+
+@torch.no_grad()
+def window_divergence(model: torch.nn.Module, input_ids: torch.Tensor, reference: Reference,
                       reference_head, chunk_size: int = DEFAULT_CHUNK):
     """Per window of a batch: summed NLL, predicted tokens, summed KL(reference || model) and
-    top-1 agreements (see :func:`_head_divergence`); ``reference_hidden`` is the reference
-    model's :func:`decoder_hidden` of the same windows, ``reference_head`` its LM head."""
+    top-1 agreements (see :func:`_head_divergence`) against the same windows' ``reference``
+    (:func:`reference_pass`); ``reference_head`` is the reference model's LM head."""
     hidden = decoder_hidden(model, input_ids)
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -180,9 +236,11 @@ def window_divergence(model: torch.nn.Module, input_ids: torch.Tensor, reference
     sums = [torch.zeros(input_ids.shape[0], dtype=torch.float64, device=input_ids.device) for _ in range(3)]
     for start in range(0, targets.shape[1], chunk_size):
         end = min(start + chunk_size, targets.shape[1])
-        parts = _head_divergence(head, reference_head, softcap, hidden[:, start:end],
-                                 reference_hidden[:, start:end].to(hidden.device), targets[:, start:end],
-                                 valid[:, start:end])
+        chunk = Reference(reference.hidden[:, start:end].to(hidden.device),
+                          reference.log_normaliser[:, start:end].to(hidden.device),
+                          reference.top1[:, start:end].to(hidden.device))
+        parts = _head_divergence(head, reference_head, softcap, hidden[:, start:end], chunk,
+                                 targets[:, start:end], valid[:, start:end])
         sums = [total + part for total, part in zip(sums, parts)]
     nll, kl, agree = sums
     return nll, valid.sum(dim=1), kl, agree

@@ -12,7 +12,7 @@ from conftest import make_tiny_llama, unigram_text
 from esa.damage import Baseline, Bootstrap, DamageMeter, paired_interval
 from esa import evaluation
 from esa.allocator import tracked_peak
-from esa.evaluation import Evaluation, _head_divergence, evaluate
+from esa.evaluation import Evaluation, Reference, _head_divergence, _logits, evaluate, log_normaliser
 from esa.perturb import perturbed
 
 
@@ -46,6 +46,13 @@ def test_kl_and_top1_equal_brute_force_even_when_the_head_itself_is_edited():
     assert measured["top1"] == top1  # 90 positions: a count, exact
 
 
+@torch.no_grad()
+def _reference(head, hidden) -> Reference:
+    """The reference side of a chunk, as the meter's reference pass takes it."""
+    logits = _logits(head, None, hidden)
+    return Reference(hidden, log_normaliser(logits), logits.argmax(dim=-1))
+
+
 def test_kl_is_exact_at_a_real_vocabulary():
     """49,152 classes (SmolLM2's): a KL of ~4e-7 nats per position is right to 1e-6 relative,
     against float64 from the same fp32 logits (fp32 log-softmax was 8x too large there)."""
@@ -57,7 +64,7 @@ def test_kl_is_exact_at_a_real_vocabulary():
     reference = torch.randn(1, positions, hidden) * 3
     edited = reference + 3e-4 * torch.randn_like(reference)
     targets = torch.randint(0, vocab, (1, positions))
-    _, kl, _ = _head_divergence(head, head, None, edited, reference, targets,
+    _, kl, _ = _head_divergence(head, head, None, edited, _reference(head, reference), targets,
                                 torch.ones(1, positions, dtype=torch.float64))
     with torch.no_grad():
         log_p = torch.log_softmax(head(reference).double(), -1)
@@ -78,7 +85,7 @@ def test_the_blocked_kl_equals_a_float64_log_softmax_from_1e_9_to_10_nats(classe
         log_p, log_q = torch.log_softmax(reference.double(), -1), torch.log_softmax(logits.double(), -1)
         exact = (log_p.exp() * (log_p - log_q)).sum(-1)
         assert low < exact.mean() < high, scale
-        kl = evaluation._kl_per_position(reference, logits)
+        kl = evaluation._kl_per_position(reference, logits, log_normaliser(reference))
         assert kl.shape == (2, 8)
         assert ((kl - exact).abs() <= torch.clamp(1e-7 * exact.abs(), min=1e-12)).all(), scale
 
@@ -92,7 +99,7 @@ def test_the_kl_works_in_blocks_that_change_no_bit_and_bound_its_memory(monkeypa
     head = torch.nn.Linear(hidden, vocab, bias=False)
     reference = torch.randn(batch, positions, hidden)
     edited = reference + 0.1 * torch.randn_like(reference)
-    args = (head, head, None, edited, reference, torch.randint(0, vocab, (batch, positions)),
+    args = (head, head, None, edited, _reference(head, reference), torch.randint(0, vocab, (batch, positions)),
             torch.ones(batch, positions, dtype=torch.float64))
 
     def run(block_elements):
