@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from bench_study import REPO, job_times, rule_table
 
-from esa.config import deep_update, read_config_file, study_config
+from esa.config import config_from_files
 from esa.layout import Layout
 
 MODES = ("no", "bf16")
@@ -184,10 +184,7 @@ def main() -> int:
         return 0
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="esa-precision-"))
     times = {mode: run_study(workdir, mode, args.cores, args.configfile) for mode in MODES}
-    given: dict = {}
-    for path in args.configfile:
-        given = deep_update(given, read_config_file(path))
-    result = {**compare(workdir, study_config(given, args.configfile)), "times": times}
+    result = {**compare(workdir, config_from_files(args.configfile)), "times": times}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
     return 0

@@ -41,11 +41,9 @@ def _paths(items: list[str]) -> dict:
 def check_configs(files: list[str]) -> str:
     """Validate config files as ``snakemake --configfile`` merges them; one line on the study.
     Unlike Snakemake, which reads the files before ESA runs, a YAML error names its line."""
-    from functools import reduce
+    from .config import config_from_files, study_models
 
-    from .config import deep_update, read_config_file, study_config, study_models
-
-    config = study_config(reduce(deep_update, map(read_config_file, files), {}), files)
+    config = config_from_files(files)
     models = ", ".join(m["name"] for m in study_models(config))
     return f"config ok: models {models}; {len(config['experiments'])} experiments; seeds {config['seeds']}"
 
@@ -53,15 +51,13 @@ def check_configs(files: list[str]) -> str:
 def job_paths(step: str, items: list[str], files: list[str], model: str | None) -> list[str]:
     """The output paths of one job of ``step`` under the config Snakemake reads from ``files``
     (the key included: results are keyed by what they depend on, esa/layout.py)."""
-    from functools import reduce
-
-    from .config import deep_update, read_config_file, study_config
+    from .config import config_from_files
     from .layout import Layout
 
     wildcards = dict(item.partition("=")[::2] for item in items)
     if any(not name or not value for name, value in wildcards.items()):
         raise ESAError(f"expected name=value, got {' '.join(items)!r}")
-    layout = Layout(study_config(reduce(deep_update, map(read_config_file, files), {}), files))
+    layout = Layout(config_from_files(files))
     if model is not None and model not in layout.models:
         raise ESAError(f"model {model!r} is not in the study; allowed: {', '.join(layout.models)}")
     return list(layout.of(model or layout.models[0]).outputs(step, **wildcards).values())

@@ -206,6 +206,11 @@ def study_config(given: dict, files: list[str]) -> dict:
     return validate_config(deep_update(read_config_file(DEFAULT_CONFIG), given), origin=str(DEFAULT_CONFIG))
 
 
+def config_from_files(files: list[str]) -> dict:
+    """The validated config of ``snakemake --configfile`` with ``files`` (later over earlier)."""
+    return study_config(functools.reduce(deep_update, map(read_config_file, files), {}), files)
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
     """Read a YAML config (default: the embedded one) as written, apply overrides, validate."""
     path = Path(path) if path else DEFAULT_CONFIG

@@ -82,6 +82,7 @@ def scores_spec(layout, job, seed, group=None) -> dict:
 
 
 def merge_scores_spec(layout, job, seed) -> dict:
+    """The ``seed`` wildcard names the merged files only: each part's spec holds it already."""
     return {"metrics": list(SCORE_JOBS[job]), "layer_groups": layout.config["scoring"]["layer_groups"]}
 
 
