@@ -276,3 +276,28 @@ def test_fp16_loss_scale_halves_until_finite(monkeypatch):
         for name, stat in halved[metric].stat.items():
             assert torch.isfinite(stat).all() and torch.equal(stat, direct[metric].stat[name]), (metric, name)
 
+
+
+def test_an_overflowing_hessian_vector_product_halves_the_scale_and_retakes_it(monkeypatch):
+    """The first Hessian-vector product reports an fp16 overflow: the scale halves, the graph is
+    rebuilt (with grad enabled, although the metric consumes the products under no_grad) and the
+    result is the run started at the halved scale, bit for bit."""
+    half, _ = _small_gradient_models()
+    windows = unigram_text(4, seed=3, length=32)
+    finite, calls = gradient_pass._finite, []
+
+    def first_product_overflows(tensors):
+        calls.append(1)
+        return len(calls) != 2 and finite(tensors)  # call 1: the first gradients; 2: their product
+
+    def run(start):
+        monkeypatch.setattr(gradient_pass, "FP16_LOSS_SCALE", start)
+        return compute_scores(half, find_targets(half), windows, ["hutchinson_diag"], 2, 0, probes=2,
+                              progress=False)["hutchinson_diag"]
+
+    direct = run(2.0**15)
+    monkeypatch.setattr(gradient_pass, "_finite", first_product_overflows)
+    halved = run(2.0**16)
+    assert halved.extra["loss_scale"] == direct.extra["loss_scale"] == 2.0**15
+    for name, stat in halved.stat.items():
+        assert torch.isfinite(stat).all() and torch.equal(stat, direct.stat[name]), name

@@ -84,8 +84,10 @@ class GradientBatch:
     def hvp(self, vectors: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         """``H_b v`` for the parameters' ``vectors`` (one Hessian-vector product covering all of
         them), parameter by parameter in fp32 and unscaled; an fp16 overflow halves the scale and
-        takes it again. Each fp32 copy is made when its parameter is taken and the product in
-        the model's dtype let go, so that one parameter's copy exists at a time, not a model's."""
+        takes it again. The products are taken when called (with grad enabled: a halved scale
+        rebuilds the graph); each fp32 copy is made when its parameter is taken from the returned
+        iterator and the product in the model's dtype let go, so that one parameter's copy
+        exists at a time, not a model's."""
         hvs = list(torch.autograd.grad(self.grads, self.params, grad_outputs=vectors, retain_graph=True))
         while self.scale != 1.0 and not _finite(hvs):
             log.info("fp16 Hessian-vector product overflows at loss scale %g: halving it", self.scale)
@@ -94,9 +96,15 @@ class GradientBatch:
             self.grads, self.scale = _scaled_gradients(self.model, self.batch, self.params, self.scale / 2,
                                                        True, self.chunk_size)
             hvs = list(torch.autograd.grad(self.grads, self.params, grad_outputs=vectors, retain_graph=True))
-        for i in range(len(hvs)):
-            hv, hvs[i] = hvs[i], None
-            yield unscaled(hv, self.scale)
+        return _unscaled_each(hvs, self.scale)
+
+
+def _unscaled_each(tensors: list[torch.Tensor], scale: float) -> Iterator[torch.Tensor]:
+    """``unscaled(t, scale)`` of each of ``tensors`` in turn, each let go from the list as it
+    is taken."""
+    for i in range(len(tensors)):
+        t, tensors[i] = tensors[i], None
+        yield unscaled(t, scale)
 
 
 def _double_backward_attention(model: nn.Module):
