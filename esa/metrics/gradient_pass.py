@@ -130,18 +130,17 @@ def _second_order_batch(model: nn.Module, batch: torch.Tensor, params: list[nn.P
     share = 1.0 / batch.shape[0]
     for name, metric in second.items():
         metric.start_batch(states[name])
-    summed = None
+    summed = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params] if want_grads else []
     for window in batch.split(1):
         part = GradientBatch(model, window, params, scale, True, chunk_size)
         for name, metric in second.items():
             metric.accumulate(states[name], part, share, progress)
-        if want_grads:
-            with torch.no_grad():
-                parts = [unscaled(g, part.scale).mul(share) for g in part.grads]
-                summed = parts if summed is None else [s.add_(g) for s, g in zip(summed, parts)]
+        with torch.no_grad():
+            for total, g in zip(summed, part.grads):  # one fp32 copy at a time
+                total.add_(unscaled(g, part.scale), alpha=share)
         scale = part.scale
         del part
-    return summed or [], scale
+    return summed, scale
 
 
 def gradient_pass(model: nn.Module, targets: list[Target], params: list[nn.Parameter],
