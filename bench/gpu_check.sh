@@ -22,7 +22,7 @@ OUT="${1:-gpu_check}"
 mkdir -p "$OUT"
 status=0
 # the cuBLAS workspace is chosen at its first call: set for the deterministic-kernels test
-ESA_TEST_DEVICE="$DEVICE" CUBLAS_WORKSPACE_CONFIG=:4096:8 python -m pytest -q -p no:cacheprovider -m device tests/test_device.py \
+ESA_TEST_DEVICE="$DEVICE" CUBLAS_WORKSPACE_CONFIG=:4096:8 python -m pytest -q -n 0 -p no:cacheprovider -m device tests/test_device.py \
     --junitxml "$OUT/tests.xml" || status=$?
 python bench/gpu_check.py "${SMOKE[@]}" --tests "$OUT/tests.xml" --out "$OUT/gpu_check.json"
 echo "gpu_check: $OUT/gpu_check.json (device tests exit status $status)"

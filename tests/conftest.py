@@ -16,6 +16,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (the README's `-n auto`) each worker takes its share of the cores: torch
+# would otherwise start one thread per core in every worker and the workers would contend.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def snakemake(workdir, config, *args, timeout=900):
     """Run the project's Snakefile in ``workdir`` with ``config`` (written to config.yaml)."""
