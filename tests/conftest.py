@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Under pytest-xdist (the README's `-n auto`) each worker takes its share of the cores: torch
+# Under pytest-xdist (`-n auto` in pyproject's addopts) each worker takes its share of the cores: torch
 # would otherwise start one thread per core in every worker and the workers would contend.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
@@ -29,6 +29,16 @@ def snakemake(workdir, config, *args, timeout=900):
     return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
                            "--directory", str(workdir), "--configfile", str(cfg), "--cores", "2", *args],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def scheduled(result) -> dict[str, int]:
+    """Jobs per rule of a `snakemake -n --quiet rules` run (`all` left out)."""
+    jobs = {}
+    for line in result.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("all", "total"):
+            jobs[parts[0]] = int(parts[1])
+    return jobs
 
 
 def study_layout(config: dict, model: str | None = None):

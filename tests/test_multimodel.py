@@ -7,8 +7,7 @@ import re
 import pandas as pd
 import pytest
 import torch
-from conftest import chromium_dom, snakemake, study_layout
-from test_study import scheduled
+from conftest import chromium_dom, scheduled, snakemake, study_layout
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from esa.config import load_config, validate_config

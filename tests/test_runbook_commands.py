@@ -3,15 +3,13 @@ test_study.py's module fixture, so that pytest-xdist runs these beside it)."""
 
 import json
 import shlex
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import snakemake, study_layout
-from test_study import scheduled
+from conftest import REPO, scheduled, snakemake, study_layout
 
-REPO = Path(__file__).resolve().parents[1]
 RUNBOOK = REPO / "docs" / "runbook.md"  # a copy of ../shared/runbook.md
+
 
 def runbook_commands():
     """The runbook's phase1_runner_enhanced.py commands, as argument lists."""

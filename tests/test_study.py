@@ -3,14 +3,13 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import snakemake, study_layout
+from conftest import REPO, scheduled, snakemake, study_layout
 
 from esa.candidates import build_candidates
 from esa.data import draw_calibration, read_windows
@@ -22,18 +21,7 @@ from esa.scores import compute_scores
 from esa.selection import select_topk
 from esa.targets import find_targets
 
-REPO = Path(__file__).resolve().parents[1]
 PUBLISHED = [(0, "model.layers.0.mlp.down_proj.weight", 3, 5), (1, "model.layers.1.mlp.up_proj.weight", 9, 2)]
-
-
-def scheduled(result) -> dict[str, int]:
-    """Jobs per rule of a `snakemake -n --quiet rules` run (`all` left out)."""
-    jobs = {}
-    for line in result.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("all", "total"):
-            jobs[parts[0]] = int(parts[1])
-    return jobs
 
 
 @pytest.fixture(scope="module")
