@@ -21,12 +21,13 @@ loss). The pairing (the same windows for the edit and the baseline) cancels the 
 difficulty, so the interval is much narrower than two independent intervals.
 
 :class:`DamageMeter` runs the unmodified model once (the reference pass), keeping its final
-hidden states and a copy of its LM head's parameters, and recomputes p chunk by chunk next to q
-(:func:`esa.evaluation.window_divergence`): the logits of a large vocabulary over every window
-never exist at once. The reference pass also keeps the inputs of the decoder layers an edit will
+hidden states and a copy of its LM head's parameters, and keeps its logits where they fit
+``REFERENCE_LOGITS_BUDGET``; else it recomputes p chunk by chunk next to q
+(:func:`esa.evaluation.window_divergence`), so that the logits of a large vocabulary over every
+window never exist at once. The reference pass also keeps the inputs of the decoder layers an edit will
 start at (:mod:`esa.replay`), so each measurement runs only the layers the edit can change. It
 holds windows x seq_len x hidden x dtype bytes of final hidden states, the same per kept layer,
-and one copy of the LM head.
+one copy of the LM head, and at most ``REFERENCE_LOGITS_BUDGET`` bytes of logits.
 """
 
 from __future__ import annotations
@@ -112,6 +113,18 @@ def damage(result: Evaluation, baseline: Baseline, bootstrap: Bootstrap) -> dict
             "finite": result.finite}
 
 
+# Bytes of reference logits a meter keeps rather than recomputes in every evaluation: the
+# bundled model's 16 windows of 256 tokens are 0.8 GB (one LM-head product, ~10% of an fp32
+# evaluation, saved each time); a large vocabulary over many windows is recomputed instead.
+REFERENCE_LOGITS_BUDGET = 2**30
+
+
+def reference_logits_bytes(model: torch.nn.Module, windows: torch.Tensor) -> int:
+    """Bytes of the fp32 logits of every predicted position of ``windows`` [W, T]."""
+    classes = model.get_output_embeddings().weight.shape[0]
+    return windows.shape[0] * (windows.shape[1] - 1) * classes * 4
+
+
 class DamageMeter:
     """Measures edits of one model on fixed windows against the unmodified model (module
     docstring). Build it on the unmodified model; then, for each edit, apply it, call
@@ -127,10 +140,11 @@ class DamageMeter:
         head = model.get_output_embeddings()
         self._reference_head = partial(functional_call, head,
                                        {name: p.detach().clone() for name, p in head.named_parameters()})
+        keep_logits = reference_logits_bytes(model, windows) <= REFERENCE_LOGITS_BUDGET
         self._references, nll, tokens = [], [], []
         with torch.no_grad(), keep_layer_inputs(model, set(start_layers)) as kept:
             for batch in tqdm(self.batches, desc="reference", disable=not progress, leave=False):
-                n, t, reference = reference_pass(model, batch.to(device), chunk_size=chunk_size)
+                n, t, reference = reference_pass(model, batch.to(device), chunk_size, keep_logits)
                 self._references.append(reference)
                 nll.append(n.double().cpu())
                 tokens.append(t.long().cpu())

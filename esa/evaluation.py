@@ -119,18 +119,20 @@ class Reference:
     """The unmodified model's side of one batch's KL and top-1 agreement: its final hidden
     states [B, T, d], and per predicted position [B, T - 1] its float64 log-normaliser and its
     top-1 class, taken once in the reference pass (:func:`reference_pass`) instead of in every
-    edit's evaluation."""
+    edit's evaluation; and, where they were kept, its logits, one tensor per chunk of positions
+    (else each evaluation recomputes them from the hidden states: one LM-head product more)."""
 
     hidden: torch.Tensor
     log_normaliser: torch.Tensor
     top1: torch.Tensor
+    logits: tuple[torch.Tensor, ...] | None = None
 
 
 def _head_divergence(head, reference_head, softcap: float | None, hidden: torch.Tensor,
                      reference: Reference, targets: torch.Tensor,
                      valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed NLL, KL divergence and top-1 agreements per window (float64) of one chunk
-    (``reference``: the chunk's positions of the reference).
+    (``reference``: the chunk's positions of the reference, its logits the chunk's if kept).
 
     With q the model's and p the reference's next-token distribution at a position
     (log-softmax of the logits),
@@ -147,7 +149,7 @@ def _head_divergence(head, reference_head, softcap: float | None, hidden: torch.
     logits = _logits(head, softcap, hidden)
     nll = _nll_of_logits(logits, targets, valid)
     agree = (reference.top1 == logits.argmax(dim=-1)).to(torch.float64)
-    reference_logits = _logits(reference_head, softcap, reference.hidden)
+    reference_logits = reference.logits[0] if reference.logits else _logits(reference_head, softcap, reference.hidden)
     kl = _kl_per_position(reference_logits, logits, reference.log_normaliser)
     return nll, *((term.double() * valid).sum(dim=1) for term in (kl, agree))
 
@@ -203,24 +205,28 @@ def hidden_nll(model: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Te
 
 
 @torch.no_grad()
-def reference_pass(model: torch.nn.Module, input_ids: torch.Tensor,
-                   chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor, Reference]:
+def reference_pass(model: torch.nn.Module, input_ids: torch.Tensor, chunk_size: int = DEFAULT_CHUNK,
+                   keep_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor, Reference]:
     """The unmodified model on a batch of windows: :func:`window_nll`'s ``(nll, tokens)``, bit
     for bit, and the :class:`Reference` its edits are measured against, from one pass of the
-    LM head."""
+    LM head (its logits kept with it when ``keep_logits``: the same bits an evaluation would
+    recompute, as the chunks have the same shapes)."""
     hidden = decoder_hidden(model, input_ids)
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     targets, valid = _shifted(input_ids, None)
     total = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=input_ids.device)
-    normalisers, top1 = [], []
+    normalisers, top1, kept = [], [], []
     for start in range(0, targets.shape[1], chunk_size):
         end = min(start + chunk_size, targets.shape[1])
         logits = _logits(head, softcap, hidden[:, start:end])
         total = total + _nll_of_logits(logits, targets[:, start:end], valid[:, start:end])
         normalisers.append(log_normaliser(logits))
         top1.append(logits.argmax(dim=-1))
-    return total, valid.sum(dim=1), Reference(hidden, torch.cat(normalisers, dim=1), torch.cat(top1, dim=1))
+        if keep_logits:
+            kept.append(logits)
+    return total, valid.sum(dim=1), Reference(hidden, torch.cat(normalisers, dim=1), torch.cat(top1, dim=1),
+                                              tuple(kept) or None)
 
 
 @torch.no_grad()
@@ -234,11 +240,12 @@ def window_divergence(model: torch.nn.Module, input_ids: torch.Tensor, reference
     softcap = getattr(model.config, "final_logit_softcapping", None)
     targets, valid = _shifted(input_ids, None)
     sums = [torch.zeros(input_ids.shape[0], dtype=torch.float64, device=input_ids.device) for _ in range(3)]
-    for start in range(0, targets.shape[1], chunk_size):
+    for number, start in enumerate(range(0, targets.shape[1], chunk_size)):
         end = min(start + chunk_size, targets.shape[1])
         chunk = Reference(reference.hidden[:, start:end].to(hidden.device),
                           reference.log_normaliser[:, start:end].to(hidden.device),
-                          reference.top1[:, start:end].to(hidden.device))
+                          reference.top1[:, start:end].to(hidden.device),
+                          (reference.logits[number].to(hidden.device),) if reference.logits else None)
         parts = _head_divergence(head, reference_head, softcap, hidden[:, start:end], chunk,
                                  targets[:, start:end], valid[:, start:end])
         sums = [total + part for total, part in zip(sums, parts)]

@@ -46,6 +46,32 @@ def test_kl_and_top1_equal_brute_force_even_when_the_head_itself_is_edited():
     assert measured["top1"] == top1  # 90 positions: a count, exact
 
 
+def test_kept_reference_logits_give_the_bits_of_recomputed_ones(monkeypatch):
+    """A meter whose reference logits fit REFERENCE_LOGITS_BUDGET keeps them (one LM-head product
+    per evaluation fewer) and measures the same bits as one that recomputes them; over the
+    budget it keeps none."""
+    from esa import damage as damage_module
+
+    model = make_tiny_llama(layers=2)
+    windows = unigram_text(6, seed=2, length=16)
+    baseline = Baseline.of(evaluate(model, windows, 4))
+    edit = pd.DataFrame({"tensor": ["model.layers.1.mlp.down_proj.weight"] * 3, "flat_index": [5, 9, 40]})
+    assert damage_module.reference_logits_bytes(model, windows) == 6 * 15 * 64 * 4
+    measured = {}
+    for budget in (6 * 15 * 64 * 4, 6 * 15 * 64 * 4 - 1):
+        monkeypatch.setattr(damage_module, "REFERENCE_LOGITS_BUDGET", budget)
+        meter = DamageMeter(model, windows, 4, baseline, chunk_size=8)
+        kept = [reference.logits for reference in meter._references]
+        with perturbed(model, edit, "sign_flip", 30.0):
+            measured[budget] = meter.evaluate()
+        assert all(k is not None and [c.shape[1] for c in k] == [8, 7] for k in kept) == (budget % 2 == 0)
+        assert all(k is None for k in kept) == (budget % 2 == 1)
+    kept_run, recomputed_run = measured.values()
+    assert recomputed_run.mean_kl > 1e-6  # the edit is measured
+    for field in ("nll", "kl", "agree"):
+        assert np.array_equal(getattr(kept_run, field), getattr(recomputed_run, field)), field
+
+
 @torch.no_grad()
 def _reference(head, hidden) -> Reference:
     """The reference side of a chunk, as the meter's reference pass takes it."""
