@@ -6,6 +6,7 @@ import sys
 from snakemake.utils import min_version
 
 sys.path.insert(0, workflow.basedir)
+from esa.jobserver import ADDRESS_ENV, Server
 from esa.layout import KEY_PATTERN
 from esa.metrics import METRICS
 from esa.names import DATA_PARTS, MODES, alternatives
@@ -42,7 +43,20 @@ include: "rules/quantize.smk"
 include: "rules/report.smk"
 
 
+JOB_SERVER = Server()
+
+
+onstart:
+    if workflow.local_exec and config["job_server"]:
+        os.environ[ADDRESS_ENV] = JOB_SERVER.start()
+
+
+onerror:
+    JOB_SERVER.stop()
+
+
 onsuccess:
+    JOB_SERVER.stop()
     from esa.summary import summary_text
 
     done = [

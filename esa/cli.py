@@ -91,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if any("=" not in item or item.startswith("-") for item in extra):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "run":
+        from .jobserver import delegate
+
+        code = delegate(sys.argv[1:] if argv is None else argv)
+        if code is not None:
+            return code
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "run":
