@@ -198,7 +198,7 @@ def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, 
     with _hooked([(module, tap) for _, module, tap in taps.values()]):  # the reference pass records
         meter = DamageMeter(model, eval_windows, batch_size, baseline, chunk_size, set(starts), bootstrap)
 
-    sweep, restore = [], []
+    sweep, restore, zeroed_of = [], [], {}
     for i, (w, selection, start) in enumerate(tqdm(list(zip(weights.itertuples(index=False), selections, starts)),
                                                    desc="mechanism", disable=not progress)):
         key = {"tensor": w.tensor, "flat_index": w.flat_index, "row": w.row, "col": w.col, "layer": w.layer,
@@ -209,7 +209,7 @@ def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, 
                 measured = meter.measure(start) if info.n_changed else meter.unchanged()
             sweep.append({**key, "scale": float(scale), **measured})
             if scale == 0 and info.n_changed:
-                zeroed = measured
+                zeroed = zeroed_of[w.tensor, w.flat_index] = measured
         restore.append({**key, "module": w.module, **_massive_activation_restore(
             meter, selection, start, taps.get(i), massive_fraction, zeroed)})
 
@@ -218,8 +218,10 @@ def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, 
     for tensor, own in weights.groupby("tensor", sort=False):
         for name, chosen in ((SUPER_WEIGHTS, own), (MATCHED_CONTROL, matched[matched["tensor"] == tensor])):
             edit = _selection(tensor, chosen["flat_index"])
-            with perturbed(model, edit, ZERO):
-                measured = meter.measure(first_changed_layer_of(model, edit))
+            measured = zeroed_of.get((tensor, edit["flat_index"].iloc[0])) if len(edit) == 1 else None
+            if measured is None:  # else the sweep's scale 0 zeroed exactly this weight: measured once
+                with perturbed(model, edit, ZERO):
+                    measured = meter.measure(first_changed_layer_of(model, edit))
             magnitude = chosen["weight"].abs()
             control.append({"tensor": tensor, "layer": own["layer"].iloc[0], "set": name, "n_weights": len(edit),
                             "flat_indices": edit["flat_index"].tolist(), "abs_min": magnitude.min(),

@@ -2,6 +2,7 @@
 workflow run as a Snakemake subprocess."""
 
 import copy
+import fcntl
 import os
 import re
 import shutil
@@ -157,11 +158,19 @@ BUNDLED = "builtin:smollm2-135m"
 
 @pytest.fixture(scope="session")
 def bundled_checkpoint(tmp_path_factory):
-    """The bundled SmolLM2-135M, materialised once per test session (GGUF -> safetensors)."""
+    """The bundled SmolLM2-135M, materialised once per test run (GGUF -> safetensors, ~15 s): under
+    pytest-xdist the workers share one copy in their common base directory, the first one to
+    take the lock writing it. Tests only read it."""
     from esa.models import materialize, source_from_ref
 
-    out = tmp_path_factory.mktemp("bundled")
-    materialize(BUNDLED, out)
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+    out = shared / "bundled"
+    with open(shared / "bundled.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "model.json").exists():
+            out.mkdir(exist_ok=True)
+            materialize(BUNDLED, out)
     return source_from_ref(out / "model.json")
 
 

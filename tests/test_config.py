@@ -111,18 +111,22 @@ def test_keys_left_out_take_the_schema_default_not_the_embedded_config():
     assert config["experiments"] == []
     assert config["scoring"]["max_samples"] == schema_defaults("scoring")["max_samples"] == 16
     embedded = study_config({}, [])
-    assert embedded["model"]["source"] == "builtin:smollm2-135m" and len(embedded["experiments"]) == 9
+    assert embedded["model"]["source"] == "builtin:smollm2-135m" and len(embedded["experiments"]) == 7
     assert embedded["scoring"]["max_samples"] == 8
     assert study_config({"seeds": [4]}, [])["seeds"] == [4]  # --config alone goes over the embedded default
 
 
-def test_layered_config_files_merge_like_the_readme_says(tmp_path):
-    """config/beyond.yaml is laid over the embedded default by naming both."""
+@pytest.mark.parametrize("layer, jobs", [("beyond.yaml", {"quantize": 1, "culprits": 1, "perturb": 1}),
+                                         ("full.yaml", {"quantize": 1, "culprits": 1, "perturb": 4})])
+def test_layered_config_files_merge_like_the_readme_says(tmp_path, layer, jobs):
+    """config/beyond.yaml and config/full.yaml are laid over the embedded default by naming both
+    (the default runs two of the runbook's four perturbation experiments, full.yaml all four)."""
     from conftest import REPO
 
-    result = _dry_run(tmp_path, (REPO / "config" / "beyond.yaml").read_text(), REPO / "config" / "config.yaml")
+    result = _dry_run(tmp_path, (REPO / "config" / layer).read_text(), REPO / "config" / "config.yaml")
     assert result.returncode == 0, result.stdout[-2000:]
-    assert re.search(r"^quantize +1$", result.stdout, re.M) and re.search(r"^culprits +1$", result.stdout, re.M)
+    for rule, count in jobs.items():
+        assert re.search(rf"^{rule} +{count}$", result.stdout, re.M), rule
 
 
 def test_duplicate_seeds_are_rejected_at_config_time():

@@ -145,9 +145,9 @@ def test_restoring_the_massive_activation_undoes_the_zeroing():
 
 
 def test_the_restore_reuses_the_sweeps_scale_zero():
-    """Scale 0 of the sweep is the restore's zeroed model: with 0 among the scales the restore
-    measures only the restored model, the same table as a restore that zeroes by itself, and the
-    run costs as many evaluations as one scale fewer (before: one more)."""
+    """Scale 0 of the sweep is the restore's zeroed model and, for a tensor with one confirmed
+    weight, the control's zeroed super weight: with 0 among the scales both reuse it, the same
+    tables as without it, two evaluations fewer."""
     model, confirmation, windows, baseline = _planted()
     weights = confirmation.super_weights
     evaluations = []
@@ -160,8 +160,13 @@ def test_the_restore_reuses_the_sweeps_scale_zero():
     finally:
         handle.remove()
     pd.testing.assert_frame_equal(with_zero.restore, without.restore)
-    # reference, the sweep's scales, the restored (and zeroed without 0), the control's two sets
-    assert with_zero_cost == len(evaluations) == 2 * (1 + 2 + 1 + 2)
+    pd.testing.assert_frame_equal(with_zero.control, without.control)
+    # reference, the sweep's scales, the restored (and zeroed without 0), the control's two sets:
+    # with 0 the control's one zeroed super weight is the sweep's scale 0 too (two batches each)
+    assert with_zero_cost == 2 * (1 + 2 + 1 + 1) and len(evaluations) == 2 * (1 + 1 + 2 + 2)
+    zero_row = with_zero.sweep[with_zero.sweep["scale"] == 0].iloc[0]
+    super_row = with_zero.control[with_zero.control["set"] == SUPER_WEIGHTS].iloc[0]
+    assert all(super_row[c] == zero_row[c] for c in ("loss", "ppl", "kl", "top1", "delta_ppl_lo", "delta_ppl_hi"))
 
 
 def test_matched_control_and_a_weight_outside_the_mlp_output():
