@@ -133,8 +133,10 @@ def phase_config(args) -> tuple[dict, str]:
     experiment = {"name": name, "metric": args.metric, "mode": args.mode, "topk": args.topk, "seeds": seeds,
                   "perturb": args.perturb, "scale": args.perturb_scale,
                   "controls": _csv(args.controls, CONTROLS, "control"), "stability_check": args.stability_check}
+    # one phase command runs its phase only: not the analyses beyond the runbook of the config below it
     overrides = {"model": {"name": model_name(args.model), "source": args.model}, "device": args.device,
-                 "plots": args.save_plots, "experiments": [experiment]}
+                 "plots": args.save_plots, "experiments": [experiment], "quantize": {"schemes": []},
+                 "culprits": {"experiments": []}, "mechanism": {"enabled": False}}
     if args.max_samples is not None:
         own = REGISTRY[args.metric].settings  # a metric's own block overrides scoring.max_samples
         overrides["scoring"] = {own: {"max_samples": args.max_samples}} if own else {"max_samples": args.max_samples}

@@ -44,6 +44,7 @@ def test_runbook_command_resolves_to_its_dag_targets(argv, tmp_path):
     assert ("perturb" in jobs) == (args.perturb is not None)
     assert ("stability" in jobs) == args.stability_check
     assert ("plots" in jobs) == args.save_plots
+    assert not {"quantize", "culprits", "mechanism"} & set(scheduled(result))  # the default's, not the phase's
 
 
 def test_runbook_commands_share_one_evaluation_and_baseline(tmp_path):
