@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
+import os
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -186,13 +189,70 @@ def step_definitions(step: str, extra: tuple[tuple[str, str], ...] = ()) -> dict
 @lru_cache(maxsize=None)
 def code_version(step: str, extra: tuple[tuple[str, str], ...] = ()) -> str:
     """Short hash of the code behind the workflow step ``step_<step>`` (and the ``extra``
-    (module, name) roots: code a step loads by name), docstrings and comments excluded."""
-    digest = hashlib.sha256()
-    for (module, name), statements in sorted(step_definitions(step, extra).items()):
-        digest.update(f"{module}:{name}\n".encode())
-        for statement in statements:
-            digest.update(_dump(statement).encode())
-    return digest.hexdigest()[:16]
+    (module, name) roots: code a step loads by name), docstrings and comments excluded.
+
+    Every Snakemake run (a dry run too) needs every step's version, ~1.2 s of syntax-tree walks
+    on 2 cores; they are a function of the package's source files and the Python version alone,
+    so they are kept in a cache file named by a digest of both (:func:`_cached_versions`)."""
+    key = json.dumps([STEPS[step].module, step, extra])
+    cache = _cached_versions()
+    if key not in cache.versions:
+        digest = hashlib.sha256()
+        for (module, name), statements in sorted(step_definitions(step, extra).items()):
+            digest.update(f"{module}:{name}\n".encode())
+            for statement in statements:
+                digest.update(_dump(statement).encode())
+        cache.versions[key] = digest.hexdigest()[:16]
+        cache.save()
+    return cache.versions[key]
+
+
+CACHE_FILES_KEPT = 64  # the newest; an edit of the package names a new file
+
+
+@dataclass
+class _VersionCache:
+    path: Path | None
+    versions: dict[str, str]
+
+    def save(self) -> None:
+        """Write the cache (atomically); a cache directory that cannot be written is no cache."""
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            temporary.write_text(json.dumps(self.versions, sort_keys=True))
+            os.replace(temporary, self.path)
+            for old in sorted(self.path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime)[:-CACHE_FILES_KEPT]:
+                old.unlink(missing_ok=True)
+        except OSError:
+            self.path = None
+
+
+def _cached_versions() -> _VersionCache:
+    """The cached versions of the package as it is on disk now: a file under
+    ``$XDG_CACHE_HOME/esa/code-versions`` (default ``~/.cache``) named by the SHA-256 of the
+    Python version and every ``.py`` file of the package (path and bytes), read once per digest;
+    ``ESA_CODE_VERSION_CACHE=0`` turns it off."""
+    digest = hashlib.sha256(f"{sys.version_info[:2]}\n".encode())
+    for path in sorted(ROOT.rglob("*.py")):
+        digest.update(f"{path.relative_to(ROOT).as_posix()}\n".encode())
+        digest.update(path.read_bytes())
+    return _read_cache(digest.hexdigest())
+
+
+@lru_cache(maxsize=None)
+def _read_cache(digest: str) -> _VersionCache:
+    if os.environ.get("ESA_CODE_VERSION_CACHE") == "0":
+        return _VersionCache(None, {})
+    home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    path = Path(home) / "esa" / "code-versions" / f"{digest}.json"
+    try:
+        versions = json.loads(path.read_text())
+    except (OSError, ValueError):
+        versions = {}
+    return _VersionCache(path, versions if isinstance(versions, dict) else {})
 
 
 @lru_cache(maxsize=None)

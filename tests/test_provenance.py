@@ -1,6 +1,7 @@
 """Code versions at the grain of a definition (esa.provenance): an edit reruns the steps whose
 code it changes and no other, through relative imports of any level."""
 
+import json
 import shutil
 import textwrap
 
@@ -146,3 +147,33 @@ def test_the_readme_table_is_the_generated_one():
     readme = (REPO / "README.md").read_text()
     copy = readme.split("<!-- code-versions:start -->\n", 1)[1].split("<!-- code-versions:end -->", 1)[0]
     assert copy == provenance.version_table(provenance.rule_versions())
+
+
+def test_code_versions_are_cached_by_the_sources_digest(esa_copy, tmp_path, monkeypatch):
+    """A second run reads every version from the cache file named by the package's digest
+    (no syntax-tree walk); an edit names another file and is computed afresh; the cache off
+    (ESA_CODE_VERSION_CACHE=0) or unwritable computes them all the same."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    provenance._read_cache.cache_clear()
+    first = _versions()
+    files = list((tmp_path / "cache" / "esa" / "code-versions").glob("*.json"))
+    assert len(files) == 1 and set(json.loads(files[0].read_text()).values()) == set(first.values())
+
+    provenance._read_cache.cache_clear()  # a new process: the file alone
+    monkeypatch.setattr(provenance, "step_definitions", lambda *a: pytest.fail("walked a cached version"))
+    assert _versions() == first
+    monkeypatch.undo()
+    monkeypatch.setattr(provenance, "ROOT", esa_copy)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    stability = esa_copy / "stability.py"
+    stability.write_text(stability.read_text().replace("def seed_stability(", "def seed_stability(*_unused, "))
+    edited = _versions()
+    assert sorted(s for s in STEPS if edited[s] != first[s]) == ["stability"]
+    assert len(list((tmp_path / "cache" / "esa" / "code-versions").glob("*.json"))) == 2
+
+    for variable, value in (("ESA_CODE_VERSION_CACHE", "0"), ("XDG_CACHE_HOME", "/proc/esa-no-cache")):
+        monkeypatch.setenv(variable, value)
+        provenance._read_cache.cache_clear()
+        assert _versions() == edited
+    provenance._read_cache.cache_clear()
