@@ -198,20 +198,21 @@ def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, 
     with _hooked([(module, tap) for _, module, tap in taps.values()]):  # the reference pass records
         meter = DamageMeter(model, eval_windows, batch_size, baseline, chunk_size, set(starts), bootstrap)
 
+    # the sweep's scale 0 of each weight (tensor, flat_index): the restore's zeroed model and, for a
+    # tensor's one super weight, the control's, measured once
     sweep, restore, zeroed_of = [], [], {}
     for i, (w, selection, start) in enumerate(tqdm(list(zip(weights.itertuples(index=False), selections, starts)),
                                                    desc="mechanism", disable=not progress)):
         key = {"tensor": w.tensor, "flat_index": w.flat_index, "row": w.row, "col": w.col, "layer": w.layer,
                "weight": w.weight}
-        zeroed = None  # the sweep's scale 0 is the restore's zeroed model: measured once
         for scale in scales:
             with perturbed(model, selection, SCALE, scale) as info:
                 measured = meter.measure(start) if info.n_changed else meter.unchanged()
             sweep.append({**key, "scale": float(scale), **measured})
             if scale == 0 and info.n_changed:
-                zeroed = zeroed_of[w.tensor, w.flat_index] = measured
+                zeroed_of[w.tensor, w.flat_index] = measured
         restore.append({**key, "module": w.module, **_massive_activation_restore(
-            meter, selection, start, taps.get(i), massive_fraction, zeroed)})
+            meter, selection, start, taps.get(i), massive_fraction, zeroed_of.get((w.tensor, w.flat_index)))})
 
     control = []
     matched = matched_control(model, weights)
@@ -219,7 +220,7 @@ def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, 
         for name, chosen in ((SUPER_WEIGHTS, own), (MATCHED_CONTROL, matched[matched["tensor"] == tensor])):
             edit = _selection(tensor, chosen["flat_index"])
             measured = zeroed_of.get((tensor, edit["flat_index"].iloc[0])) if len(edit) == 1 else None
-            if measured is None:  # else the sweep's scale 0 zeroed exactly this weight: measured once
+            if measured is None:
                 with perturbed(model, edit, ZERO):
                     measured = meter.measure(first_changed_layer_of(model, edit))
             magnitude = chosen["weight"].abs()
