@@ -11,6 +11,7 @@ import logging
 import sys
 
 from .errors import ESAError
+from .heap import keep_freed_memory
 from .step_specs import parse_spec
 from .step_table import STEPS
 
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "run":
+            keep_freed_memory()
             spec = parse_spec(args.step, args.spec)  # a bad spec stops the step before it writes anything
             step_function(args.step)(spec, **_paths(args.paths + extra))
         elif args.command == "check":

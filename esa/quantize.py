@@ -16,9 +16,12 @@ A group whose scale is 0 (its unprotected weights all equal) or that is fully pr
 as it is: protected weights always keep their exact original value, and they do not stretch
 the range [lo, hi] the others are quantized on.
 
-:func:`quantized` applies this to every target in place and restores every matrix from a saved
-copy afterwards, checked bit for bit (``RuntimeError`` if a restored matrix differs): it holds
-one copy of the targets, on their device, while the model is quantized.
+:func:`quantized_targets` applies this to every target in place and restores every matrix from
+a saved copy afterwards, checked bit for bit (``RuntimeError`` if a restored matrix differs): it
+holds one copy of the targets, on their device, while the model is quantized; its
+:meth:`~QuantizedTargets.protecting` keeps a set of weights by quantizing again only the rows that
+hold them (the groups of one row are quantized on their own weights, so the bits are those of
+quantizing every matrix afresh), and :func:`quantized` is the two together.
 :func:`run_quantization` measures each protect condition (:mod:`esa.protect`) of each scheme
 with :class:`esa.damage.DamageMeter` against the unquantized model.
 """
@@ -113,14 +116,46 @@ def _restore(saved: list[tuple[Target, torch.Tensor, torch.Tensor]]) -> None:
         raise RuntimeError(f"quantized matrices differ from the saved originals after restore: {failed[:5]}")
 
 
+class QuantizedTargets:
+    """The targets of a model quantized in place with one scheme, no weight protected, and
+    their saved originals (:func:`quantized_targets`)."""
+
+    def __init__(self, targets: list[Target], scheme: Scheme,
+                 saved: list[tuple[Target, torch.Tensor, torch.Tensor]]):
+        self.targets, self.scheme, self.saved = targets, scheme, saved
+
+    def _write_rows(self, masks: dict[str, torch.Tensor], keep: bool) -> None:
+        """Quantize again the rows of each masked matrix that hold a masked weight, from the
+        original, keeping the masked weights (``keep``) or not. A row's groups are quantized
+        on their own weights only, so this gives the bits of quantizing the whole matrix."""
+        with torch.no_grad():
+            for target, matrix, original in self.saved:
+                mask = masks.get(target.name)
+                if mask is None:
+                    continue
+                rows = mask.any(dim=1).nonzero().squeeze(1).to(matrix.device)
+                kept = mask[rows.cpu()] if keep else None
+                matrix[rows] = rtn(original[rows], self.scheme.bits, self.scheme.group_size, kept).to(matrix.dtype)
+
+    @contextmanager
+    def protecting(self, protected: pd.DataFrame | None):
+        """Keep the ``protected`` weights (tensor, flat_index in the Linear convention; None or
+        empty: none) in full precision while inside: only the rows holding them are quantized
+        again, with them kept out of their groups' ranges, and quantized as before on exit."""
+        masks = {} if protected is None or protected.empty else _protected(self.targets, protected)
+        self._write_rows(masks, keep=True)
+        try:
+            yield
+        finally:
+            self._write_rows(masks, keep=False)
+
+
 @contextmanager
-def quantized(model: torch.nn.Module, targets: list[Target], scheme: Scheme,
-              protected: pd.DataFrame | None = None):
-    """Quantize every target of ``model`` in place with ``scheme``, keeping the ``protected``
-    weights (tensor, flat_index in the Linear convention; None: none). On exit, normal or not,
-    every target is restored and checked bit-exactly (module docstring)."""
+def quantized_targets(model: torch.nn.Module, targets: list[Target], scheme: Scheme):
+    """Quantize every target of ``model`` in place with ``scheme``; yields the
+    :class:`QuantizedTargets`. On exit, normal or not, every target is restored and checked
+    bit-exactly (module docstring)."""
     scheme.check(targets)
-    masks = {} if protected is None or protected.empty else _protected(targets, protected)
     saved: list[tuple[Target, torch.Tensor, torch.Tensor]] = []
     try:
         with torch.no_grad():
@@ -131,10 +166,20 @@ def quantized(model: torch.nn.Module, targets: list[Target], scheme: Scheme,
                 matrix = target.matrix(param.detach())  # a view: writes go to the parameter
                 original = matrix.clone()
                 saved.append((target, matrix, original))
-                matrix.copy_(rtn(original, scheme.bits, scheme.group_size, masks.get(target.name)))
-        yield
+                matrix.copy_(rtn(original, scheme.bits, scheme.group_size))
+        yield QuantizedTargets(targets, scheme, saved)
     finally:
         _restore(saved)
+
+
+@contextmanager
+def quantized(model: torch.nn.Module, targets: list[Target], scheme: Scheme,
+              protected: pd.DataFrame | None = None):
+    """Quantize every target of ``model`` in place with ``scheme``, keeping the ``protected``
+    weights (tensor, flat_index in the Linear convention; None: none); restored and checked
+    bit-exactly on exit (:func:`quantized_targets`)."""
+    with quantized_targets(model, targets, scheme) as quantized_model, quantized_model.protecting(protected):
+        yield
 
 
 def run_quantization(model: torch.nn.Module, targets: list[Target], schemes: list[Scheme],
@@ -142,7 +187,9 @@ def run_quantization(model: torch.nn.Module, targets: list[Target], schemes: lis
                      baseline: Baseline, chunk_size: int = DEFAULT_CHUNK, bootstrap: Bootstrap = Bootstrap(),
                      progress: bool = True) -> pd.DataFrame:
     """For every scheme and protect condition: quantize, measure (:mod:`esa.damage`, from layer
-    0, against ``baseline``), restore.
+    0, against ``baseline``), restore. Each scheme quantizes the model once; a condition then
+    quantizes again only the rows that hold its protected weights
+    (:meth:`QuantizedTargets.protecting`).
 
     A condition that protects no weight (none; super_weights when none is confirmed) is the
     same quantized model as none: measured once per scheme, its row copies none's damage.
@@ -153,18 +200,22 @@ def run_quantization(model: torch.nn.Module, targets: list[Target], schemes: lis
         scheme.check(targets)
     meter = DamageMeter(model, eval_windows, batch_size, baseline, chunk_size, (), bootstrap, progress)
     records = []
-    jobs = [(scheme, condition) for scheme in schemes for condition in conditions]
-    unprotected: dict[Scheme, dict] = {}
-    for scheme, condition in tqdm(jobs, desc="quantize", disable=not progress):
-        if condition.weights.empty and scheme in unprotected:
-            measured = unprotected[scheme]
-        else:
-            with quantized(model, targets, scheme, condition.weights):
-                measured = meter.measure(0)
-            if condition.weights.empty:
-                unprotected[scheme] = measured
-        records.append({"bits": scheme.bits,
-                        "group_size": PER_CHANNEL if scheme.group_size is None else scheme.group_size,
-                        "protect": condition.protect, "metric": condition.metric, "k": condition.k,
-                        "n_protected": len(condition.weights), **measured})
+    progress_bar = tqdm(total=len(schemes) * len(conditions), desc="quantize", disable=not progress)
+    for scheme in schemes:
+        unprotected = None
+        with quantized_targets(model, targets, scheme) as quantized_model:
+            for condition in conditions:
+                if condition.weights.empty and unprotected is not None:
+                    measured = unprotected
+                else:
+                    with quantized_model.protecting(condition.weights):
+                        measured = meter.measure(0)
+                    if condition.weights.empty:
+                        unprotected = measured
+                records.append({"bits": scheme.bits,
+                                "group_size": PER_CHANNEL if scheme.group_size is None else scheme.group_size,
+                                "protect": condition.protect, "metric": condition.metric, "k": condition.k,
+                                "n_protected": len(condition.weights), **measured})
+                progress_bar.update()
+    progress_bar.close()
     return pd.DataFrame(records, columns=RESULT_COLUMNS)

@@ -15,12 +15,29 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from esa.heap import keep_freed_memory
+
 REPO = Path(__file__).resolve().parents[1]
 
-# Under pytest-xdist (`-n auto` in pyproject's addopts) each worker takes its share of the cores: torch
-# would otherwise start one thread per core in every worker and the workers would contend.
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+keep_freed_memory()  # the tests' own model work, as every `esa run` step (esa/heap.py)
+
+# Under pytest-xdist (`-n auto` in pyproject's addopts) each worker takes its share of the cores, in
+# its own torch and in the Snakemake runs it starts: one thread per core in every worker would
+# oversubscribe the machine, and OpenMP's waiting threads spin on the cores the other worker needs.
+WORKER_CORES = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+torch.set_num_threads(WORKER_CORES)
+
+
+# The files that take longest, or mostly wait (Slurm), dispatched first: `--dist loadfile` hands
+# each file whole to the next free worker in collection order, so a long file collected last
+# would be the suite's tail while the other worker idles.
+LONG_FILES = ["test_slurm_cluster.py", "test_study.py", "test_workflow.py", "test_jobserver.py",
+              "test_runbook_commands.py", "test_models.py", "test_recovery.py", "test_multimodel.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: the rest keep their order
 
 
 def snakemake(workdir, config, *args, timeout=900):
@@ -28,7 +45,7 @@ def snakemake(workdir, config, *args, timeout=900):
     cfg = workdir / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
     return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-                           "--directory", str(workdir), "--configfile", str(cfg), "--cores", "2", *args],
+                           "--directory", str(workdir), "--configfile", str(cfg), "--cores", str(WORKER_CORES), *args],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 

@@ -75,8 +75,9 @@ def test_corrupt_gguf_is_an_error(tmp_path):
 
 
 def test_bundled_model_materialises_exactly_and_gives_finite_ppl(bundled_checkpoint):
-    """The safetensors checkpoint equals the GGUF de-quantisation and evaluates to a finite PPL."""
-    from transformers import AutoModelForCausalLM
+    """The safetensors checkpoint (written with the GGUF parsed once) equals transformers' own
+    de-quantisation and tokenizer, and evaluates to a finite PPL."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = models.resolve_source("builtin:smollm2-135m")
     direct = AutoModelForCausalLM.from_pretrained(gguf.path, gguf_file=gguf.gguf_file, dtype=torch.float32)
@@ -85,10 +86,29 @@ def test_bundled_model_materialises_exactly_and_gives_finite_ppl(bundled_checkpo
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, direct_state[name]), name
     tokenizer = models.load_tokenizer(bundled_checkpoint)
+    direct_tokenizer = AutoTokenizer.from_pretrained(gguf.path, gguf_file=gguf.gguf_file)
+    assert tokenizer.backend_tokenizer.to_str() == direct_tokenizer.backend_tokenizer.to_str()
     ids = tokenizer("def add(a, b):\n    return a + b\n" * 4, return_tensors="pt").input_ids
     result = evaluate(loaded, ids, batch_size=1)
     assert result.finite and 1.0 < result.ppl < 50.0
     assert models.context_length(models.load_config(bundled_checkpoint)) == 8192
+
+
+def test_gguf_parsed_once_shares_one_reader_and_puts_gguf_back(monkeypatch):
+    import gguf
+
+    parsed = []
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path, mode="r": parsed.append(path) or object())
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with models.gguf_parsed_once():
+        first = gguf.GGUFReader("a.gguf")
+        with models.gguf_parsed_once():  # nested: the outer one's readers
+            assert gguf.GGUFReader("a.gguf") is first
+        assert gguf.GGUFReader("b.gguf") is not first
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    assert parsed == ["a.gguf", "b.gguf"]
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader_class, name_map)
+    assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is not gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
 
 
 def test_device_map_auto_loads_and_evaluates_like_a_plain_load(tiny_model_dir, tiny_windows):

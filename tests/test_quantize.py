@@ -24,7 +24,7 @@ from esa.io import write_json_atomic, write_parquet_atomic
 from esa.model_steps import step_quantize
 from esa.models import materialize
 from esa.protect import PROTECT_MASK_COLUMNS, PROTECTED_WEIGHT_COLUMNS, protect_conditions, random_weights, resolve_k
-from esa.quantize import RESULT_COLUMNS, Scheme, quantized, rtn, run_quantization
+from esa.quantize import RESULT_COLUMNS, Scheme, quantized, quantized_targets, rtn, run_quantization
 from esa.report import _quantize_section
 from esa.scores import compute_scores
 from esa.step_specs import typed_spec
@@ -94,6 +94,35 @@ def test_quantized_writes_rtn_in_place_and_restores_bit_exactly(build, dtype):
     for name, p in model.named_parameters():
         assert torch.equal(p.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                            before[name].view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), name
+
+
+@pytest.mark.parametrize("scheme", [Scheme(3), Scheme(4, 8)], ids=["per-channel", "group-8"])
+def test_protecting_rewrites_only_its_rows_with_the_bits_of_quantizing_afresh(scheme):
+    """A protect condition inside one quantization of the model equals quantizing every matrix from
+    scratch with those weights kept, and leaving it gives back the unprotected bits."""
+    model = make_tiny_llama()
+    targets = find_targets(model)
+    originals = {t.name: t.matrix(target_parameter(model, t).detach()).clone() for t in targets}
+    first, last = targets[0], targets[-1]
+    kept = pd.DataFrame({"tensor": [first.name, first.name, last.name],
+                         "flat_index": [3, first.cols * 2 + 5, last.numel - 1]})
+    masks = {t.name: torch.zeros(t.rows, t.cols, dtype=torch.bool) for t in targets}
+    for name, flat in zip(kept["tensor"], kept["flat_index"]):
+        masks[name].view(-1)[flat] = True
+
+    def now():
+        return {t.name: t.matrix(target_parameter(model, t).detach()).clone() for t in targets}
+
+    with quantized_targets(model, targets, scheme) as quantized_model:
+        unprotected = now()
+        for _ in range(2):  # twice: leaving the first left the unprotected bits behind
+            with quantized_model.protecting(kept):
+                for name, matrix in now().items():
+                    assert torch.equal(matrix, rtn(originals[name], scheme.bits, scheme.group_size, masks[name]))
+            assert all(torch.equal(unprotected[name], matrix) for name, matrix in now().items())
+        assert all(torch.equal(matrix, rtn(originals[name], scheme.bits, scheme.group_size))
+                   for name, matrix in unprotected.items())
+    assert all(torch.equal(originals[name], matrix) for name, matrix in now().items())
 
 
 def test_restore_follows_an_error_and_a_failed_check_is_a_runtime_error(tiny_llama, monkeypatch):

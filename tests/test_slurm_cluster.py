@@ -9,7 +9,7 @@ checks the GPU-request switches of the profile.
 
 Skipped only when not root or when Slurm is missing and apt-get is unavailable.
 Set ESA_REQUIRE_SLURM_TEST=1 (CI) to turn those skips into failures.
-Takes ~1-2 minutes (mostly the executor's status-poll intervals).
+Takes about a minute (mostly the executor's status-poll intervals).
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def slurm_cluster(tmp_path_factory):
         pytest.skip(reason)
     path = tmp_path_factory.mktemp("slurm")
     env = _base_env()
-    # one fake (device-less) GPU: GPU rules exercise the real --gpus path
-    env.update(SLURM_CI_FAKE_GPUS="1", SLURM_CI_CTLD_PORT=str(_free_port()),
+    # two fake (device-less) GPUs: GPU rules exercise the real --gpus path, two at a time
+    env.update(SLURM_CI_FAKE_GPUS="2", SLURM_CI_CTLD_PORT=str(_free_port()),
                SLURM_CI_SLURMD_PORT=str(_free_port()))
     t0 = time.monotonic()
     try:
@@ -149,7 +149,7 @@ def _esa(workdir: Path, env: dict[str, str], config: dict, *args: str) -> subpro
                       snakefile=REPO / "Snakefile")
 
 
-ESA_RULES = {"model", "data", "baseline", "scores_gradients", "topk", "perturb", "confirm", "report"}
+ESA_RULES = {"model", "data", "baseline", "scores_gradients", "topk", "perturb"}
 
 
 def test_esa_workflow_runs_through_slurm(slurm_cluster, tmp_path, tiny_model_dir):
@@ -159,9 +159,9 @@ def test_esa_workflow_runs_through_slurm(slurm_cluster, tmp_path, tiny_model_dir
     cluster = slurm_cluster
     config = {"model": {"name": "tiny", "source": str(tiny_model_dir)}, "device": "cpu",
               "data": {"source": "builtin:pydoc", "seq_len": 32, "eval_windows": 3},
-              "seeds": [0], "plots": False,
+              # no report, so no confirm (the report asks for it): two more steps of the kinds below
+              "seeds": [0], "plots": False, "report": False,
               "scoring": {"max_samples": 2, "batch_size": 2, "candidates": 10},
-              "confirm": {"top_n": 2},
               "resources": {"default": {"threads": 1, "mem_mb": 1000, "runtime": 10}},
               "experiments": [{"name": "zero", "metric": "grad_x_weight", "mode": "global", "topk": 5,
                                "perturb": "zero", "stability_check": False}]}
@@ -186,18 +186,17 @@ def test_esa_workflow_runs_through_slurm(slurm_cluster, tmp_path, tiny_model_dir
     for jid in submitted:
         assert f"_slurm_rpc_submit_batch_job: JobId={jid} " in ctld_log
     # GPU rules asked the (fake) GPU of the node; the others asked none
-    for rule in ("baseline", "scores_gradients", "perturb", "confirm"):
+    for rule in ("baseline", "scores_gradients", "perturb"):
         assert _gpu_tres(cluster.cmd("scontrol", "show", "job", by_rule[rule])) == ["TresPerJob=gres:gpu:1"], rule
-    for rule in ("model", "data", "topk", "report"):
+    for rule in ("model", "data", "topk"):
         assert _gpu_tres(cluster.cmd("scontrol", "show", "job", by_rule[rule])) == [], rule
 
     # the same numbers as the local run
     layout = study_layout(config)
-    for name in (layout.baseline_files()["metrics"], layout.confirm_files()["rerun"]):
-        assert (slurm_dir / name).read_text() == (local_dir / name).read_text()
+    name = layout.baseline_files()["metrics"]
+    assert (slurm_dir / name).read_text() == (local_dir / name).read_text()
     for name in (layout.score_files("grad_x_weight", 0)["candidates"], layout.mask("grad_x_weight", "global", 5, 0),
-                 layout.perturb_files("grad_x_weight", "global", 5, "zero_1")["results"],
-                 layout.confirm_files()["super_weights"]):
+                 layout.perturb_files("grad_x_weight", "global", 5, "zero_1")["results"]):
         pd.testing.assert_frame_equal(pd.read_parquet(slurm_dir / name), pd.read_parquet(local_dir / name))
 
 
@@ -234,10 +233,10 @@ def test_unsatisfiable_gpu_request_fails_fast(slurm_cluster, tmp_path):
 
     t0 = time.monotonic()
     run = _snakemake(workdir, cluster.env, "--profile", str(PROFILE_SLURM), *FAST_POLL,
-                     "--config", "gpus_per_job=2")
+                     "--config", "gpus_per_job=3")
     out = run.stdout + run.stderr
     assert run.returncode != 0
-    assert "SLURM sbatch failed" in out and "--gpus=2" in out, out[-8000:]
+    assert "SLURM sbatch failed" in out and "--gpus=3" in out, out[-8000:]
     assert "Requested node configuration is not available" in out
     assert time.monotonic() - t0 < 120
     # Slurm keeps a record of the rejected submission, in state FAILED; nothing pending

@@ -130,7 +130,7 @@ def test_eval_windows_are_checked_before_any_scoring(tmp_path, tiny_config):
                        experiments=[{"name": "e", "metric": "grad_x_weight", "mode": "global", "topk": 5}])
     tiny_config["data"]["eval_windows"] = 100000
     layout = study_layout(tiny_config)
-    failed = snakemake(tmp_path, tiny_config)
+    failed = snakemake(tmp_path, tiny_config, "--cores", "2")  # the last --cores counts
     assert failed.returncode != 0
     log = (tmp_path / _log(layout, "data_eval", "data", part="eval")).read_text().strip().splitlines()
     assert log[-1].startswith("esa: error: eval_windows 100000 is more than the")
