@@ -93,6 +93,7 @@ def test_configs_coexist_and_share_what_they_agree_on(tmp_path, tiny_model_dir):
     study = {"model": {"name": model_name(str(tiny_model_dir)), "source": str(tiny_model_dir)}, "device": "auto",
              "data": {"source": "builtin:pydoc", "seq_len": 32, "eval_windows": 4},
              "scoring": {"max_samples": 4, "batch_size": 2, "candidates": 20},
+             "seeds": [0], "plots": False, "report": False,  # what the command could share, not more
              "experiments": [{"name": "gxw", "metric": "grad_x_weight", "mode": "global", "topk": 10}]}
     first = snakemake(workdir, study)
     assert first.returncode == 0, first.stdout[-3000:]
