@@ -44,5 +44,5 @@ def test_evaluations_reuse_freed_memory_and_keep_their_bits():
     kept, default = (json.loads(run.communicate(timeout=120)[0].strip().splitlines()[-1]) for run in runs)
     assert kept["kept"] is True and default["kept"] is False
     assert kept["faults"] < 100  # measured: 1-2 in three evaluations
-    assert default["faults"] > 30_000  # measured: 72,386, a fresh mmap per block
+    assert default["faults"] > 5_000  # measured 15,782 to 72,386 (fresh mmaps, trimmed heap), by load
     assert kept["bits"] == default["bits"]
