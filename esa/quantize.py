@@ -120,9 +120,8 @@ class QuantizedTargets:
     """The targets of a model quantized in place with one scheme, no weight protected, and
     their saved originals (:func:`quantized_targets`)."""
 
-    def __init__(self, targets: list[Target], scheme: Scheme,
-                 saved: list[tuple[Target, torch.Tensor, torch.Tensor]]):
-        self.targets, self.scheme, self.saved = targets, scheme, saved
+    def __init__(self, scheme: Scheme, saved: list[tuple[Target, torch.Tensor, torch.Tensor]]):
+        self.scheme, self.saved = scheme, saved
 
     def _write_rows(self, masks: dict[str, torch.Tensor], keep: bool) -> None:
         """Quantize again the rows of each masked matrix that hold a masked weight, from the
@@ -142,7 +141,8 @@ class QuantizedTargets:
         """Keep the ``protected`` weights (tensor, flat_index in the Linear convention; None or
         empty: none) in full precision while inside: only the rows holding them are quantized
         again, with them kept out of their groups' ranges, and quantized as before on exit."""
-        masks = {} if protected is None or protected.empty else _protected(self.targets, protected)
+        masks = ({} if protected is None or protected.empty
+                 else _protected([target for target, _, _ in self.saved], protected))
         self._write_rows(masks, keep=True)
         try:
             yield
@@ -167,7 +167,7 @@ def quantized_targets(model: torch.nn.Module, targets: list[Target], scheme: Sch
                 original = matrix.clone()
                 saved.append((target, matrix, original))
                 matrix.copy_(rtn(original, scheme.bits, scheme.group_size))
-        yield QuantizedTargets(targets, scheme, saved)
+        yield QuantizedTargets(scheme, saved)
     finally:
         _restore(saved)
 
