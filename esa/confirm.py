@@ -26,6 +26,7 @@ matrices summed) and zeroes each of every metric's top-N whole, one at a time.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -35,7 +36,7 @@ import pandas as pd
 import torch
 
 from .architecture import is_expert_stack, split_expert
-from .damage import Baseline, Bootstrap, DamageMeter
+from .damage import Baseline, Bootstrap, DamageMeter, damage_columns
 from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK, Evaluation, batches, evaluate
 from .names import GLOBAL, ZERO
@@ -47,8 +48,10 @@ from .selection import select_topk
 # each ablation's damage (esa.damage): PPL after, its ratio to before, the bootstrap interval of
 # PPL after - before, the mean KL from and the top-1 agreement with the unmodified model
 ABLATION_DAMAGE_COLUMNS = ["ppl_before", "ppl_after", "ppl_ratio", "delta_ppl_lo", "delta_ppl_hi", "kl", "top1"]
+# a weight's ablation also keeps its loss (log PPL, exact), from which a later step rebuilds the
+# whole measurement of that edit (ablation_damage) instead of evaluating it again
 ABLATION_COLUMNS = ["tensor", "layer", "module", "expert", "part", "row", "col", "flat_index", "weight", "score",
-                    *ABLATION_DAMAGE_COLUMNS, "confirmed"]
+                    *ABLATION_DAMAGE_COLUMNS, "loss_after", "confirmed"]
 WEIGHT_KEY = ["tensor", "flat_index"]
 # super_weights.parquet: one row per (metric, rank), the weight's key first
 SUPER_WEIGHT_COLUMNS = ["metric", "rank", *WEIGHT_KEY, *(c for c in ABLATION_COLUMNS if c not in WEIGHT_KEY)]
@@ -106,9 +109,19 @@ def confirm_super_weights(model: torch.nn.Module, candidates: Mapping[str, pd.Da
 def _ablation(measured: dict, before: float, factor: float) -> dict:
     """The ``ABLATION_DAMAGE_COLUMNS`` and ``confirmed`` of one ablation's :mod:`esa.damage`
     numbers; a non-finite loss gives ``ppl_after = inf`` and counts as confirmed."""
-    return {"ppl_before": before, "ppl_after": measured["ppl"], "ppl_ratio": measured["ppl_ratio"],
+    return {"ppl_before": before, "loss_after": measured["loss"], "ppl_after": measured["ppl"],
+            "ppl_ratio": measured["ppl_ratio"],
             "delta_ppl_lo": measured["delta_ppl_lo"], "delta_ppl_hi": measured["delta_ppl_hi"],
             "kl": measured["kl"], "top1": measured["top1"], "confirmed": measured["ppl_ratio"] >= factor}
+
+
+def ablation_damage(ablation, baseline: Baseline) -> dict:
+    """The ``esa.damage.DAMAGE_COLUMNS`` of one recorded weight ablation (a row of
+    super_weights.parquet, ``ABLATION_COLUMNS``) against ``baseline``: the bits its measurement gave,
+    as a step that makes the same edit on the same windows would measure them. A finite loss
+    is a finite NLL in every window (the loss is their sum over the tokens)."""
+    return damage_columns(ablation.loss_after, ablation.ppl_after, ablation.delta_ppl_lo, ablation.delta_ppl_hi,
+                          ablation.kl, ablation.top1, math.isfinite(ablation.loss_after), baseline)
 
 
 def zero_each(model: torch.nn.Module, weights: pd.DataFrame, eval_windows: torch.Tensor,
@@ -134,7 +147,7 @@ def zero_each(model: torch.nn.Module, weights: pd.DataFrame, eval_windows: torch
     del meter  # up to one hidden state of every window per layer: free it before the rerun
     table = pd.concat([weights[["tensor", "layer", "module", "expert", "part", "row", "col", "flat_index", "weight",
                                 "score"]].reset_index(drop=True),
-                       pd.DataFrame(rows, columns=[*ABLATION_DAMAGE_COLUMNS, "confirmed"])], axis=1)
+                       pd.DataFrame(rows, columns=[*ABLATION_DAMAGE_COLUMNS, "loss_after", "confirmed"])], axis=1)
     rerun = evaluate(model, eval_windows, batch_size, chunk_size=chunk_size)
     return Confirmation(table[ABLATION_COLUMNS], trace, rerun)
 

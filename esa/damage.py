@@ -107,10 +107,16 @@ def damage(result: Evaluation, baseline: Baseline, bootstrap: Bootstrap) -> dict
     if len(result.nll) != len(baseline.nll) or not np.array_equal(result.tokens, baseline.tokens):
         raise ValueError("an evaluation and its baseline must cover the same windows")
     low, high = paired_interval(result.nll, baseline.nll, result.tokens, bootstrap)
-    return {"loss": result.loss, "ppl": result.ppl, "delta_loss": result.loss - baseline.loss,
-            "delta_ppl": result.ppl - baseline.ppl, "ppl_ratio": result.ppl / baseline.ppl,
-            "delta_ppl_lo": low, "delta_ppl_hi": high, "kl": result.mean_kl, "top1": result.top1,
-            "finite": result.finite}
+    return damage_columns(result.loss, result.ppl, low, high, result.mean_kl, result.top1, result.finite, baseline)
+
+
+def damage_columns(loss: float, ppl: float, low: float, high: float, kl: float, top1: float, finite: bool,
+                   baseline: Baseline) -> dict:
+    """The ``DAMAGE_COLUMNS`` of an edit's loss, PPL, interval, KL and top-1 against the
+    baseline (module docstring): also what rebuilds a measurement another step recorded."""
+    return {"loss": loss, "ppl": ppl, "delta_loss": loss - baseline.loss, "delta_ppl": ppl - baseline.ppl,
+            "ppl_ratio": ppl / baseline.ppl, "delta_ppl_lo": low, "delta_ppl_hi": high, "kl": kl, "top1": top1,
+            "finite": finite}
 
 
 # Bytes of reference logits a meter keeps rather than recomputes in every evaluation: the

@@ -5,9 +5,10 @@ For each confirmed super weight w = W[row, col] (:mod:`esa.confirm`'s ``confirme
 distinct (tensor, flat_index)), every edit is measured by :class:`esa.damage.DamageMeter`
 from the weight's own decoder layer on (``DAMAGE_COLUMNS``), and undone bit-exactly:
 
-- Scale sweep: ``w <- s * w`` for each s of ``scales``, ``esa.perturb``'s ``scale`` (s = 0
-  writes exactly what confirm's ``zero`` ablation writes). A scale that leaves w's value as it
-  is (s = 1) is the baseline's row.
+- Scale sweep: ``w <- s * w`` for each s of ``scales``, ``esa.perturb``'s ``scale``. s = 0
+  writes exactly what confirm's ``zero`` ablation wrote, on the same windows against the same
+  reference, so its row is confirm's measurement (:func:`esa.confirm.ablation_damage`, the same
+  bits), not measured again. A scale that leaves w's value as it is (s = 1) is the baseline's row.
 - Massive-activation restore (Yu et al. 2024, "The Super Weight in Large Language Models",
   arXiv:2411.07191, super activations), only for a weight of an MLP output projection P
   (:func:`esa.architecture.mlp_output_projections`: down_proj, fc2, c_proj, an expert stack's
@@ -41,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .architecture import is_expert_stack, mlp_output_projections, split_expert
-from .confirm import WEIGHT_KEY
+from .confirm import WEIGHT_KEY, ablation_damage
 from .damage import DAMAGE_COLUMNS, Baseline, Bootstrap, DamageMeter
 from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK
@@ -198,21 +199,27 @@ def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, 
     with _hooked([(module, tap) for _, module, tap in taps.values()]):  # the reference pass records
         meter = DamageMeter(model, eval_windows, batch_size, baseline, chunk_size, set(starts), bootstrap)
 
-    # the sweep's scale 0 of each weight (tensor, flat_index): the restore's zeroed model and, for a
-    # tensor's one super weight, the control's, measured once
-    sweep, restore, zeroed_of = [], [], {}
+    # each weight zeroed, (tensor, flat_index) -> its damage: confirm's measurement of that very edit on
+    # the same windows (the same bits), which serves as the sweep's scale 0, the restore's zeroed model
+    # and, for a tensor's one super weight, the control's
+    recorded = super_weights.drop_duplicates(WEIGHT_KEY).set_index(WEIGHT_KEY)
+    zeroed_of = {key: ablation_damage(recorded.loc[key], baseline)
+                 for key in weights[WEIGHT_KEY].itertuples(index=False, name=None)}
+    sweep, restore = [], []
     for i, (w, selection, start) in enumerate(tqdm(list(zip(weights.itertuples(index=False), selections, starts)),
                                                    desc="mechanism", disable=not progress)):
         key = {"tensor": w.tensor, "flat_index": w.flat_index, "row": w.row, "col": w.col, "layer": w.layer,
                "weight": w.weight}
+        zeroed = zeroed_of[w.tensor, w.flat_index]
         for scale in scales:
-            with perturbed(model, selection, SCALE, scale) as info:
-                measured = meter.measure(start) if info.n_changed else meter.unchanged()
+            if scale == 0:  # s = 0 writes exactly what confirm's zero ablation wrote
+                measured = zeroed
+            else:
+                with perturbed(model, selection, SCALE, scale) as info:
+                    measured = meter.measure(start) if info.n_changed else meter.unchanged()
             sweep.append({**key, "scale": float(scale), **measured})
-            if scale == 0 and info.n_changed:
-                zeroed_of[w.tensor, w.flat_index] = measured
         restore.append({**key, "module": w.module, **_massive_activation_restore(
-            meter, selection, start, taps.get(i), massive_fraction, zeroed_of.get((w.tensor, w.flat_index)))})
+            meter, selection, start, taps.get(i), massive_fraction, zeroed)})
 
     control = []
     matched = matched_control(model, weights)
@@ -232,13 +239,11 @@ def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, 
 
 def _massive_activation_restore(meter: DamageMeter, selection: pd.DataFrame, start: int,
                                 tap: tuple[str, torch.nn.Module, _ChannelTap] | None, massive_fraction: float,
-                                zeroed: dict | None = None) -> dict:
-    """The restore columns of one weight: zeroed, then zeroed with its massive activation
-    given back (``tap``: its projection's name, module and recorded channel; None: not an
-    MLP output projection's weight). ``zeroed``: the zeroed model's measurement when the
-    sweep has it (scale 0 writes zero's bits), measured here otherwise."""
+                                zeroed: dict) -> dict:
+    """The restore columns of one weight: zeroed (``zeroed``, the zeroed model's damage), then
+    zeroed with its massive activation given back (``tap``: its projection's name, module and
+    recorded channel; None: not an MLP output projection's weight)."""
     with perturbed(meter.model, selection, ZERO):
-        zeroed = zeroed if zeroed is not None else meter.measure(start)
         row = {"loss_baseline": meter.baseline.loss, "loss_zeroed": zeroed["loss"], "ppl_zeroed": zeroed["ppl"],
                "kl_zeroed": zeroed["kl"]}
         if tap is None:

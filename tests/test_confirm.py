@@ -3,6 +3,7 @@ the layer-skipping ablations against full evaluations on three model families.""
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -77,6 +78,7 @@ def test_confirm_finds_exactly_the_planted_super_weight():
     assert baseline.ppl == pytest.approx(6.63, abs=0.05)
     assert hit["ppl_before"] == baseline.ppl
     assert 40 < hit["ppl_after"] < 80 and hit["ppl_ratio"] > 6
+    assert (np.exp(result["loss_after"]) == result["ppl_after"]).all()  # the loss of the same measurement
     others = result[~result["confirmed"]]
     assert (others["ppl_ratio"] - 1).abs().max() < 0.01  # the rest of its column: harmless
     for name, p in model.named_parameters():  # every zeroing was undone bit-exactly

@@ -15,7 +15,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from esa.architecture import is_transposed
 from esa.config import validate_config
-from esa.damage import Baseline
+from esa.confirm import ablation_damage, zero_each
+from esa.damage import DAMAGE_COLUMNS, Baseline, DamageMeter
 from esa.data import windows_frame
 from esa.errors import ESAError
 from esa.evaluation import evaluate
@@ -26,6 +27,7 @@ from esa.mechanism import (CONTROL_COLUMNS, NOT_MLP_OUTPUT, RESTORE_COLUMNS, SWE
 from esa.model_steps import step_mechanism
 from esa.models import materialize
 from esa.names import MATCHED_CONTROL, SUPER_WEIGHTS
+from esa.replay import first_changed_layer
 from esa.report import NOT_RUN, _mechanism_section
 from esa.step_specs import typed_spec
 
@@ -41,17 +43,33 @@ def _planted():
     return model, confirmation, unigram_text(8, seed=2), baseline
 
 
-def _claimed(model, weights: list[tuple[str, int, int, int, str]]) -> pd.DataFrame:
+def _claimed(model, weights: list[tuple[str, int, int, int, str]], windows, baseline) -> pd.DataFrame:
     """A super_weights table whose rows (tensor, layer, row, col, module; Linear convention)
-    are all confirmed."""
+    are all confirmed, each with confirm's measurement of its zeroing (esa.confirm.zero_each)."""
     rows = []
     for tensor, layer, row, col, module in weights:
         param = model.get_parameter(tensor).detach()
         matrix = param.t() if is_transposed(model.get_submodule(tensor.rpartition(".")[0])) else param
-        rows.append({"metric": "m", "rank": len(rows), "tensor": tensor, "flat_index": row * matrix.shape[1] + col,
-                     "layer": layer, "module": module, "row": row, "col": col,
-                     "weight": float(matrix[row, col]), "confirmed": True})
-    return pd.DataFrame(rows)
+        rows.append({"tensor": tensor, "layer": layer, "module": module, "expert": -1, "part": "", "row": row,
+                     "col": col, "flat_index": row * matrix.shape[1] + col, "weight": float(matrix[row, col]),
+                     "score": 1.0})
+    table = zero_each(model, pd.DataFrame(rows), windows, 4, baseline).super_weights
+    return table.assign(metric="m", rank=range(len(table)), confirmed=True)
+
+
+def _zeroed_by_meter(model, tensor: str, flat_index: int, windows, baseline) -> dict:
+    """The damage of zeroing one weight, measured afresh by a DamageMeter from its layer on, and
+    the PPL of the whole zeroed model."""
+    start = first_changed_layer(model, tensor)
+    meter = DamageMeter(model, windows, 4, baseline, start_layers={start})
+    param = model.get_parameter(tensor)
+    original = param.view(-1)[flat_index].item()
+    with torch.no_grad():
+        param.view(-1)[flat_index] = 0.0
+    measured, full = meter.measure(start), evaluate(model, windows, 4).ppl
+    with torch.no_grad():
+        param.view(-1)[flat_index] = original
+    return measured, full
 
 
 
@@ -95,8 +113,9 @@ def test_scale_sweep_is_each_scaled_weight_evaluated_in_full():
     assert (sweep["tensor"] == DOWN).all() and (sweep["flat_index"] == ROW * INTERMEDIATE + COL).all()
     assert (sweep[["row", "col", "layer", "weight"]] == [ROW, COL, 0, 1.0]).all().all()
     by_scale = sweep.set_index("scale")
-    confirmed = confirmation.super_weights[confirmation.super_weights["confirmed"]]
-    assert by_scale.loc[0.0, "ppl"] == confirmed["ppl_after"].iloc[0]  # confirm's zeroing, bit for bit
+    # scale 0 is confirm's measurement of the zeroing, the bits a fresh measurement gives
+    fresh, full = _zeroed_by_meter(model, DOWN, ROW * INTERMEDIATE + COL, windows, baseline)
+    assert by_scale.loc[0.0, DAMAGE_COLUMNS].to_dict() == fresh and fresh["ppl"] == full
     assert by_scale.loc[1.0, "ppl"] == baseline.ppl and by_scale.loc[1.0, "kl"] == 0  # unchanged: the baseline
     assert by_scale.loc[1.0, "delta_ppl_lo"] == by_scale.loc[1.0, "delta_ppl_hi"] == 0
     down = model.model.layers[0].mlp.down_proj.weight
@@ -144,10 +163,11 @@ def test_restoring_the_massive_activation_undoes_the_zeroing():
     assert peak_only["recovered"] == pytest.approx(0.00433, abs=1e-5)  # one position of 256
 
 
-def test_the_restore_reuses_the_sweeps_scale_zero():
-    """Scale 0 of the sweep is the restore's zeroed model and, for a tensor with one confirmed
-    weight, the control's zeroed super weight: with 0 among the scales both reuse it, the same
-    tables as without it, two evaluations fewer."""
+def test_confirms_zeroing_is_scale_zero_the_restores_zeroed_model_and_the_controls_set():
+    """Confirm measured each super weight zeroed: mechanism evaluates that edit never again. It
+    is the sweep's scale 0, the restore's zeroed model and, for a tensor with one confirmed
+    weight, the control's super-weight set; with or without 0 among the scales the restore and
+    the control are the same tables, at the same number of evaluations."""
     model, confirmation, windows, baseline = _planted()
     weights = confirmation.super_weights
     evaluations = []
@@ -161,12 +181,15 @@ def test_the_restore_reuses_the_sweeps_scale_zero():
         handle.remove()
     pd.testing.assert_frame_equal(with_zero.restore, without.restore)
     pd.testing.assert_frame_equal(with_zero.control, without.control)
-    # reference, the sweep's scales, the restored (and zeroed without 0), the control's two sets:
-    # with 0 the control's one zeroed super weight is the sweep's scale 0 too (two batches each)
-    assert with_zero_cost == 2 * (1 + 2 + 1 + 1) and len(evaluations) == 2 * (1 + 1 + 2 + 2)
+    # reference, scale 0.5, the restored model, the control's matched set (two batches each)
+    assert with_zero_cost == len(evaluations) == 2 * (1 + 1 + 1 + 1)
+    recorded = weights[weights["confirmed"]].iloc[0]
     zero_row = with_zero.sweep[with_zero.sweep["scale"] == 0].iloc[0]
     super_row = with_zero.control[with_zero.control["set"] == SUPER_WEIGHTS].iloc[0]
-    assert all(super_row[c] == zero_row[c] for c in ("loss", "ppl", "kl", "top1", "delta_ppl_lo", "delta_ppl_hi"))
+    assert zero_row[DAMAGE_COLUMNS].to_dict() == super_row[DAMAGE_COLUMNS].to_dict() == ablation_damage(
+        recorded, baseline)
+    assert (zero_row["loss"], zero_row["ppl"]) == (recorded["loss_after"], recorded["ppl_after"])
+    assert with_zero.restore.iloc[0]["loss_zeroed"] == recorded["loss_after"]
 
 
 def test_matched_control_and_a_weight_outside_the_mlp_output():
@@ -182,7 +205,7 @@ def test_matched_control_and_a_weight_outside_the_mlp_output():
     q = model.get_parameter(Q_PROJ).detach()
     q_row, q_col = divmod(int(q.abs().argmax()), q.shape[1])
     weights = _claimed(model, [(DOWN, 0, ROW, COL, "mlp.down_proj"), (Q_PROJ, 1, q_row, q_col, "self_attn.q_proj"),
-                               (DOWN, 0, 900 // INTERMEDIATE, 900 % INTERMEDIATE, "mlp.down_proj")])
+                               (DOWN, 0, 900 // INTERMEDIATE, 900 % INTERMEDIATE, "mlp.down_proj")], windows, baseline)
     q_control = int(np.argsort(-q.abs().flatten().numpy(), kind="stable")[1])  # its second largest |w|
 
     matched = matched_control(model, weights)
@@ -224,7 +247,7 @@ def test_gpt2_conv1d_output_channel_is_the_linear_row():
     linear = proj.weight.detach().t()  # [out 16, in 64]
     row, col = divmod(int(linear.abs().argmax()), linear.shape[1])
     weights = _claimed(model, [("transformer.h.1.mlp.c_proj.weight", 1, row, col, "mlp.c_proj"),
-                               ("transformer.h.0.attn.c_proj.weight", 0, 3, 4, "attn.c_proj")])
+                               ("transformer.h.0.attn.c_proj.weight", 0, 3, 4, "attn.c_proj")], windows, baseline)
     before = snapshot(model)
 
     result = super_weight_mechanism(model, weights, windows, 4, baseline, [0], 0.5)

@@ -79,7 +79,8 @@ def _super_weights(after=(1250.0, 12.2, 30.0)) -> pd.DataFrame:
         "tensor": [TARGETS[1].name, TARGETS[1].name, TARGETS[3].name], "layer": [0, 0, 1],
         "module": "mlp.down_proj", "expert": -1, "part": "", "row": [3, 9, 5], "col": [7, 2, 11],
         "flat_index": [3 * 40 + 7, 9 * 40 + 2, 5 * 40 + 11], "weight": [-2.75, 0.125, 4.5],
-        "score": [1e4, 30.0, 20.0], "ppl_before": BASELINE["ppl"], "ppl_after": list(after)})
+        "score": [1e4, 30.0, 20.0], "ppl_before": BASELINE["ppl"], "ppl_after": list(after),
+        "loss_after": np.log(after)})
     dppl = tested["ppl_after"] - BASELINE["ppl"]
     tested = tested.assign(ppl_ratio=tested["ppl_after"] / BASELINE["ppl"], delta_ppl_lo=dppl * 0.8,
                            delta_ppl_hi=dppl * 1.25, kl=[6.5, 0.01, 0.2], top1=[0.125, 0.99, 0.9])
