@@ -39,6 +39,7 @@ from .architecture import is_expert_stack, split_expert
 from .damage import Baseline, Bootstrap, DamageMeter, damage_columns
 from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK, Evaluation, batches, evaluate
+from .joint import JointSettings, no_groups, structural_groups, take_apart
 from .names import GLOBAL, ZERO
 from .perturb import first_changed_layer_of, perturbed
 from .replay import first_changed_layer
@@ -70,6 +71,8 @@ class Confirmation:
     super_weights: pd.DataFrame  # one row per weight tested (ABLATION_COLUMNS) or per (metric, rank)
     activations: pd.DataFrame  # esa.activation_trace.TRACE_COLUMNS
     rerun: Evaluation  # evaluated after every ablation was undone
+    groups: pd.DataFrame  # esa.joint.GROUP_COLUMNS (no rows when no groups were asked for)
+    group_members: pd.DataFrame  # esa.joint.MEMBER_COLUMNS
 
 
 def global_top(candidates: pd.DataFrame, tensor_table: pd.DataFrame, top_n: int) -> pd.DataFrame:
@@ -88,8 +91,11 @@ def global_top(candidates: pd.DataFrame, tensor_table: pd.DataFrame, top_n: int)
 def confirm_super_weights(model: torch.nn.Module, candidates: Mapping[str, pd.DataFrame],
                           tensor_tables: Mapping[str, pd.DataFrame], eval_windows: torch.Tensor,
                           batch_size: int, baseline: Baseline, top_n: int = 10, factor: float = 1.5,
-                          chunk_size: int = DEFAULT_CHUNK, bootstrap: Bootstrap = Bootstrap()) -> Confirmation:
-    """Zero each weight of every metric's global top-``top_n`` alone, once, and measure the PPL.
+                          chunk_size: int = DEFAULT_CHUNK, bootstrap: Bootstrap = Bootstrap(),
+                          joint: JointSettings | None = None) -> Confirmation:
+    """Zero each weight of every metric's global top-``top_n`` alone, once, and measure the PPL;
+    with ``joint`` (``top_n`` > 0), the structural groups of every metric's global
+    top-``joint.top_n`` zeroed jointly and taken apart (:mod:`esa.joint`), on the same meter.
 
     ``candidates`` and ``tensor_tables``: metric -> its candidates and tensor table (the first
     columns of its stats.parquet). Each metric's :func:`global_top`, stacked in the order of
@@ -100,8 +106,27 @@ def confirm_super_weights(model: torch.nn.Module, candidates: Mapping[str, pd.Da
     """
     tops = pd.concat([global_top(candidates[metric], tensor_tables[metric], top_n).assign(metric=metric)
                       for metric in candidates], ignore_index=True)
+    take_groups, group_layers = None, set()
+    if joint is not None and joint.top_n > 0:
+        try:
+            pool = pd.concat([global_top(candidates[metric], tensor_tables[metric], joint.top_n)
+                              for metric in candidates], ignore_index=True).drop_duplicates(WEIGHT_KEY)
+        except ESAError as err:
+            raise ESAError(f"confirm.joint.top_n={joint.top_n}: {err}") from None
+        group_layers = {first_changed_layer(model, tensor) for tensor in pool["tensor"].unique()}
+
+        def take_groups(meter: DamageMeter, trace: pd.DataFrame, singles: pd.DataFrame):
+            recorded = singles.set_index(WEIGHT_KEY)
+
+            def single(tensor: str, flat_index: int) -> dict | None:
+                key = (tensor, flat_index)
+                return ablation_damage(recorded.loc[key], baseline) if key in recorded.index else None
+
+            groups = structural_groups(model, pool, trace, joint.massive_fraction)
+            return take_apart(model, groups, meter, factor, joint.max_members, single)
+
     result = zero_each(model, tops.drop_duplicates(WEIGHT_KEY), eval_windows, batch_size, baseline,
-                       factor, chunk_size, bootstrap)
+                       factor, chunk_size, bootstrap, group_layers, take_groups)
     table = tops[["metric", "rank", *WEIGHT_KEY]].merge(result.super_weights, on=WEIGHT_KEY)
     return replace(result, super_weights=table[SUPER_WEIGHT_COLUMNS])
 
@@ -126,9 +151,12 @@ def ablation_damage(ablation, baseline: Baseline) -> dict:
 
 def zero_each(model: torch.nn.Module, weights: pd.DataFrame, eval_windows: torch.Tensor,
               batch_size: int, baseline: Baseline, factor: float = 1.5,
-              chunk_size: int = DEFAULT_CHUNK, bootstrap: Bootstrap = Bootstrap()) -> Confirmation:
+              chunk_size: int = DEFAULT_CHUNK, bootstrap: Bootstrap = Bootstrap(),
+              group_layers: set[int] = frozenset(), take_groups=None) -> Confirmation:
     """Zero each row of ``weights`` (tensor, layer, module, row, col, flat_index, weight,
-    score) alone and measure the damage (:mod:`esa.damage`) it does.
+    score) alone and measure the damage (:mod:`esa.damage`) it does; then, given
+    ``take_groups(meter, trace, table)`` (the joint groups' two tables, :mod:`esa.joint`), that
+    on the same meter, which also keeps the inputs of ``group_layers``.
 
     The unmodified model runs first as the :class:`esa.damage.DamageMeter`'s reference (which
     keeps the candidate layers' inputs: each ablation runs from the first layer it changes,
@@ -138,18 +166,20 @@ def zero_each(model: torch.nn.Module, weights: pd.DataFrame, eval_windows: torch
     """
     starts = [first_changed_layer(model, tensor) for tensor in weights["tensor"]]
     with traced(model) as activations:
-        meter = DamageMeter(model, eval_windows, batch_size, baseline, chunk_size, set(starts), bootstrap)
+        meter = DamageMeter(model, eval_windows, batch_size, baseline, chunk_size, set(starts) | group_layers,
+                            bootstrap)
     trace = activations.frame()
     rows = []
     for i, start in enumerate(starts):
         with perturbed(model, weights.iloc[i:i + 1], ZERO):
             rows.append(_ablation(meter.measure(start), baseline.ppl, factor))
-    del meter  # up to one hidden state of every window per layer: free it before the rerun
     table = pd.concat([weights[["tensor", "layer", "module", "expert", "part", "row", "col", "flat_index", "weight",
                                 "score"]].reset_index(drop=True),
                        pd.DataFrame(rows, columns=[*ABLATION_DAMAGE_COLUMNS, "loss_after", "confirmed"])], axis=1)
+    groups, members = take_groups(meter, trace, table) if take_groups else no_groups()
+    del meter  # up to one hidden state of every window per layer: free it before the rerun
     rerun = evaluate(model, eval_windows, batch_size, chunk_size=chunk_size)
-    return Confirmation(table[ABLATION_COLUMNS], trace, rerun)
+    return Confirmation(table[ABLATION_COLUMNS], trace, rerun, groups, members)
 
 
 def expert_mass(stats: pd.DataFrame) -> pd.DataFrame:

@@ -186,7 +186,7 @@ def step_perturb(spec: PerturbSpec, *, model: str, eval: str, baseline: str, bas
 
 def step_confirm(spec: ConfirmSpec, *, model: str, eval: str, baseline: str, baseline_windows: str,
                  candidates: dict[str, str], stats: dict[str, str], super_weights: str, super_experts: str,
-                 activations: str, rerun: str) -> None:
+                 activations: str, rerun: str, groups: str, group_members: str) -> None:
     """Zero each of every metric's global top-N weights alone, and each of its top-N experts by
     score mass whole; trace the massive activations.
 
@@ -196,9 +196,12 @@ def step_confirm(spec: ConfirmSpec, *, model: str, eval: str, baseline: str, bas
     (:func:`esa.confirm.confirm_super_experts`, same top-N and factor; a dense model writes an
     empty table). A weight or expert in several metrics' top-N is evaluated once. The experts
     go first, so the re-evaluation of the unmodified model at the end (the
-    baseline-identical-on-rerun check) follows every ablation.
+    baseline-identical-on-rerun check) follows every ablation. With ``spec.joint``'s top_n > 0
+    the structural groups of every metric's global top-N are zeroed jointly and taken apart
+    (:mod:`esa.joint`; ``groups`` and ``group_members``, empty tables otherwise).
     """
     from .confirm import confirm_super_experts, confirm_super_weights
+    from .joint import JointSettings
 
     metrics = spec.metrics
     for name, paths in (("candidates", candidates), ("stats", stats)):
@@ -214,10 +217,13 @@ def step_confirm(spec: ConfirmSpec, *, model: str, eval: str, baseline: str, bas
     result = confirm_super_weights(lm, {m: read_parquet(candidates[m]) for m in metrics},
                                    {m: table[TABLE_COLUMNS] for m, table in tables.items()},
                                    windows, spec.batch_size, reference, top_n=spec.top_n,
-                                   factor=spec.factor, chunk_size=spec.loss_chunk, bootstrap=bootstrap)
+                                   factor=spec.factor, chunk_size=spec.loss_chunk, bootstrap=bootstrap,
+                                   joint=JointSettings(**spec.joint))
     write_parquet_atomic(result.super_weights, super_weights)
     write_parquet_atomic(experts, super_experts)
     write_parquet_atomic(result.activations, activations)
+    write_parquet_atomic(result.groups, groups)
+    write_parquet_atomic(result.group_members, group_members)
     write_json_atomic(result.rerun.metrics(), rerun)
 
 

@@ -297,6 +297,47 @@ def _super_weight_section(weights: pd.DataFrame | None, plot_dir: Path, factor: 
             f"{figure}<h3>All weights tested</h3>{_table(weights)}</section>")
 
 
+def _weight_label(tensor: str, row: int, col: int) -> str:
+    """``layers.11.mlp.down_proj[507, 1229]``: a weight by its matrix and Linear (row, col)."""
+    return f"{tensor.removeprefix('model.').removesuffix('.weight')}[{row}, {col}]"
+
+
+def _group_place(tensor: str, kind: str, index: int) -> str:
+    """Where a group sits: its matrix's column or row, or the residual channel across layers."""
+    if not tensor:
+        return f"residual channel {index}"
+    return f"{tensor.removeprefix('model.').removesuffix('.weight')} {'col' if kind == 'neuron' else 'row'} {index}"
+
+
+def _joint_section(groups: pd.DataFrame | None, members: pd.DataFrame | None, factor: float) -> str:
+    """The structural groups confirm zeroed jointly (:mod:`esa.joint`), largest PPL factor first,
+    each with its label, synergy and minimal destructive subset."""
+    head = '<section id="joint-super-weights"><h2>Super weights acting together</h2>'
+    if groups is None or members is None:
+        return f"{head}{NOT_RUN}</section>"
+    if groups.empty:
+        return f"{head}<p>No structural group among the candidates (confirm.joint).</p></section>"
+    labels = ", ".join(f"{n} {label}" for label, n in groups["label"].value_counts().items())
+    lead = (f"<p>{len(groups)} groups of two or more candidates sharing a down_proj input column (neuron), "
+            f"an output row (channel) or a massive residual channel, each zeroed jointly: "
+            f"{int(groups['destructive'].sum())} multiply PPL by >= {factor:g} ({labels}). <b>single</b>: a member "
+            f"alone is destructive; <b>joint</b>: none is, and together they do more than the sum of their parts; "
+            f"<b>additive</b>: none is, each contributes a share. synergy = the group's log-PPL increase over the "
+            f"sum of its members' alone; minimal = the destructive subset left when no member can be dropped.</p>")
+    named = members.assign(name=[_weight_label(t, r, c) for t, r, c in zip(members["tensor"], members["row"],
+                                                                              members["col"])])
+    minimal = named[named["minimal"]].groupby("group")["name"].agg(", ".join)
+    shown = groups.sort_values("ppl_ratio", ascending=False, kind="stable")
+    table = pd.DataFrame({
+        "kind": shown["kind"], "where": [_group_place(t, k, i) for t, k, i in
+                                         zip(shown["tensor"], shown["kind"], shown["index"])],
+        "members": shown["n_members"], "ppl_ratio": shown["ppl_ratio"], "delta_ppl_lo": shown["delta_ppl_lo"],
+        "delta_ppl_hi": shown["delta_ppl_hi"], "label": shown["label"], "synergy": shown["synergy"],
+        "minimal": [minimal.get(g, "") for g in shown["group"]], "minimal_ppl_ratio": shown["minimal_ppl_ratio"],
+        "evaluations": shown["evaluations"]})
+    return f"{head}{lead}{_table(table)}</section>"
+
+
 def _super_expert_section(experts: pd.DataFrame | None, factor: float) -> str:
     """Every expert confirm zeroed whole (one row per (metric, rank)), largest PPL factor first;
     a dense model's empty table says it has no experts."""
@@ -466,7 +507,8 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
                  super_weights_path=None, activations_path=None, verdicts_path=None,
                  out_html="index.html", *, baseline_config, plot_dir, model: str,
                  factor: float = 1.5, title: str = "ESA report", super_experts_path=None,
-                 published_path=None, mechanism_paths=None, culprit_paths=None, quantize_path=None) -> str:
+                 published_path=None, mechanism_paths=None, culprit_paths=None, quantize_path=None,
+                 groups_path=None, group_members_path=None) -> str:
     """Write the self-contained report to ``out_html`` (its figures to ``plot_dir``) and
     return its HTML.
 
@@ -483,7 +525,8 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
     ``mechanism_paths``: the mechanism step's ``sweep``, ``restore`` and ``control`` by name
     (``esa.mechanism``); ``culprit_paths``: experiment -> its culprit search's ``culprits``,
     ``search`` and ``summary`` (``esa.culprits``); ``quantize_path``: the quantize step's
-    results (``esa.quantize.RESULT_COLUMNS``; group_size -1 = per output channel).
+    results (``esa.quantize.RESULT_COLUMNS``; group_size -1 = per output channel);
+    ``groups_path`` and ``group_members_path``: confirm's joint groups (``esa.joint``).
     """
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -497,6 +540,8 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
         *(_experiment_section(load_experiment(entry), plot_dir) for entry in experiments),
         _agreement_section(read_agreement(agreement_paths), plot_dir),
         _super_weight_section(weights, plot_dir, factor),
+        _joint_section(read_optional(groups_path, read_parquet), read_optional(group_members_path, read_parquet),
+                       factor),
         _super_expert_section(read_optional(super_experts_path, read_parquet), factor),
         _activation_section(read_optional(activations_path, read_parquet), plot_dir),
         # beyond the runbook

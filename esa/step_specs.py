@@ -108,6 +108,7 @@ class ConfirmSpec(Evaluation):
     seed: int
     top_n: int
     factor: float
+    joint: dict  # esa.joint.JointSettings
 
 
 @dataclass(frozen=True, kw_only=True)
