@@ -346,7 +346,8 @@ class Layout:
         return self.culprit_inputs(experiment)
 
     def _mechanism_inputs(self) -> dict:
-        return {**self._evaluation_inputs(), "super_weights": self.confirm_files()["super_weights"]}
+        return {**self._evaluation_inputs(), "calib": self.data_files("calib")["windows"],
+                "super_weights": self.confirm_files()["super_weights"]}
 
     def _published_inputs(self) -> dict:
         return self.published_inputs()

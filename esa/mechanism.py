@@ -25,6 +25,15 @@ from the weight's own decoder layer on (``DAMAGE_COLUMNS``), and undone bit-exac
   1 when the damage goes entirely through those activations, 0 when none of it does (NaN
   when zeroing changes nothing or a loss is not finite). Other weights get NaN there and a
   ``reason``; their ``*_zeroed`` columns are still measured.
+- Mean-contribution control (the massive-activations paper's set-to-mean test, Sun et al.
+  2024), for the same weights: with m_j = mean_t x_tj, the mean of P's input channel ``col``
+  over every position of the calibration windows ``calib`` (the unmodified model), w is zeroed
+  and P's output channel ``row`` gets + w * m_j at every position (a forward hook):
+
+      mean_recovered = (loss_zeroed - loss_mean) / (loss_zeroed - loss_baseline):
+
+  1 when w acts as a constant bias, less when its token-dependent part matters (NaN as for
+  ``recovered``).
 - Matched-magnitude control: per tensor holding n confirmed super weights, zero together its
   n largest |w| that are not confirmed super weights (equal |w| by lower flat index, in the
   Linear convention), next to zeroing its n super weights together.
@@ -45,7 +54,7 @@ from .architecture import is_expert_stack, mlp_output_projections, split_expert
 from .confirm import WEIGHT_KEY, ablation_damage
 from .damage import DAMAGE_COLUMNS, Baseline, Bootstrap, DamageMeter
 from .errors import ESAError
-from .evaluation import DEFAULT_CHUNK
+from .evaluation import DEFAULT_CHUNK, batches, decoder_hidden
 from .names import MATCHED_CONTROL, SCALE, SUPER_WEIGHTS, ZERO
 from .perturb import first_changed_layer_of, perturbed
 from .targets import find_targets, target_parameter
@@ -54,7 +63,7 @@ CONFIRMED_WEIGHT_COLUMNS = ["tensor", "flat_index", "row", "col", "layer", "modu
 SWEEP_COLUMNS = ["tensor", "flat_index", "row", "col", "layer", "weight", "scale", *DAMAGE_COLUMNS]
 # the zeroed and the restored model's numbers (and the share recovered) of each weight
 RESTORE_NUMBERS = ["loss_baseline", "loss_zeroed", "ppl_zeroed", "kl_zeroed", "loss_restored", "ppl_restored",
-                   "kl_restored", "recovered"]
+                   "kl_restored", "recovered", "mean_input", "loss_mean", "ppl_mean", "kl_mean", "mean_recovered"]
 RESTORE_COLUMNS = [*CONFIRMED_WEIGHT_COLUMNS, "projection", "positions", "peak", *RESTORE_NUMBERS, "reason"]
 # one row per (tensor, set): the flat indices zeroed together and the range of their |w|
 CONTROL_COLUMNS = ["tensor", "layer", "set", "n_weights", "flat_indices", "abs_min", "abs_max", *DAMAGE_COLUMNS]
@@ -112,6 +121,52 @@ def _projections(model: torch.nn.Module) -> dict[int, tuple[str, torch.nn.Module
         param = module.down_proj if is_expert_stack(module) else module.weight
         found[id(param)] = (blocks[id(module)], module)
     return found
+
+
+class _MeanInput:
+    """Forward pre-hook on a projection: sums its input channel ``col`` over every position of
+    every call (float64), for the mean m_j."""
+
+    def __init__(self, col: int):
+        self.col, self.total, self.count = col, 0.0, 0
+
+    def __call__(self, module: torch.nn.Module, args: tuple) -> None:
+        channel = args[0].detach()[..., self.col]
+        self.total += float(channel.double().sum())
+        self.count += channel.numel()
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count
+
+
+class _AddToChannel:
+    """Forward hook on a projection: + ``value`` on output channel ``row`` at every position."""
+
+    def __init__(self, row: int, value: float):
+        self.row, self.value = row, value
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        shifted = hidden.clone(memory_format=torch.contiguous_format)
+        shifted[..., self.row] += self.value
+        return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
+
+
+def mean_inputs(model: torch.nn.Module, taps: dict, calib_windows: torch.Tensor, batch_size: int) -> dict[int, float]:
+    """weight i -> m_j, the mean of its projection's input channel ``col`` over every position of
+    ``calib_windows`` in the unmodified model (``taps``: weight i -> (projection name, module, col))."""
+    means = {i: _MeanInput(col) for i, (_, _, col) in taps.items()}
+    handles = [module.register_forward_pre_hook(means[i]) for i, (_, module, _) in taps.items()]
+    device = model.get_input_embeddings().weight.device
+    try:
+        with torch.no_grad():
+            for batch in batches(calib_windows, batch_size):
+                decoder_hidden(model, batch.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {i: mean.mean for i, mean in means.items()}
 
 
 class _ChannelTap:
@@ -175,10 +230,11 @@ def matched_control(model: torch.nn.Module, weights: pd.DataFrame) -> pd.DataFra
 
 def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, eval_windows: torch.Tensor,
                            batch_size: int, baseline: Baseline, scales: list[float], massive_fraction: float,
-                           chunk_size: int = DEFAULT_CHUNK, bootstrap: Bootstrap = Bootstrap(),
-                           progress: bool = False) -> Mechanism:
-    """The scale sweep, the massive-activation restore and the matched-magnitude control of
-    every confirmed weight of ``super_weights`` (confirm's table; see the module docstring).
+                           calib_windows: torch.Tensor, chunk_size: int = DEFAULT_CHUNK,
+                           bootstrap: Bootstrap = Bootstrap(), progress: bool = False) -> Mechanism:
+    """The scale sweep, the massive-activation restore, the mean-contribution control (means
+    over ``calib_windows``) and the matched-magnitude control of every confirmed weight of
+    ``super_weights`` (confirm's table; see the module docstring).
 
     No confirmed weight: empty tables, the model untouched.
     """
@@ -196,6 +252,10 @@ def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, 
         found = projections.get(id(model.get_parameter(name)))
         if found is not None and (expert >= 0) == is_expert_stack(found[1]):
             taps[i] = (*found, _ChannelTap(int(w.row)))
+    # an expert's input is the tokens routed to it: no mean over every position to give back
+    dense = {i: (name, module, int(weights["col"].iloc[i])) for i, (name, module, _) in taps.items()
+             if not is_expert_stack(module)}
+    means = mean_inputs(model, dense, calib_windows, batch_size)
     with _hooked([(module, tap) for _, module, tap in taps.values()]):  # the reference pass records
         meter = DamageMeter(model, eval_windows, batch_size, baseline, chunk_size, set(starts), bootstrap)
 
@@ -219,7 +279,9 @@ def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, 
                     measured = meter.measure(start) if info.n_changed else meter.unchanged()
             sweep.append({**key, "scale": float(scale), **measured})
         restore.append({**key, "module": w.module, **_massive_activation_restore(
-            meter, selection, start, taps.get(i), massive_fraction, zeroed)})
+            meter, selection, start, taps.get(i), massive_fraction, zeroed),
+            **_mean_contribution(meter, selection, start, taps.get(i) if i in means else None, means.get(i),
+                                 w.weight, zeroed)})
 
     control = []
     matched = matched_control(model, weights)
@@ -235,6 +297,29 @@ def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, 
                             "flat_indices": edit["flat_index"].tolist(), "abs_min": magnitude.min(),
                             "abs_max": magnitude.max(), **measured})
     return Mechanism.of(sweep, restore, control)
+
+
+def _recovered(zeroed: dict, loss: float, baseline_loss: float) -> float:
+    """The share of the zeroing's damage (in loss) an edit gives back; NaN when zeroing changes
+    nothing or both losses are infinite (nothing to apportion)."""
+    damage = zeroed["loss"] - baseline_loss
+    return (zeroed["loss"] - loss) / damage if damage else np.nan
+
+
+def _mean_contribution(meter: DamageMeter, selection: pd.DataFrame, start: int,
+                       tap: tuple[str, torch.nn.Module, _ChannelTap] | None, mean: float | None, weight: float,
+                       zeroed: dict) -> dict:
+    """The mean-contribution columns of one weight (module docstring): zeroed, its projection's
+    output channel shifted by ``weight * mean`` at every position; NaN where ``tap`` is None (not
+    an MLP output projection, or an expert's)."""
+    if tap is None:
+        return {"mean_input": np.nan, "loss_mean": np.nan, "ppl_mean": np.nan, "kl_mean": np.nan,
+                "mean_recovered": np.nan}
+    _, module, channel = tap
+    with perturbed(meter.model, selection, ZERO), _hooked([(module, _AddToChannel(channel.row, weight * mean))]):
+        measured = meter.measure(start)
+    return {"mean_input": mean, "loss_mean": measured["loss"], "ppl_mean": measured["ppl"], "kl_mean": measured["kl"],
+            "mean_recovered": _recovered(zeroed, measured["loss"], meter.baseline.loss)}
 
 
 def _massive_activation_restore(meter: DamageMeter, selection: pd.DataFrame, start: int,
@@ -259,9 +344,7 @@ def _massive_activation_restore(meter: DamageMeter, selection: pd.DataFrame, sta
                 restored = meter.measure(start)
         finally:
             channel.massive = None
-    damage = zeroed["loss"] - meter.baseline.loss
-    # inf - inf (both destroyed) is NaN: nothing to apportion
-    recovered = (zeroed["loss"] - restored["loss"]) / damage if damage else np.nan
+    recovered = _recovered(zeroed, restored["loss"], meter.baseline.loss)
     return {**row, "projection": projection, "positions": positions, "peak": peak,
             "loss_restored": restored["loss"], "ppl_restored": restored["ppl"], "kl_restored": restored["kl"],
             "recovered": recovered, "reason": ""}

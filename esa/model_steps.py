@@ -227,12 +227,14 @@ def step_confirm(spec: ConfirmSpec, *, model: str, eval: str, baseline: str, bas
     write_json_atomic(result.rerun.metrics(), rerun)
 
 
-def step_mechanism(spec: MechanismSpec, *, model: str, eval: str, baseline: str, baseline_windows: str,
+def step_mechanism(spec: MechanismSpec, *, model: str, eval: str, calib: str, baseline: str, baseline_windows: str,
                    super_weights: str, sweep: str, restore: str, control: str) -> None:
     """How each confirmed super weight of confirm's ``super_weights`` acts
     (:func:`esa.mechanism.super_weight_mechanism`): the scale sweep over ``spec.scales``, the
-    massive-activation restore at ``spec.massive_fraction`` of the peak, the matched-magnitude
-    control. No confirmed super weight: the three tables are written empty, the model not loaded.
+    massive-activation restore at ``spec.massive_fraction`` of the peak, the mean contribution
+    over the calibration windows the confirm seed scored on (``spec.calib_samples`` drawn with
+    ``spec.calib_seed`` from ``calib``), the matched-magnitude control. No confirmed super
+    weight: the three tables are written empty, the model not loaded.
     """
     from .mechanism import Mechanism, confirmed_weights, super_weight_mechanism
 
@@ -241,9 +243,11 @@ def step_mechanism(spec: MechanismSpec, *, model: str, eval: str, baseline: str,
         log.info("mechanism: no confirmed super weight")
         result = Mechanism.of([], [], [])
     else:
+        pool = data.read_windows(calib)
+        calib_windows = torch.from_numpy(pool[data.draw_calibration(len(pool), spec.calib_samples, spec.calib_seed)])
         result = super_weight_mechanism(_load(spec, model), table, torch.from_numpy(data.read_windows(eval)),
                                         spec.batch_size, read_baseline(baseline, baseline_windows),
-                                        spec.scales, spec.massive_fraction, chunk_size=spec.loss_chunk,
+                                        spec.scales, spec.massive_fraction, calib_windows, chunk_size=spec.loss_chunk,
                                         bootstrap=Bootstrap(**spec.bootstrap), progress=True)
     for frame, path in ((result.sweep, sweep), (result.restore, restore), (result.control, control)):
         write_parquet_atomic(frame, path)

@@ -402,7 +402,10 @@ def _mechanism_section(paths: Mapping | None, baseline_ppl: float, plot_dir: Pat
             "its sign). Restored: the weight zeroed while its MLP output projection's output channel (its row) "
             "gets back the unmodified model's values at the massive positions, where |value| is at least "
             "mechanism.massive_fraction of its peak; recovered = (loss zeroed - loss restored) / (loss zeroed - "
-            "loss baseline). Matched control: the same number of the tensor's largest other |w| zeroed.</p>"
+            "loss baseline). Mean contribution: the weight zeroed while that channel gets + w &middot; m at every "
+            "position, m its input's mean over the calibration windows; mean_recovered near 1: the weight acts as "
+            "a constant bias, lower: its token-dependent part matters. "
+            "Matched control: the same number of the tensor's largest other |w| zeroed.</p>"
             + _figure(plot_dir / "mechanism_scale.png", "PPL against the super weights' scale",
                       lambda path: report_plots.plot_scale_sweep(sweep, baseline_ppl, path))
             + _figure(plot_dir / "mechanism_restore.png", "super weights zeroed, restored, matched control",
@@ -412,6 +415,8 @@ def _mechanism_section(paths: Mapping | None, baseline_ppl: float, plot_dir: Pat
             + "<h3>Massive activation restored</h3>" + _table(restore[[
                 "tensor", "row", "col", "projection", "positions", "peak", "ppl_zeroed", "kl_zeroed", "ppl_restored",
                 "kl_restored", "recovered", "reason"]])
+            + "<h3>Mean contribution given back</h3>" + _table(restore[[
+                "tensor", "row", "col", "weight", "mean_input", "ppl_zeroed", "ppl_mean", "kl_mean", "mean_recovered"]])
             + "<h3>Matched-magnitude control</h3>" + _table(control[[
                 "tensor", "set", "n_weights", "flat_indices", "abs_min", "abs_max", "ppl", "ppl_ratio", "kl", "top1"]]))
     return f'<section id="mechanism"><h2>How each super weight acts</h2>{body}</section>'

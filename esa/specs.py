@@ -99,7 +99,8 @@ def confirm_spec(layout) -> dict:
 
 def mechanism_spec(layout) -> dict:
     mechanism = layout.config["mechanism"]
-    return evaluation_spec(layout, scales=mechanism["scales"], massive_fraction=mechanism["massive_fraction"])
+    return evaluation_spec(layout, scales=mechanism["scales"], massive_fraction=mechanism["massive_fraction"],
+                           calib_samples=layout.config["scoring"]["max_samples"], calib_seed=layout.confirm_seed())
 
 
 def quantize_spec(layout) -> dict:

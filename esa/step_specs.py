@@ -115,6 +115,8 @@ class ConfirmSpec(Evaluation):
 class MechanismSpec(Evaluation):
     scales: list[float]
     massive_fraction: float
+    calib_samples: int  # the calibration windows the confirm seed scored on: the mean contribution's
+    calib_seed: int
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -68,7 +68,7 @@ def test_every_phase_runs_on_the_device_and_restores_bit_exactly(dtype):
                            meter, "zero", 1.0, 0.0, budget=3)  # factor 0: every group destructive
     assert search.evaluations == 3 and search.culprits["kind"].tolist() == ["budget", "budget"]
     mechanism = super_weight_mechanism(model, confirmation.super_weights.assign(confirmed=True), windows, 2,
-                                       baseline, [0, 2], 0.5)
+                                       baseline, [0, 2], 0.5, windows)
     assert len(mechanism.sweep) == 2 and mechanism.restore["reason"].iloc[0] == ""
     assert bit_identical(model, before)
 

@@ -34,6 +34,7 @@ from esa.step_specs import typed_spec
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
+CALIB = unigram_text(8, seed=1)  # the calibration text confirm_by_activation scores on
 
 
 def _planted():
@@ -107,7 +108,7 @@ def test_scale_sweep_is_each_scaled_weight_evaluated_in_full():
     before = snapshot(model)
     scales = [0, 0.5, 1, 2, -1]
 
-    sweep = super_weight_mechanism(model, confirmation.super_weights, windows, 4, baseline, scales, 0.5).sweep
+    sweep = super_weight_mechanism(model, confirmation.super_weights, windows, 4, baseline, scales, 0.5, CALIB).sweep
 
     assert list(sweep.columns) == SWEEP_COLUMNS and sweep["scale"].tolist() == scales
     assert (sweep["tensor"] == DOWN).all() and (sweep["flat_index"] == ROW * INTERMEDIATE + COL).all()
@@ -139,8 +140,8 @@ def test_restoring_the_massive_activation_undoes_the_zeroing():
     before = snapshot(model)
     weights = confirmation.super_weights
 
-    everywhere = super_weight_mechanism(model, weights, windows, 4, baseline, [0], 0.5).restore.iloc[0]
-    peak_only = super_weight_mechanism(model, weights, windows, 4, baseline, [0], 1.0).restore.iloc[0]
+    everywhere = super_weight_mechanism(model, weights, windows, 4, baseline, [0], 0.5, CALIB).restore.iloc[0]
+    peak_only = super_weight_mechanism(model, weights, windows, 4, baseline, [0], 1.0, CALIB).restore.iloc[0]
 
     assert list(everywhere.index) == RESTORE_COLUMNS
     assert (everywhere["projection"], everywhere["module"], everywhere["reason"]) == (
@@ -163,6 +164,71 @@ def test_restoring_the_massive_activation_undoes_the_zeroing():
     assert peak_only["recovered"] == pytest.approx(0.00433, abs=1e-5)  # one position of 256
 
 
+def _mean_by_hand(model, module, col: int, windows) -> float:
+    """m_j: the mean of ``module``'s input channel ``col`` over every position of ``windows``."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0][..., col].double().flatten()))
+    evaluate(model, windows, 4)
+    handle.remove()
+    return float(torch.cat(seen).mean())
+
+
+def test_mean_contribution_gives_back_a_bias_like_weight_exactly():
+    """Every token embedding the same: layer 0's down_proj input is the same at every position,
+    so the planted weight's contribution is a constant, and adding back w * m_j recovers the
+    whole damage (up to the matmul's summation order)."""
+    model = _planted_model()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:] = model.model.embed_tokens.weight[0]
+    windows = unigram_text(8, seed=2)
+    baseline = Baseline.of(evaluate(model, windows, 4))
+    weights = _claimed(model, [(DOWN, 0, ROW, COL, "mlp.down_proj")], windows, baseline)
+    restore = super_weight_mechanism(model, weights, windows, 4, baseline, [0], 0.5, CALIB).restore.iloc[0]
+
+    assert restore["ppl_zeroed"] > 2 * baseline.ppl
+    down = model.model.layers[0].mlp.down_proj
+    assert restore["mean_input"] == pytest.approx(_mean_by_hand(model, down, COL, CALIB), rel=1e-12)
+    assert restore["mean_recovered"] == pytest.approx(1.0, abs=1e-5)
+    assert restore["ppl_mean"] == pytest.approx(baseline.ppl, rel=1e-5)
+
+
+def test_mean_contribution_is_the_hand_computed_share():
+    """The planted weight's input varies a little from token to token (103.15 to 103.17, the
+    tokens' own embeddings): zeroing it and adding w * m_j by hand (a hook on the whole model)
+    gives the loss, and the share, the control reports. On i.i.d. text nothing token-dependent
+    can help, so the mean gives back the whole damage: it acts as a constant bias."""
+    model, confirmation, windows, baseline = _planted()
+    before = snapshot(model)
+    restore = super_weight_mechanism(model, confirmation.super_weights, windows, 4, baseline, [0], 0.5,
+                                     CALIB).restore.iloc[0]
+
+    down = model.model.layers[0].mlp.down_proj
+    mean = _mean_by_hand(model, down, COL, CALIB)
+    assert restore["mean_input"] == pytest.approx(mean, rel=1e-12) and mean > 50  # the massive input
+
+    def shifted(module, args, out):
+        out = out.clone()
+        out[..., ROW] += 1.0 * restore["mean_input"]
+        return out
+
+    handle = down.register_forward_hook(shifted)
+    with torch.no_grad():
+        down.weight[ROW, COL] = 0.0
+    by_hand = evaluate(model, windows, 4)
+    with torch.no_grad():
+        down.weight[ROW, COL] = 1.0
+    handle.remove()
+    assert_bit_identical(model, before)
+    assert restore["loss_mean"] == by_hand.loss
+    share = (restore["loss_zeroed"] - by_hand.loss) / (restore["loss_zeroed"] - baseline.loss)
+    assert restore["mean_recovered"] == share and share == pytest.approx(1.0, abs=1e-8)
+    seen = []  # the input does vary by token
+    handle = down.register_forward_pre_hook(lambda m, args: seen.append(args[0][..., COL].flatten()))
+    evaluate(model, CALIB, 4)
+    handle.remove()
+    assert 0.005 < float(torch.cat(seen).std()) < 0.05
+
+
 def test_confirms_zeroing_is_scale_zero_the_restores_zeroed_model_and_the_controls_set():
     """Confirm measured each super weight zeroed: mechanism evaluates that edit never again. It
     is the sweep's scale 0, the restore's zeroed model and, for a tensor with one confirmed
@@ -173,16 +239,17 @@ def test_confirms_zeroing_is_scale_zero_the_restores_zeroed_model_and_the_contro
     evaluations = []
     handle = model.model.norm.register_forward_hook(lambda *args: evaluations.append(1))
     try:
-        with_zero = super_weight_mechanism(model, weights, windows, 4, baseline, [0, 0.5], 0.5)
+        with_zero = super_weight_mechanism(model, weights, windows, 4, baseline, [0, 0.5], 0.5, CALIB)
         with_zero_cost = len(evaluations)
         evaluations.clear()
-        without = super_weight_mechanism(model, weights, windows, 4, baseline, [0.5], 0.5)
+        without = super_weight_mechanism(model, weights, windows, 4, baseline, [0.5], 0.5, CALIB)
     finally:
         handle.remove()
     pd.testing.assert_frame_equal(with_zero.restore, without.restore)
     pd.testing.assert_frame_equal(with_zero.control, without.control)
-    # reference, scale 0.5, the restored model, the control's matched set (two batches each)
-    assert with_zero_cost == len(evaluations) == 2 * (1 + 1 + 1 + 1)
+    # the calibration pass, the reference, scale 0.5, the restored model, the mean contribution, the
+    # control's matched set (two batches each)
+    assert with_zero_cost == len(evaluations) == 2 * (1 + 1 + 1 + 1 + 1 + 1)
     recorded = weights[weights["confirmed"]].iloc[0]
     zero_row = with_zero.sweep[with_zero.sweep["scale"] == 0].iloc[0]
     super_row = with_zero.control[with_zero.control["set"] == SUPER_WEIGHTS].iloc[0]
@@ -209,7 +276,7 @@ def test_matched_control_and_a_weight_outside_the_mlp_output():
     q_control = int(np.argsort(-q.abs().flatten().numpy(), kind="stable")[1])  # its second largest |w|
 
     matched = matched_control(model, weights)
-    result = super_weight_mechanism(model, weights, windows, 4, baseline, [0], 0.5)
+    result = super_weight_mechanism(model, weights, windows, 4, baseline, [0], 0.5, CALIB)
 
     assert matched[["tensor", "flat_index"]].values.tolist() == [[DOWN, 50], [DOWN, 100], [Q_PROJ, q_control]]
     assert matched["weight"].tolist() == [0.5, -0.5, float(q.flatten()[q_control])]
@@ -250,7 +317,7 @@ def test_gpt2_conv1d_output_channel_is_the_linear_row():
                                ("transformer.h.0.attn.c_proj.weight", 0, 3, 4, "attn.c_proj")], windows, baseline)
     before = snapshot(model)
 
-    result = super_weight_mechanism(model, weights, windows, 4, baseline, [0], 0.5)
+    result = super_weight_mechanism(model, weights, windows, 4, baseline, [0], 0.5, CALIB)
 
     by_hand, recorded, peak = _restored_by_hand(model, proj, row, (col, row), 0.5, windows)  # Conv1D: [in, out]
     assert_bit_identical(model, before)
@@ -269,19 +336,22 @@ def _step_inputs(tmp_path, model, windows, baseline, super_weights) -> dict:
     model.save_pretrained(tmp_path / "checkpoint")
     materialize(str(tmp_path / "checkpoint"), tmp_path / "model")
     write_parquet_atomic(windows_frame(windows.numpy()), tmp_path / "eval.parquet")
+    write_parquet_atomic(windows_frame(CALIB.numpy()), tmp_path / "calib.parquet")
     write_json_atomic({"loss": baseline.loss, "ppl": baseline.ppl}, tmp_path / "metrics.json")
     write_parquet_atomic(pd.DataFrame({"window": range(len(baseline.nll)), "nll": baseline.nll,
                                        "tokens": baseline.tokens}), tmp_path / "windows.parquet")
     write_parquet_atomic(super_weights, tmp_path / "super_weights.parquet")
     outputs = {name: str(tmp_path / "mechanism" / f"{name}.parquet") for name in ("sweep", "restore", "control")}
     return {"model": str(tmp_path / "model/model.json"), "eval": str(tmp_path / "eval.parquet"),
+            "calib": str(tmp_path / "calib.parquet"),
             "baseline": str(tmp_path / "metrics.json"), "baseline_windows": str(tmp_path / "windows.parquet"),
             "super_weights": str(tmp_path / "super_weights.parquet"), **outputs}
 
 
 SPEC = typed_spec("mechanism", {
     "model": "planted", "device": "cpu", "dtype": "fp32", "attn_implementation": "eager", "device_map": None,
-    "loss_chunk": 256, "scales": [0, -1], "massive_fraction": 0.5, "batch_size": 4,
+    "loss_chunk": 256, "scales": [0, -1], "massive_fraction": 0.5, "calib_samples": 8, "calib_seed": 0,
+    "batch_size": 4,
     "bootstrap": {"resamples": 200, "level": 0.95, "seed": 0}})
 
 
@@ -300,7 +370,7 @@ def test_step_writes_the_three_tables(tmp_path):
 
     page = _mechanism_section(paths, baseline.ppl, tmp_path / "plots")  # the report's section
     assert page.startswith('<section id="mechanism"><h2>How each super weight acts</h2>')
-    assert page.count('<img alt="') == 2 and page.count("<table>") == 3
+    assert page.count('<img alt="') == 2 and page.count("<table>") == 4
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"mechanism_scale.png", "mechanism_restore.png"}
     assert _mechanism_section(None, baseline.ppl, tmp_path / "plots").endswith(f"{NOT_RUN}</section>")
 
