@@ -9,11 +9,15 @@ as measured by :class:`esa.damage.DamageMeter`. When confirm's single weights do
 destructive set, :func:`find_culprits` looks for the weights that do by adaptive binary
 splitting (adaptive group testing):
 
-1. Order S by (layer, tensor, flat_index) and evaluate it whole; a set that is not
-   destructive is reported and not searched.
+1. Order S by (layer, tensor, col, flat_index), so that the weights of one *neuron* (an input
+   column of one matrix: one intermediate neuron of an MLP output projection) are consecutive,
+   and evaluate it whole; a set that is not destructive is reported and not searched.
 2. A destructive group G of at most ``min_group`` weights is a culprit (one weight: a culprit
-   weight). A larger one is split into its first ceil(|G|/2) and last floor(|G|/2) weights;
-   each half is perturbed alone and evaluated; the search recurses into the destructive halves.
+   weight). A larger one is split in two at the neuron boundary nearest its middle (the first
+   ceil(|G|/2) weights and the rest where G is one neuron: then inside it), so a neuron's
+   weights stay in one branch until the search reaches that neuron (super weights that act
+   together often share one, :mod:`esa.joint`); each half is perturbed alone and evaluated;
+   the search recurses into the destructive halves.
 3. A destructive group neither of whose halves is destructive is a *minimal destructive
    group*: the damage needs weights of both halves together (an interaction).
 4. The most destructive group still unresolved is split next (best first: largest
@@ -60,7 +64,7 @@ from .names import CULPRIT_BUDGET, CULPRIT_GROUP, CULPRIT_PERTURBATIONS, CULPRIT
 from .perturb import first_changed_layer_of, perturbed
 from .replay import first_changed_layer
 
-ORDER = ["layer", "tensor", "flat_index"]
+ORDER = ["layer", "tensor", "col", "flat_index"]
 # group ids number the halving tree: the whole set is 1, the halves of group g are 2g and 2g + 1
 ROOT = 1
 # search.parquet: one row per evaluation, in order; parent 0 = none (the whole set)
@@ -100,6 +104,15 @@ def weight_name(row) -> str:
     return f"{row.tensor}[{row.row}, {row.col}]"
 
 
+def _split(neurons: list, lo: int, hi: int) -> int:
+    """Where group [lo, hi) splits (at least 2 weights): the boundary between two neurons
+    (``neurons[i]``: weight i's (tensor, col)) nearest ceil of the middle, the earlier of two
+    as near; the middle itself when the group is one neuron."""
+    middle = lo + math.ceil((hi - lo) / 2)
+    boundaries = [i for i in range(lo + 1, hi) if neurons[i] != neurons[i - 1]]
+    return min(boundaries, key=lambda i: (abs(i - middle), i)) if boundaries else middle
+
+
 def search_layers(model: torch.nn.Module, selection: pd.DataFrame) -> set[int]:
     """Every first changed layer a group of ``selection`` can have: a group's is its lowest
     tensor's (:func:`esa.replay.first_changed_layer`), so these are the ``start_layers`` of the
@@ -129,6 +142,7 @@ def find_culprits(model: torch.nn.Module, selection: pd.DataFrame, meter: Damage
     if weights.duplicated(["tensor", "flat_index"]).any() or weights.empty:
         raise ESAError("a culprit search needs a non-empty set of distinct weights")
     names = [weight_name(row) for row in weights.itertuples(index=False)]
+    neurons = list(zip(weights["tensor"], weights["col"]))
     search: list[dict] = []
     progress = tqdm(total=budget, desc=f"culprits of {len(weights)} weights", disable=not show_progress)
 
@@ -168,7 +182,7 @@ def find_culprits(model: torch.nn.Module, selection: pd.DataFrame, meter: Damage
         if budget - len(search) < 2:
             report(record, lo, CULPRIT_BUDGET)
             continue
-        mid = lo + math.ceil((hi - lo) / 2)
+        mid = _split(neurons, lo, hi)
         halves = [(evaluate(2 * record["group"] + i, record["depth"] + 1, a, b), a, b)
                   for i, (a, b) in enumerate(((lo, mid), (mid, hi)))]
         destructive = [half for half in halves if half[0]["destructive"]]

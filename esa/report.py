@@ -213,8 +213,27 @@ def _baseline_facts(baseline: Mapping) -> str:
             f"per-window loss, {baseline['windows']} windows)</span>")
 
 
+def _headline_groups(groups: pd.DataFrame | None, members: pd.DataFrame | None) -> str:
+    """The destructive structural groups in a line: how many, by label, and the worst one with
+    its minimal subset."""
+    if groups is None or members is None:
+        return '<span class="not-run">not run</span>'
+    destructive = groups[groups["destructive"]]
+    if destructive.empty:
+        return f"none of {len(groups)} groups tested is destructive"
+    worst = destructive.loc[destructive["ppl_ratio"].idxmax()]
+    minimal = members[(members["group"] == worst["group"]) & members["minimal"]]
+    subset = ", ".join(_weight_label(t, r, c) for t, r, c in zip(minimal["tensor"], minimal["row"], minimal["col"]))
+    labels = ", ".join(f"{n} {label}" for label, n in destructive["label"].value_counts().items())
+    return (f"{len(destructive)} of {len(groups)} groups destructive ({_e(labels)}); the worst: "
+            f"<b>{_e(_group_place(worst['tensor'], worst['kind'], worst['index']))}</b>, {worst['n_members']} weights "
+            f"&times;{_e(_fmt(worst['ppl_ratio']))} together"
+            + (f" (minimal subset {_e(subset)}, synergy {_e(_fmt(worst['synergy']))})" if subset else ""))
+
+
 def _summary_section(model: str, run: Mapping, baseline: Mapping, weights: pd.DataFrame | None,
-                     verdicts: list[dict] | None, factor: float) -> str:
+                     verdicts: list[dict] | None, factor: float, groups: pd.DataFrame | None = None,
+                     members: pd.DataFrame | None = None) -> str:
     """What a reader takes in at a glance: model, data, baseline, super weights, verdict counts.
 
     ``run`` is the baseline step's spec (its ``config.json``): model source, dtype, data settings.
@@ -228,6 +247,7 @@ def _summary_section(model: str, run: Mapping, baseline: Mapping, weights: pd.Da
                  f"evaluation windows &times; {data['seq_len']} tokens, {baseline['tokens']} tokens predicted"),
         "baseline": _baseline_facts(baseline),
         "super weights": _headline_weights(weights, factor),
+        "acting together": _headline_groups(groups, members),
         "verdicts": (_badges(count_statuses(verdicts)) if verdicts is not None
                      else '<span class="not-run">not run</span>'),
     }
@@ -538,15 +558,16 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
     super_weights = read_optional(super_weights_path, read_parquet)
     weights = None if super_weights is None else _by_weight(super_weights)
     verdicts = read_optional(verdicts_path, read_json)
+    groups = read_optional(groups_path, read_parquet)
+    members = read_optional(group_members_path, read_parquet)
     sections = [
         _summary_section(model, read_json(baseline_config),
-                         read_json(baseline_path), weights, verdicts, factor),
+                         read_json(baseline_path), weights, verdicts, factor, groups, members),
         _verdict_section(verdicts),
         *(_experiment_section(load_experiment(entry), plot_dir) for entry in experiments),
         _agreement_section(read_agreement(agreement_paths), plot_dir),
         _super_weight_section(weights, plot_dir, factor),
-        _joint_section(read_optional(groups_path, read_parquet), read_optional(group_members_path, read_parquet),
-                       factor),
+        _joint_section(groups, members, factor),
         _super_expert_section(read_optional(super_experts_path, read_parquet), factor),
         _activation_section(read_optional(activations_path, read_parquet), plot_dir),
         # beyond the runbook

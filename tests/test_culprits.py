@@ -14,7 +14,7 @@ import torch
 from conftest import UNIGRAM, make_tiny_llama, shared_sign_direction, snakemake, study_layout, unigram_text
 
 from esa.config import validate_config
-from esa.culprits import CULPRIT_COLUMNS, SEARCH_COLUMNS, culprit_summary, find_culprits, search_layers
+from esa.culprits import CULPRIT_COLUMNS, SEARCH_COLUMNS, _split, culprit_summary, find_culprits, search_layers
 from esa.damage import Baseline, DamageMeter
 from esa.errors import ESAError
 from esa.evaluation import evaluate
@@ -123,24 +123,26 @@ def test_two_planted_super_weights_are_exactly_the_culprits():
         alone = _ratio_alone(model, _planted_rows()[_planted_rows()["row"] == row])
         assert culprit.ppl_ratio == pytest.approx(alone, rel=1e-12)
 
-    # the search order is (layer, tensor, flat_index): layer 0's down_proj first; the planted
-    # weights sit at positions 10 and 17, in one half down to a group of 9 (positions 10..18:
-    # five splits 302 -> 151 -> 76 -> 38 -> 19 -> 9), whose halves 10..14 and 15..18 hold one
-    # each; 5 -> 3 -> 2 -> 1 takes three splits, 4 -> 2 -> 1 two: 11 splits, 2 evaluations each
+    # the search order is (layer, tensor, col, flat_index): layer 0's down_proj first, and the
+    # planted weights, one neuron (input column COL), at positions 4 and 5; each split falls at
+    # the neuron boundary nearest the middle, so the pair stays in one branch (302 -> 150 -> 75
+    # -> 38 -> 19 -> 9 -> 5 -> 2) until the group is their neuron, split inside: 8 splits, 2
+    # evaluations each (23 when a split could cut the neuron: the pair parted at the 9)
     planted = result.weights["tensor"].eq(DOWN) & result.weights["flat_index"].isin(_planted_rows()["flat_index"])
-    assert result.weights.index[planted].tolist() == [10, 17]
-    assert result.evaluations == 1 + 2 * 11 == 23 <= 2 * 2 * math.ceil(math.log2(n)) + 1
+    assert result.weights.index[planted].tolist() == [4, 5]
+    assert result.evaluations == 1 + 2 * 8 == 17 <= 2 * 2 * math.ceil(math.log2(n)) + 1
     search = result.search
-    assert search["step"].tolist() == list(range(23)) and search["size"].iloc[0] == n
+    assert search["step"].tolist() == list(range(17)) and search["size"].iloc[0] == n
+    assert search["size"].tolist()[1::2] == [150, 75, 38, 19, 9, 4, 2, 1]
     assert result.destructive and result.n_weights == n and search["destructive"].iloc[0]
-    assert culprits["group"].tolist() == [528, 270] and culprits["depth"].tolist() == [9, 8]
+    assert culprits["group"].tolist() == [260, 261] and culprits["depth"].tolist() == [8, 8]
     # the halving tree: every group but the whole set is a half of a destructive group tested before
     tested = dict(zip(search["group"], search["destructive"]))
     assert all(tested[parent] for parent in search["parent"].iloc[1:])
     assert (search["group"].iloc[1:] // 2 == search["parent"].iloc[1:]).all()
     sizes = dict(zip(search["group"], search["size"]))
     assert all(sizes[2 * g] + sizes[2 * g + 1] == sizes[g] for g in search["parent"].iloc[1:].unique())
-    assert search["destructive"].sum() == 11 + 2  # the groups split (the whole set among them), the 2 culprits
+    assert search["destructive"].sum() == 8 + 2  # the groups split (the whole set among them), the 2 culprits
 
     confirm = pd.DataFrame({"metric": "m", "rank": [0, 1, 2], "tensor": [DOWN, DOWN, "elsewhere"],
                             "flat_index": [ROWS[0] * INTERMEDIATE + COL, 0, 1], "row": [ROWS[0], 0, 0],
@@ -148,7 +150,7 @@ def test_two_planted_super_weights_are_exactly_the_culprits():
     summary = culprit_summary(result, confirm)
     assert summary["super_weights_in_set"] == summary["super_weights_found"] == [PLANTED[0]]
     assert (summary["n_weights"], summary["evaluations"], summary["budget"], summary["destructive"]) == (
-        n, 23, 40, True)
+        n, 17, 40, True)
     assert (summary["culprit_weights"], summary["culprit_groups"], summary["unresolved_groups"]) == (2, 0, 0)
     assert summary["set_ppl_ratio"] == search["ppl_ratio"].iloc[0] >= FACTOR
 
@@ -156,12 +158,11 @@ def test_two_planted_super_weights_are_exactly_the_culprits():
 def test_min_group_reports_small_destructive_groups_unsplit():
     model = _planted_pair(noise=1.0)
     result = _search(model, _two_culprit_set(model), min_group=4)
-    # the group of 9 splits into 5 (split again: 3 destructive, 2 not) and 4 (kept whole)
+    # the group of 5 splits into 4 (not destructive) and 5's neuron, the planted pair (kept whole)
     assert list(zip(result.culprits["kind"], result.culprits["size"], result.culprits["group"])) == [
-        ("group", 3, 132), ("group", 4, 67)]
+        ("group", 2, 130)]
     assert result.culprits["tensor"].isna().all() and result.culprits["flat_index"].isna().all()
-    assert result.culprits["first"].tolist() == [PLANTED[0], f"{DOWN}[8, 22]"]
-    assert result.culprits["last"].iloc[1] == f"{DOWN}[9, 52]"
+    assert result.culprits["first"].tolist() == [PLANTED[0]] and result.culprits["last"].tolist() == [PLANTED[1]]
     assert result.evaluations == 1 + 2 * 7
 
 
@@ -327,7 +328,7 @@ def test_step_writes_the_three_files_and_the_report_shows_them(tmp_path):
     summary = json.loads(Path(files["summary"]).read_text())
     assert summary == {"experiment": "planted", "seed": 0, "perturb": "zero", "scale": 1.0, "factor": FACTOR,
                        "min_group": 1, **json.loads(json.dumps(culprit_summary(direct, confirm)))}
-    assert (summary["n_weights"], summary["evaluations"], summary["culprit_weights"]) == (302, 23, 2)
+    assert (summary["n_weights"], summary["evaluations"], summary["culprit_weights"]) == (302, 17, 2)
     assert summary["super_weights_in_set"] == summary["super_weights_found"] == [PLANTED[1]]
 
     run = write_json_atomic({"model": "checkpoint", "dtype": "fp32", "data": {"source": "unigram", "seq_len": 32}},
@@ -337,7 +338,7 @@ def test_step_writes_the_three_files_and_the_report_shows_them(tmp_path):
     section = page[page.index('<section id="culprits">'):]
     section = section[:section.index("</section>")]
     ratio = direct.search["ppl_ratio"].iloc[0]
-    assert (f"The top set of 302 weights (seed 0, zero at scale 1) multiplies PPL by &times;{ratio:.3g}. 23 of 40 "
+    assert (f"The top set of 302 weights (seed 0, zero at scale 1) multiplies PPL by &times;{ratio:.3g}. 17 of 40 "
             "evaluations found <b>2 culprit weight(s)</b>, 0 culprit group(s) (0 destructive only with weights of "
             "both halves together) and left 0 group(s) unresolved. Confirm had already confirmed 1 of them: "
             f"{PLANTED[1]}.</p>") in section
@@ -363,3 +364,13 @@ def test_workflow_schedules_one_search_per_experiment_and_rejects_a_bad_one(tmp_
     bad = snakemake(tmp_path, {**config, "culprits": {"experiments": ["nope"]}}, "-n")
     assert bad.returncode != 0 and ("invalid config at culprits.experiments: 'nope' is not an experiment with a "
                                     "zero or sign_flip perturbation; allowed: flip") in bad.stdout
+
+
+def test_a_split_keeps_each_neuron_in_one_half():
+    """The split nearest the middle that falls between two neurons (an input column of one
+    matrix), the earlier of two as near; inside the neuron when the group is one neuron."""
+    a, b, c = (DOWN, 1), (DOWN, 2), ("other", 1)
+    assert _split([a, a, a, b, b, c, c, c], 0, 8) == 3  # 3 and 5 both 1 from the middle, 4
+    assert _split([a, a, b, b, b, b, b, c], 0, 8) == 2  # 2 (2 away) rather than 7 (3 away)
+    assert _split([a] * 6, 0, 6) == 3 and _split([a] * 5, 0, 5) == 3
+    assert _split([c, a, a, b], 1, 4) == 3  # within [1, 4): a, a | b

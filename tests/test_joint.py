@@ -18,7 +18,7 @@ from esa.evaluation import evaluate
 from esa.joint import (ADDITIVE, CHANNEL, GROUP_COLUMNS, JOINT, MASSIVE_CHANNEL, MEMBER_COLUMNS, NEURON,
                        NOT_DESTRUCTIVE, NOT_TAKEN_APART, SINGLE, JointSettings, group_label, massive_channels,
                        structural_groups, take_apart)
-from esa.report import _joint_section
+from esa.report import _headline_groups, _joint_section
 from esa.scores import compute_scores
 from esa.targets import find_targets, target_table
 
@@ -133,6 +133,10 @@ def test_planted_pair_is_joint_with_both_in_its_minimal_subset():
     assert f"<td>{JOINT}</td>" in first
     assert f"layers.0.mlp.down_proj[{ROW}, {COL}], layers.0.mlp.down_proj[{ROW}, {COL2}]" in first
     assert "1 multiply PPL by >= 1.5 (4 not_destructive, 1 joint)" in page and f"1 {JOINT}" in page
+    line = _headline_groups(groups, members)  # the summary's line
+    assert line.startswith(f"1 of 5 groups destructive (1 joint); the worst: <b>layers.0.mlp.down_proj row {ROW}</b>, "
+                           f"2 weights &times;")
+    assert f"(minimal subset layers.0.mlp.down_proj[{ROW}, {COL}], layers.0.mlp.down_proj[{ROW}, {COL2}]" in line
 
 
 def test_planted_single_super_weight_is_single_with_itself_as_minimal_subset():

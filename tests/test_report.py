@@ -235,7 +235,7 @@ def test_missing_sections_say_not_run(study, tmp_path):
         assert '<p class="not-run">not run</p></section>' in _section(page, section)
     assert '<section id="super-experts"><h2>Super experts</h2><p class="not-run">not run</p></section>' in page
     summary = page[page.index('id="summary"'):page.index('id="verdict-section"')]
-    assert summary.count('<span class="not-run">not run</span>') == 2  # super weights, verdicts
+    assert summary.count('<span class="not-run">not run</span>') == 3  # super weights, acting together, verdicts
     assert f"PPL {BASELINE['ppl']:.4g}" in summary
 
 
