@@ -14,6 +14,12 @@ spiking far above the rest) meets a large weight; :func:`activation_trace` recor
 decoder layer's down_proj, the largest |input| and |output| with its channel, window,
 position and token.
 
+With ``null`` (``samples`` > 0), each tested tensor also gets magnitude-matched innocent
+weights zeroed the same way (:mod:`esa.null`), and a weight is confirmed only when its ratio
+beats the factor and the largest ratio of its tensor's innocent weights:
+
+    confirmed = ppl_ratio >= factor and ppl_ratio > null_max.
+
 Each ablation is measured by :class:`esa.damage.DamageMeter` (PPL, its bootstrap interval
 against the baseline, KL from and top-1 agreement with the unmodified model), running only the
 decoder layers from the weight's own on (:mod:`esa.replay`): ``ppl_after`` is bit-identical to
@@ -40,6 +46,8 @@ from .damage import Baseline, Bootstrap, DamageMeter, damage_columns
 from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK, Evaluation, batches, evaluate
 from .joint import JointSettings, no_groups, structural_groups, take_apart
+from .null import (NULL_SUMMARY_COLUMNS, MagnitudeBands, NullSettings, beats_null, group_null, null_summary,
+                   null_table, single_null)
 from .names import GLOBAL, ZERO
 from .perturb import first_changed_layer_of, perturbed
 from .replay import first_changed_layer
@@ -52,7 +60,7 @@ ABLATION_DAMAGE_COLUMNS = ["ppl_before", "ppl_after", "ppl_ratio", "delta_ppl_lo
 # a weight's ablation also keeps its loss (log PPL, exact), from which a later step rebuilds the
 # whole measurement of that edit (ablation_damage) instead of evaluating it again
 ABLATION_COLUMNS = ["tensor", "layer", "module", "expert", "part", "row", "col", "flat_index", "weight", "score",
-                    *ABLATION_DAMAGE_COLUMNS, "loss_after", "confirmed"]
+                    *ABLATION_DAMAGE_COLUMNS, "loss_after", *NULL_SUMMARY_COLUMNS, "confirmed"]
 WEIGHT_KEY = ["tensor", "flat_index"]
 # super_weights.parquet: one row per (metric, rank), the weight's key first
 SUPER_WEIGHT_COLUMNS = ["metric", "rank", *WEIGHT_KEY, *(c for c in ABLATION_COLUMNS if c not in WEIGHT_KEY)]
@@ -73,6 +81,7 @@ class Confirmation:
     rerun: Evaluation  # evaluated after every ablation was undone
     groups: pd.DataFrame  # esa.joint.GROUP_COLUMNS (no rows when no groups were asked for)
     group_members: pd.DataFrame  # esa.joint.MEMBER_COLUMNS
+    null: pd.DataFrame  # esa.null.NULL_COLUMNS (no rows without a null)
 
 
 def global_top(candidates: pd.DataFrame, tensor_table: pd.DataFrame, top_n: int) -> pd.DataFrame:
@@ -92,10 +101,13 @@ def confirm_super_weights(model: torch.nn.Module, candidates: Mapping[str, pd.Da
                           tensor_tables: Mapping[str, pd.DataFrame], eval_windows: torch.Tensor,
                           batch_size: int, baseline: Baseline, top_n: int = 10, factor: float = 1.5,
                           chunk_size: int = DEFAULT_CHUNK, bootstrap: Bootstrap = Bootstrap(),
-                          joint: JointSettings | None = None) -> Confirmation:
+                          joint: JointSettings | None = None, null: NullSettings | None = None) -> Confirmation:
     """Zero each weight of every metric's global top-``top_n`` alone, once, and measure the PPL;
     with ``joint`` (``top_n`` > 0), the structural groups of every metric's global
-    top-``joint.top_n`` zeroed jointly and taken apart (:mod:`esa.joint`), on the same meter.
+    top-``joint.top_n`` zeroed jointly and taken apart (:mod:`esa.joint`), on the same meter;
+    with ``null`` (``samples`` > 0), the calibrated null of every tested tensor and of every
+    group reaching the factor without a confirmed member (:mod:`esa.null`; innocent weights are
+    none of these candidates).
 
     ``candidates`` and ``tensor_tables``: metric -> its candidates and tensor table (the first
     columns of its stats.parquet). Each metric's :func:`global_top`, stacked in the order of
@@ -106,7 +118,7 @@ def confirm_super_weights(model: torch.nn.Module, candidates: Mapping[str, pd.Da
     """
     tops = pd.concat([global_top(candidates[metric], tensor_tables[metric], top_n).assign(metric=metric)
                       for metric in candidates], ignore_index=True)
-    take_groups, group_layers = None, set()
+    take_groups, group_layers, pool = None, set(), tops.iloc[:0]
     if joint is not None and joint.top_n > 0:
         try:
             pool = pd.concat([global_top(candidates[metric], tensor_tables[metric], joint.top_n)
@@ -115,7 +127,7 @@ def confirm_super_weights(model: torch.nn.Module, candidates: Mapping[str, pd.Da
             raise ESAError(f"confirm.joint.top_n={joint.top_n}: {err}") from None
         group_layers = {first_changed_layer(model, tensor) for tensor in pool["tensor"].unique()}
 
-        def take_groups(meter: DamageMeter, trace: pd.DataFrame, singles: pd.DataFrame):
+        def take_groups(meter: DamageMeter, trace: pd.DataFrame, singles: pd.DataFrame, innocents):
             recorded = singles.set_index(WEIGHT_KEY)
 
             def single(tensor: str, flat_index: int) -> dict | None:
@@ -123,17 +135,19 @@ def confirm_super_weights(model: torch.nn.Module, candidates: Mapping[str, pd.Da
                 return ablation_damage(recorded.loc[key], baseline) if key in recorded.index else None
 
             groups = structural_groups(model, pool, trace, joint.massive_fraction)
-            return take_apart(model, groups, meter, factor, joint.max_members, single)
+            return take_apart(model, groups, meter, factor, joint.max_members, single, innocents)
 
+    considered = pd.concat([tops[WEIGHT_KEY], pool[WEIGHT_KEY]], ignore_index=True).drop_duplicates()
     result = zero_each(model, tops.drop_duplicates(WEIGHT_KEY), eval_windows, batch_size, baseline,
-                       factor, chunk_size, bootstrap, group_layers, take_groups)
+                       factor, chunk_size, bootstrap, group_layers, take_groups, null, considered)
     table = tops[["metric", "rank", *WEIGHT_KEY]].merge(result.super_weights, on=WEIGHT_KEY)
     return replace(result, super_weights=table[SUPER_WEIGHT_COLUMNS])
 
 
 def _ablation(measured: dict, before: float, factor: float) -> dict:
-    """The ``ABLATION_DAMAGE_COLUMNS`` and ``confirmed`` of one ablation's :mod:`esa.damage`
-    numbers; a non-finite loss gives ``ppl_after = inf`` and counts as confirmed."""
+    """The ``ABLATION_DAMAGE_COLUMNS`` and ``confirmed`` (against the factor alone) of one
+    ablation's :mod:`esa.damage` numbers; a non-finite loss gives ``ppl_after = inf`` and
+    reaches any factor."""
     return {"ppl_before": before, "loss_after": measured["loss"], "ppl_after": measured["ppl"],
             "ppl_ratio": measured["ppl_ratio"],
             "delta_ppl_lo": measured["delta_ppl_lo"], "delta_ppl_hi": measured["delta_ppl_hi"],
@@ -152,11 +166,15 @@ def ablation_damage(ablation, baseline: Baseline) -> dict:
 def zero_each(model: torch.nn.Module, weights: pd.DataFrame, eval_windows: torch.Tensor,
               batch_size: int, baseline: Baseline, factor: float = 1.5,
               chunk_size: int = DEFAULT_CHUNK, bootstrap: Bootstrap = Bootstrap(),
-              group_layers: set[int] = frozenset(), take_groups=None) -> Confirmation:
+              group_layers: set[int] = frozenset(), take_groups=None, null: NullSettings | None = None,
+              considered: pd.DataFrame | None = None) -> Confirmation:
     """Zero each row of ``weights`` (tensor, layer, module, row, col, flat_index, weight,
-    score) alone and measure the damage (:mod:`esa.damage`) it does; then, given
-    ``take_groups(meter, trace, table)`` (the joint groups' two tables, :mod:`esa.joint`), that
-    on the same meter, which also keeps the inputs of ``group_layers``.
+    score) alone and measure the damage (:mod:`esa.damage`) it does; with ``null`` (``samples``
+    > 0) draw each tensor's innocent weights (:func:`esa.null.single_null`; never one of
+    ``considered``, tensor and flat_index, default ``weights``) and confirm against their max
+    too; then, given ``take_groups(meter, trace, table, innocents)`` (the joint groups' two
+    tables, :mod:`esa.joint`; ``innocents(group, members)`` the group's null summary, or None
+    without a null), that on the same meter, which also keeps the inputs of ``group_layers``.
 
     The unmodified model runs first as the :class:`esa.damage.DamageMeter`'s reference (which
     keeps the candidate layers' inputs: each ablation runs from the first layer it changes,
@@ -176,10 +194,45 @@ def zero_each(model: torch.nn.Module, weights: pd.DataFrame, eval_windows: torch
     table = pd.concat([weights[["tensor", "layer", "module", "expert", "part", "row", "col", "flat_index", "weight",
                                 "score"]].reset_index(drop=True),
                        pd.DataFrame(rows, columns=[*ABLATION_DAMAGE_COLUMNS, "loss_after", "confirmed"])], axis=1)
-    groups, members = take_groups(meter, trace, table) if take_groups else no_groups()
+
+    table, drawn, groups, members = _null_and_groups(model, meter, trace, table, null,
+                                                     weights[WEIGHT_KEY] if considered is None else considered,
+                                                     take_groups)
     del meter  # up to one hidden state of every window per layer: free it before the rerun
     rerun = evaluate(model, eval_windows, batch_size, chunk_size=chunk_size)
-    return Confirmation(table[ABLATION_COLUMNS], trace, rerun, groups, members)
+    return Confirmation(table[ABLATION_COLUMNS], trace, rerun, groups, members, null_table(drawn))
+
+
+def _null_and_groups(model: torch.nn.Module, meter: DamageMeter, trace: pd.DataFrame, table: pd.DataFrame,
+                     null: NullSettings | None, considered: pd.DataFrame, take_groups):
+    """:func:`zero_each`'s null (``NULL_SUMMARY_COLUMNS`` added to ``table`` and ``confirmed``
+    tested against them) and groups: ``(table, null draws, groups, members)``."""
+
+    def zeroed(selection: pd.DataFrame) -> dict:
+        with perturbed(model, selection, ZERO):
+            return meter.measure(first_changed_layer_of(model, selection))
+
+    drawn, innocents = [], None
+    if null is not None and null.samples > 0:
+        bands = MagnitudeBands(model, considered, null.band)
+        drawn = single_null(table, bands, null, zeroed)
+
+        def innocents(group: int, members: pd.DataFrame) -> dict:
+            if any(confirmed.get(key, False) for key in members[WEIGHT_KEY].itertuples(index=False, name=None)):
+                return null_summary([])  # it beats its null through that weight, which beat its own
+            rows = group_null(group, members, bands, null, zeroed)
+            drawn.extend(rows)
+            return null_summary(row["ppl_ratio"] for row in rows)
+
+    summaries = {tensor: null_summary(row["ppl_ratio"] for row in drawn if row["tensor"] == tensor)
+                 for tensor in table["tensor"].unique()}
+    table = pd.concat([table, pd.DataFrame([summaries[t] for t in table["tensor"]], index=table.index,
+                                           columns=NULL_SUMMARY_COLUMNS).astype({"null_n": "int64"})], axis=1)
+    table["confirmed"] = [bool(row.confirmed) and beats_null(row.ppl_ratio, summaries[row.tensor])
+                          for row in table.itertuples(index=False)]
+    confirmed = dict(zip(table[WEIGHT_KEY].itertuples(index=False, name=None), table["confirmed"]))
+    groups, members = take_groups(meter, trace, table, innocents) if take_groups else no_groups()
+    return table, drawn, groups, members
 
 
 def expert_mass(stats: pd.DataFrame) -> pd.DataFrame:

@@ -17,23 +17,27 @@ expert's down_proj; one matrix each) that share
 
 Groups with the same members are one (the first kind in that order). Each is zeroed jointly,
 one evaluation from its first layer (:class:`esa.damage.DamageMeter`, replay as everywhere).
-A destructive group (``ppl_ratio >= factor``) of at most ``max_members`` members is taken apart:
+A group is *destructive* when ``ppl_ratio >= factor`` and, with a calibrated null
+(:mod:`esa.null`: innocent groups of the same size and magnitudes, drawn for each group that
+reaches the factor and holds no confirmed single super weight), ``ppl_ratio > null_max``. A
+destructive group of at most ``max_members`` members is taken apart:
 
 - *single*: each member zeroed alone (confirm's own measurement where the member is one of the
   weights it zeroed alone, :func:`esa.confirm.ablation_damage`);
 - *leave-one-out*: all members but one zeroed, for each member (of a pair: the other alone);
 - *minimal subset*: starting from the whole group, members are dropped one at a time, the one
   whose leave-one-out set keeps the most damage first, each drop kept only when the rest stays
-  destructive (the first drop is its leave-one-out evaluation): what is left is destructive and,
-  at the time each member was tried, needed.
+  at or above the factor (the first drop is its leave-one-out evaluation): what is left reaches
+  the factor and, at the time each member was tried, was needed.
 
 With delta = loss - loss_baseline (log-PPL) of an edit, the group's label:
 
-- ``single``: a member alone is destructive;
+- ``single``: a member alone reaches the factor;
 - ``joint``: no member alone is, and delta_group > sum of the members' deltas: together they do
   more than the sum of their parts (the field's joint super weights);
 - ``additive``: no member alone is, and delta_group <= that sum: each contributes a share;
-- ``not_destructive``: the group zeroed is below the factor; ``not_taken_apart``: destructive,
+- ``not_destructive``: the group zeroed is below the factor or within its null;
+  ``not_taken_apart``: destructive,
   with more than ``max_members`` members (only its joint numbers).
 
 ``synergy`` = delta_group / sum of the members' deltas, of a group taken apart: above 1 the
@@ -54,6 +58,7 @@ import torch
 from .architecture import is_expert_stack, mlp_output_projections, split_expert
 from .damage import DAMAGE_COLUMNS, DamageMeter
 from .names import ZERO
+from .null import NULL_SUMMARY_COLUMNS, beats_null, null_summary
 from .perturb import first_changed_layer_of, perturbed
 
 NEURON, CHANNEL, MASSIVE_CHANNEL = "neuron", "channel", "massive_channel"
@@ -63,13 +68,14 @@ SINGLE, JOINT, ADDITIVE, NOT_DESTRUCTIVE, NOT_TAKEN_APART = (
 MEMBER_KEY = ["tensor", "flat_index"]
 # groups.parquet: one row per group; tensor "" for a massive channel across projections
 GROUP_COLUMNS = ["group", "kind", "tensor", "layer", "index", "n_members", "tensors", "flat_indices",
-                 *DAMAGE_COLUMNS, "destructive", "label", "synergy", "n_minimal", "minimal_tensors",
-                 "minimal_flat_indices", "minimal_ppl_ratio", "evaluations"]
+                 *DAMAGE_COLUMNS, *NULL_SUMMARY_COLUMNS, "destructive", "label", "synergy", "n_minimal",
+                 "minimal_tensors", "minimal_flat_indices", "minimal_ppl_ratio", "evaluations"]
 # group_members.parquet: one row per (group, member), each member's edits' PPL ratio and loss
 MEMBER_COLUMNS = ["group", "tensor", "flat_index", "layer", "row", "col", "weight", "single_ppl_ratio",
                   "single_loss", "left_out_ppl_ratio", "left_out_loss", "minimal"]
 _GROUP_DTYPES = {"group": "int64", "layer": "int64", "index": "int64", "n_members": "int64",
-                 **dict.fromkeys(DAMAGE_COLUMNS, "float64"), "finite": "bool", "destructive": "bool",
+                 **dict.fromkeys(DAMAGE_COLUMNS, "float64"), "finite": "bool", "null_n": "int64",
+                 "null_max": "float64", "null_p95": "float64", "destructive": "bool",
                  "synergy": "float64", "n_minimal": "int64", "minimal_ppl_ratio": "float64", "evaluations": "int64"}
 _MEMBER_DTYPES = {"group": "int64", "flat_index": "int64", "layer": "int64", "row": "int64", "col": "int64",
                   "weight": "float64", "single_ppl_ratio": "float64", "single_loss": "float64",
@@ -178,11 +184,13 @@ def group_label(whole: dict, singles: list[dict], factor: float, baseline_loss: 
 
 
 def take_apart(model: torch.nn.Module, groups: list[Group], meter: DamageMeter, factor: float, max_members: int,
-               singles: Callable[[str, int], dict | None]) -> tuple[pd.DataFrame, pd.DataFrame]:
+               singles: Callable[[str, int], dict | None],
+               innocents: Callable[[int, pd.DataFrame], dict] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Zero each group jointly and take each destructive one apart (module docstring):
     ``(groups table GROUP_COLUMNS, members table MEMBER_COLUMNS)``. ``singles(tensor,
     flat_index)``: a member's recorded damage zeroed alone (DAMAGE_COLUMNS), or None to
-    measure it. Every edit is undone bit-exactly."""
+    measure it; ``innocents(group, members)``: the null summary (``esa.null.null_summary``) of
+    a group reaching the factor, None for no null. Every edit is undone bit-exactly."""
     group_rows, member_rows = [], []
     for number, group in enumerate(groups):
         members = group.members
@@ -196,10 +204,13 @@ def take_apart(model: torch.nn.Module, groups: list[Group], meter: DamageMeter, 
                 return meter.measure(first_changed_layer_of(model, selection))
 
         whole = zeroed(members)
+        reaches = _destructive(whole, factor)
+        nulled = innocents(number, members[MEMBER_KEY]) if innocents and reaches else null_summary([])
+        destructive = reaches and beats_null(whole["ppl_ratio"], nulled)
         n = len(members)
         single, left_out, minimal = [None] * n, [None] * n, list(range(n))
         minimal_measured, synergy = whole, np.nan
-        if not _destructive(whole, factor):
+        if not destructive:
             label = NOT_DESTRUCTIVE
         elif n > max_members:
             label = NOT_TAKEN_APART
@@ -224,8 +235,8 @@ def take_apart(model: torch.nn.Module, groups: list[Group], meter: DamageMeter, 
         group_rows.append({
             "group": number, "kind": group.kind, "tensor": group.tensor, "layer": int(members["layer"].min()),
             "index": group.index, "n_members": n, "tensors": members["tensor"].tolist(),
-            "flat_indices": members["flat_index"].astype(np.int64).tolist(), **whole,
-            "destructive": _destructive(whole, factor), "label": label, "synergy": synergy, "n_minimal": len(kept),
+            "flat_indices": members["flat_index"].astype(np.int64).tolist(), **whole, **nulled,
+            "destructive": destructive, "label": label, "synergy": synergy, "n_minimal": len(kept),
             "minimal_tensors": kept["tensor"].tolist(),
             "minimal_flat_indices": kept["flat_index"].astype(np.int64).tolist(),
             "minimal_ppl_ratio": minimal_measured["ppl_ratio"] if len(kept) else np.nan,

@@ -50,7 +50,7 @@ PERTURB_FILES = {"results": "results.parquet", "manifest": "experiment_manifest.
 STABILITY_FILES = {"pairs": "pairs.parquet", "summary": "summary.json"}
 CONFIRM_FILES = {"super_weights": "super_weights.parquet", "super_experts": "super_experts.parquet",
                  "activations": "activations.parquet", "rerun": "baseline_rerun.json", "groups": "groups.parquet",
-                 "group_members": "group_members.parquet"}
+                 "group_members": "group_members.parquet", "null": "null.parquet"}
 REPORT_FILES = {"verdicts": "verdict.json", "index": "index.html", "plots": "plots", "inputs": "inputs.json"}
 CULPRIT_FILES = {"culprits": "culprits.parquet", "search": "search.parquet", "summary": "summary.json"}
 MECHANISM_FILES = {"sweep": "sweep.parquet", "restore": "restore.parquet", "control": "control.parquet"}

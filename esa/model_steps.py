@@ -186,7 +186,7 @@ def step_perturb(spec: PerturbSpec, *, model: str, eval: str, baseline: str, bas
 
 def step_confirm(spec: ConfirmSpec, *, model: str, eval: str, baseline: str, baseline_windows: str,
                  candidates: dict[str, str], stats: dict[str, str], super_weights: str, super_experts: str,
-                 activations: str, rerun: str, groups: str, group_members: str) -> None:
+                 activations: str, rerun: str, groups: str, group_members: str, null: str) -> None:
     """Zero each of every metric's global top-N weights alone, and each of its top-N experts by
     score mass whole; trace the massive activations.
 
@@ -198,10 +198,14 @@ def step_confirm(spec: ConfirmSpec, *, model: str, eval: str, baseline: str, bas
     go first, so the re-evaluation of the unmodified model at the end (the
     baseline-identical-on-rerun check) follows every ablation. With ``spec.joint``'s top_n > 0
     the structural groups of every metric's global top-N are zeroed jointly and taken apart
-    (:mod:`esa.joint`; ``groups`` and ``group_members``, empty tables otherwise).
+    (:mod:`esa.joint`; ``groups`` and ``group_members``, empty tables otherwise). With
+    ``spec.innocent``'s samples > 0 every tested tensor and every group reaching the factor
+    without a confirmed member gets its calibrated null, which a confirmation must beat
+    (:mod:`esa.null`; ``null``, one row per draw).
     """
     from .confirm import confirm_super_experts, confirm_super_weights
     from .joint import JointSettings
+    from .null import NullSettings
 
     metrics = spec.metrics
     for name, paths in (("candidates", candidates), ("stats", stats)):
@@ -218,12 +222,13 @@ def step_confirm(spec: ConfirmSpec, *, model: str, eval: str, baseline: str, bas
                                    {m: table[TABLE_COLUMNS] for m, table in tables.items()},
                                    windows, spec.batch_size, reference, top_n=spec.top_n,
                                    factor=spec.factor, chunk_size=spec.loss_chunk, bootstrap=bootstrap,
-                                   joint=JointSettings(**spec.joint))
+                                   joint=JointSettings(**spec.joint), null=NullSettings(**spec.innocent))
     write_parquet_atomic(result.super_weights, super_weights)
     write_parquet_atomic(experts, super_experts)
     write_parquet_atomic(result.activations, activations)
     write_parquet_atomic(result.groups, groups)
     write_parquet_atomic(result.group_members, group_members)
+    write_parquet_atomic(result.null, null)
     write_json_atomic(result.rerun.metrics(), rerun)
 
 

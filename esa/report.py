@@ -55,7 +55,7 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.4em 0; }
 details pre { font-size: 0.8em; white-space: pre-wrap; margin: 0.2em 0; }
 table.verdicts th:nth-child(1) { width: 4.5em; } table.verdicts th:nth-child(2) { width: 11em; }
 table.verdicts th:nth-child(4) { width: 26%; } table.verdicts th:nth-child(5) { width: 14%; }
-table.super-weights td:first-child { white-space: nowrap; }
+table.super-weights { font-size: 0.85em; } table.super-weights td:nth-child(4) { white-space: nowrap; }
 #summary table.facts th { width: 9em; vertical-align: top; }
 #summary table.facts td { font-size: 1.05em; }
 #summary .headline { font-size: 1.15em; margin: 0.2em 0; }
@@ -176,29 +176,82 @@ def _factor(ratio: float) -> str:
     return "&times;inf (loss not finite)" if np.isinf(ratio) else f"&times;{ratio:.3g}"
 
 
-def _headline_weights(weights: pd.DataFrame | None, factor: float) -> str:
-    """The confirmed super weights, largest PPL factor first; or plainly that none was found."""
-    if weights is None or weights.empty:
+def _innocent(n, largest) -> str:
+    """The calibrated null next to a factor (:mod:`esa.null`): the largest PPL factor of the innocent
+    weights (groups) of the same magnitude, and how many were drawn."""
+    if not n:
+        return "none drawn"
+    return f"&times;{largest:.6g} (max of {int(n)})"  # innocent factors sit at 1.0000x: show their digits
+
+
+def _absence(super_weights: pd.DataFrame, weights: pd.DataFrame, groups: pd.DataFrame | None, factor: float) -> str:
+    """No single and no joint super weight, stated as a finding against the null."""
+    top_n = int(super_weights["rank"].max()) + 1
+    metrics = ", ".join(dict.fromkeys(super_weights["metric"]))
+    nulls = [weights.drop_duplicates("tensor")[["null_n", "null_max"]]]
+    if groups is not None:
+        nulls.append(groups[["null_n", "null_max"]])
+    null = pd.concat(nulls)
+    drawn = int(null["null_n"].sum())
+    best = weights.loc[weights["ppl_ratio"].idxmax()]
+    joint = "" if groups is None else f" and {len(groups)} structural group{'s' * (len(groups) != 1)} of them"
+    reach = (f"innocent weights of the same magnitude reach at most {_factor(null['null_max'].max())} "
+             f"({drawn} drawn)" if drawn else "no innocent weights were drawn (confirm.innocent.samples: 0)")
+    return (f'<p class="headline"><b>No single or joint super weight</b> with factor &ge; &times;{factor:g} '
+            f"among the top-{top_n} of {_e(metrics)}{joint}; {reach}.</p>"
+            f'<p class="note">The largest single factor: {_factor(best.ppl_ratio)} ({_e(_weight_name(best))}, '
+            f"ranked by {_e(best.ranked_by)}).</p>")
+
+
+def _headline_weights(super_weights: pd.DataFrame | None, factor: float, groups: pd.DataFrame | None = None,
+                      members: pd.DataFrame | None = None) -> str:
+    """The confirmed single super weights and the destructive groups side by side, in one table
+    by PPL factor, each next to its innocent weights' largest factor; or the absence as a finding."""
+    if super_weights is None or super_weights.empty:
         return '<span class="not-run">not run</span>'
-    rule = f"A super weight: zeroing it alone multiplies PPL by at least &times;{factor:g}."
-    confirmed = weights[weights["confirmed"]].sort_values("ppl_ratio", ascending=False)
-    if confirmed.empty:
-        top = weights.loc[weights["ppl_ratio"].idxmax()]
-        return (f'<p class="headline"><b>No super weight confirmed.</b> Of {len(weights)} weights tested, '
-                f"the largest PPL factor is {_factor(top.ppl_ratio)} ({_e(_weight_name(top))}, "
-                f'ranked by {_e(top.ranked_by)}).</p><p class="note">{rule}</p>')
-    rows = "".join(
-        f"<tr><td>{_e(_weight_name(r))}</td><td>{_e(_fmt(r.weight))}</td><td><b>{_factor(r.ppl_ratio)}</b></td>"
-        f"<td>{_e(_fmt(r.ppl_before))} &rarr; {_e(_fmt(r.ppl_after))}</td>"
-        f"<td>{_e(_fmt(r.delta_ppl_lo))} &ndash; {_e(_fmt(r.delta_ppl_hi))}</td><td>{_e(_fmt(r.kl))}</td>"
-        f"<td>{_e(_fmt(r.top1))}</td><td>{_e(r.ranked_by)}</td></tr>"
-        for r in confirmed.itertuples(index=False))
-    return (f'<p class="headline"><b>{len(confirmed)} confirmed super weight{"s" * (len(confirmed) > 1)}</b> '
-            f'of {len(weights)} tested</p><p class="note">{rule} Ranked by: the metrics whose top-N held '
-            "the weight, at which rank (#1 = the metric's highest score).</p>"
-            '<table class="super-weights"><thead><tr><th>weight</th><th>value</th><th>PPL factor</th>'
-            "<th>PPL: baseline &rarr; zeroed</th><th>dPPL 95% interval</th><th>KL (nats/token)</th><th>top-1 kept</th>"
-            f"<th>ranked by</th></tr></thead><tbody>{rows}</tbody></table>")
+    weights = _by_weight(super_weights)
+    confirmed = weights[weights["confirmed"]]
+    destructive = groups[groups["destructive"]] if groups is not None and members is not None else None
+    if confirmed.empty and (destructive is None or destructive.empty):
+        return _absence(super_weights, weights, groups, factor)
+    rows = [{"name": _e(_weight_label(r.tensor, r.row, r.col)), "kind": "single", "value": _e(_fmt(r.weight)),
+             "ratio": r.ppl_ratio, "after": r.ppl_after, "lo": r.delta_ppl_lo, "hi": r.delta_ppl_hi, "kl": r.kl,
+             "top1": r.top1, "null": _innocent(r.null_n, r.null_max), "found": _e(r.ranked_by)}
+            for r in confirmed.itertuples(index=False)]
+    if destructive is not None:
+        named = members.assign(name=[_weight_label(t, r, c) for t, r, c in
+                                     zip(members["tensor"], members["row"], members["col"])])
+        minimal = named[named["minimal"]].groupby("group")["name"].agg(", ".join)
+        singles = set(confirmed[["tensor", "flat_index"]].itertuples(index=False, name=None))
+        holding = set(members.loc[[key in singles for key in members[["tensor", "flat_index"]].itertuples(
+            index=False, name=None)], "group"])
+        for g in destructive.itertuples(index=False):
+            found = (f"minimal subset {_e(minimal[g.group])} ({_factor(g.minimal_ppl_ratio)}), synergy "
+                     f"{_e(_fmt(g.synergy))}" if g.group in minimal.index else "not taken apart")
+            rows.append({"name": f"{_e(_group_place(g.tensor, g.kind, g.index))}: {g.n_members} weights",
+                         "kind": f"group: {_e(g.label)}", "value": "&mdash;", "ratio": g.ppl_ratio,
+                         "after": g.ppl, "lo": g.delta_ppl_lo, "hi": g.delta_ppl_hi,
+                         "kl": g.kl, "top1": g.top1, "found": found,
+                         "null": ("via its confirmed member" if not g.null_n and g.group in holding
+                                  else _innocent(g.null_n, g.null_max))})
+    rows.sort(key=lambda row: -row["ratio"])
+    body = "".join(
+        f"<tr><td>{r['name']}</td><td>{r['kind']}</td><td>{r['value']}</td><td><b>{_factor(r['ratio'])}</b></td>"
+        f"<td>{r['null']}</td><td>{_e(_fmt(r['after']))}</td>"
+        f"<td>{_e(_fmt(r['lo']))} &ndash; {_e(_fmt(r['hi']))}</td><td>{_e(_fmt(r['kl']))}</td>"
+        f"<td>{_e(_fmt(r['top1']))}</td><td>{r['found']}</td></tr>" for r in rows)
+    n_groups = 0 if destructive is None else len(destructive)
+    tested_groups = "" if groups is None else f" and {n_groups} of {len(groups)} structural groups"
+    rule = (f"A super weight: zeroing it alone multiplies PPL by at least &times;{factor:g} and by more than any "
+            "innocent weight of its tensor with the same |w| (its calibrated null); a group: its members zeroed "
+            "together, the same against innocent groups of its size. Found by: the metrics whose top-N held the "
+            "weight, at which rank (#1 = the metric's highest score); a group's minimal destructive subset.")
+    return (f'<p class="headline"><b>{len(confirmed)} single super weight{"s" * (len(confirmed) != 1)}</b> '
+            f"of {len(weights)} weights tested{tested_groups} destructive</p>"
+            f'<p class="note">{rule}</p><table class="super-weights"><thead><tr><th>super weight</th><th>kind</th>'
+            "<th>value</th><th>PPL factor</th><th>innocent weights reach</th><th>PPL zeroed</th>"
+            "<th>dPPL 95% interval</th><th>KL (nats/token)</th><th>top-1 kept</th><th>found by</th></tr></thead>"
+            f"<tbody>{body}</tbody></table>")
 
 
 def _baseline_facts(baseline: Mapping) -> str:
@@ -213,28 +266,11 @@ def _baseline_facts(baseline: Mapping) -> str:
             f"per-window loss, {baseline['windows']} windows)</span>")
 
 
-def _headline_groups(groups: pd.DataFrame | None, members: pd.DataFrame | None) -> str:
-    """The destructive structural groups in a line: how many, by label, and the worst one with
-    its minimal subset."""
-    if groups is None or members is None:
-        return '<span class="not-run">not run</span>'
-    destructive = groups[groups["destructive"]]
-    if destructive.empty:
-        return f"none of {len(groups)} groups tested is destructive"
-    worst = destructive.loc[destructive["ppl_ratio"].idxmax()]
-    minimal = members[(members["group"] == worst["group"]) & members["minimal"]]
-    subset = ", ".join(_weight_label(t, r, c) for t, r, c in zip(minimal["tensor"], minimal["row"], minimal["col"]))
-    labels = ", ".join(f"{n} {label}" for label, n in destructive["label"].value_counts().items())
-    return (f"{len(destructive)} of {len(groups)} groups destructive ({_e(labels)}); the worst: "
-            f"<b>{_e(_group_place(worst['tensor'], worst['kind'], worst['index']))}</b>, {worst['n_members']} weights "
-            f"&times;{_e(_fmt(worst['ppl_ratio']))} together"
-            + (f" (minimal subset {_e(subset)}, synergy {_e(_fmt(worst['synergy']))})" if subset else ""))
-
-
-def _summary_section(model: str, run: Mapping, baseline: Mapping, weights: pd.DataFrame | None,
+def _summary_section(model: str, run: Mapping, baseline: Mapping, super_weights: pd.DataFrame | None,
                      verdicts: list[dict] | None, factor: float, groups: pd.DataFrame | None = None,
                      members: pd.DataFrame | None = None) -> str:
-    """What a reader takes in at a glance: model, data, baseline, super weights, verdict counts.
+    """What a reader takes in at a glance: model, data, baseline, the single and joint super
+    weights (confirm's ``super_weights``, ``groups`` and ``members``), verdict counts.
 
     ``run`` is the baseline step's spec (its ``config.json``): model source, dtype, data settings.
     """
@@ -246,8 +282,7 @@ def _summary_section(model: str, run: Mapping, baseline: Mapping, weights: pd.Da
         "data": (f"<b>{_e(data['source'])}</b>{f' ({_e(source)})' if source else ''}: {baseline['windows']} "
                  f"evaluation windows &times; {data['seq_len']} tokens, {baseline['tokens']} tokens predicted"),
         "baseline": _baseline_facts(baseline),
-        "super weights": _headline_weights(weights, factor),
-        "acting together": _headline_groups(groups, members),
+        "super weights": _headline_weights(super_weights, factor, groups, members),
         "verdicts": (_badges(count_statuses(verdicts)) if verdicts is not None
                      else '<span class="not-run">not run</span>'),
     }
@@ -340,8 +375,11 @@ def _joint_section(groups: pd.DataFrame | None, members: pd.DataFrame | None, fa
     labels = ", ".join(f"{n} {label}" for label, n in groups["label"].value_counts().items())
     lead = (f"<p>{len(groups)} groups of two or more candidates sharing a down_proj input column (neuron), "
             f"an output row (channel) or a massive residual channel, each zeroed jointly: "
-            f"{int(groups['destructive'].sum())} multiply PPL by >= {factor:g} ({labels}). <b>single</b>: a member "
-            f"alone is destructive; <b>joint</b>: none is, and together they do more than the sum of their parts; "
+            f"{int(groups['destructive'].sum())} multiply PPL by >= {factor:g} and by more than their innocent groups "
+            f"({labels}). Innocent groups: as many weights of the same tensors and |w|, none a candidate, zeroed "
+            f"together (confirm.innocent), for each group reaching the factor that holds no confirmed single "
+            f"super weight. <b>single</b>: a member "
+            f"alone reaches the factor; <b>joint</b>: none is, and together they do more than the sum of their parts; "
             f"<b>additive</b>: none is, each contributes a share. synergy = the group's log-PPL increase over the "
             f"sum of its members' alone; minimal = the destructive subset left when no member can be dropped.</p>")
     named = members.assign(name=[_weight_label(t, r, c) for t, r, c in zip(members["tensor"], members["row"],
@@ -351,11 +389,33 @@ def _joint_section(groups: pd.DataFrame | None, members: pd.DataFrame | None, fa
     table = pd.DataFrame({
         "kind": shown["kind"], "where": [_group_place(t, k, i) for t, k, i in
                                          zip(shown["tensor"], shown["kind"], shown["index"])],
-        "members": shown["n_members"], "ppl_ratio": shown["ppl_ratio"], "delta_ppl_lo": shown["delta_ppl_lo"],
+        "members": shown["n_members"], "ppl_ratio": shown["ppl_ratio"], "innocent_max": shown["null_max"],
+        "innocent_n": shown["null_n"], "delta_ppl_lo": shown["delta_ppl_lo"],
         "delta_ppl_hi": shown["delta_ppl_hi"], "label": shown["label"], "synergy": shown["synergy"],
         "minimal": [minimal.get(g, "") for g in shown["group"]], "minimal_ppl_ratio": shown["minimal_ppl_ratio"],
         "evaluations": shown["evaluations"]})
     return f"{head}{lead}{_table(table)}</section>"
+
+
+def _null_section(null: pd.DataFrame | None) -> str:
+    """The calibrated null's draws (:mod:`esa.null`): per tested tensor and per group, the innocent
+    weights' PPL factors and |w| next to the candidates they stand for."""
+    head = '<section id="innocent-weights"><h2>Innocent weights (the calibrated null)</h2>'
+    if null is None:
+        return f"{head}{NOT_RUN}</section>"
+    if null.empty:
+        return f"{head}<p>None drawn (confirm.innocent.samples: 0).</p></section>"
+    where = [t if kind == "single" else f"group {g}" for t, kind, g in zip(null["tensor"], null["kind"], null["group"])]
+    summary = null.assign(where=where, abs_w=[float(np.min(np.abs(w))) for w in null["weights"]]).groupby(
+        "where", sort=False).agg(n=("ppl_ratio", "size"), max_ppl_ratio=("ppl_ratio", "max"),
+                                  min_abs_w=("abs_w", "min")).reset_index()
+    lead = ("<p>Weights that are none of confirm's candidates, drawn (seeded) from the same tensor within "
+            "confirm.innocent.band of a candidate's |w|-quantile, zeroed like the candidates: alone per tested "
+            "tensor, as a group of the same size per group that reached the factor without a confirmed member. "
+            "A confirmation must beat the largest of them.</p>")
+    draws = null[["kind", "tensor", "group", "sample", "flat_indices", "weights", "quantiles", "matched_flat_indices",
+                  "ppl_ratio", "delta_ppl_lo", "delta_ppl_hi", "kl"]]
+    return f"{head}{lead}{_table(summary)}<h3>Every draw</h3>{_table(draws)}</section>"
 
 
 def _super_expert_section(experts: pd.DataFrame | None, factor: float) -> str:
@@ -533,7 +593,7 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
                  out_html="index.html", *, baseline_config, plot_dir, model: str,
                  factor: float = 1.5, title: str = "ESA report", super_experts_path=None,
                  published_path=None, mechanism_paths=None, culprit_paths=None, quantize_path=None,
-                 groups_path=None, group_members_path=None) -> str:
+                 groups_path=None, group_members_path=None, null_path=None) -> str:
     """Write the self-contained report to ``out_html`` (its figures to ``plot_dir``) and
     return its HTML.
 
@@ -551,7 +611,8 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
     (``esa.mechanism``); ``culprit_paths``: experiment -> its culprit search's ``culprits``,
     ``search`` and ``summary`` (``esa.culprits``); ``quantize_path``: the quantize step's
     results (``esa.quantize.RESULT_COLUMNS``; group_size -1 = per output channel);
-    ``groups_path`` and ``group_members_path``: confirm's joint groups (``esa.joint``).
+    ``groups_path`` and ``group_members_path``: confirm's joint groups (``esa.joint``);
+    ``null_path``: its calibrated null's draws (``esa.null.NULL_COLUMNS``).
     """
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -562,12 +623,13 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
     members = read_optional(group_members_path, read_parquet)
     sections = [
         _summary_section(model, read_json(baseline_config),
-                         read_json(baseline_path), weights, verdicts, factor, groups, members),
+                         read_json(baseline_path), super_weights, verdicts, factor, groups, members),
         _verdict_section(verdicts),
         *(_experiment_section(load_experiment(entry), plot_dir) for entry in experiments),
         _agreement_section(read_agreement(agreement_paths), plot_dir),
         _super_weight_section(weights, plot_dir, factor),
         _joint_section(groups, members, factor),
+        _null_section(read_optional(null_path, read_parquet)),
         _super_expert_section(read_optional(super_experts_path, read_parquet), factor),
         _activation_section(read_optional(activations_path, read_parquet), plot_dir),
         # beyond the runbook

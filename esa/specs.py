@@ -94,7 +94,8 @@ def perturb_spec(layout, metric, mode, k, tag) -> dict:
 def confirm_spec(layout) -> dict:
     confirm = layout.config["confirm"]
     return evaluation_spec(layout, metrics=layout.scored_metrics(), seed=layout.confirm_seed(),
-                           top_n=confirm["top_n"], factor=confirm["factor"], joint=confirm["joint"])
+                           top_n=confirm["top_n"], factor=confirm["factor"], joint=confirm["joint"],
+                           innocent=confirm["innocent"])
 
 
 def mechanism_spec(layout) -> dict:

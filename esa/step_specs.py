@@ -109,6 +109,7 @@ class ConfirmSpec(Evaluation):
     top_n: int
     factor: float
     joint: dict  # esa.joint.JointSettings
+    innocent: dict  # esa.null.NullSettings
 
 
 @dataclass(frozen=True, kw_only=True)

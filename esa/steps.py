@@ -106,7 +106,7 @@ def step_report(spec: ReportSpec, *, verdicts: str, index: str, plots: str, inpu
                 super_weights: str | None = None, super_experts: str | None = None,
                 activations: str | None = None, rerun: str | None = None, published: str | None = None,
                 mechanism: dict | None = None, culprits: dict | None = None, quantize: str | None = None,
-                groups: str | None = None, group_members: str | None = None) -> None:
+                groups: str | None = None, group_members: str | None = None, null: str | None = None) -> None:
     """verdict.json and the self-contained index.html (figures in ``plots``) of the whole study.
 
     ``spec.experiments``: name, metric, mode, k, seeds of each experiment; ``stats`` and
@@ -133,12 +133,12 @@ def step_report(spec: ReportSpec, *, verdicts: str, index: str, plots: str, inpu
                  baseline_config=baseline_config, plot_dir=plots, model=spec.model,
                  factor=spec.factor, title=f"ESA report: {spec.model}", super_experts_path=super_experts,
                  published_path=published, mechanism_paths=mechanism, culprit_paths=culprits,
-                 quantize_path=quantize, groups_path=groups, group_members_path=group_members)
+                 quantize_path=quantize, groups_path=groups, group_members_path=group_members, null_path=null)
     read = {"baseline": baseline, "baseline_config": baseline_config, "stats": stats, "masks": masks,
             "results": results, "stability": stability, "stability_pairs": stability_pairs, "agreement": agreement,
             "super_weights": super_weights, "super_experts": super_experts, "activations": activations,
             "rerun": rerun, "published": published, "mechanism": mechanism, "culprits": culprits,
-            "quantize": quantize, "groups": groups, "group_members": group_members}
+            "quantize": quantize, "groups": groups, "group_members": group_members, "null": null}
     write_json_atomic(_relative(read, Path(index).parents[2]), inputs)
 
 

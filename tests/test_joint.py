@@ -3,6 +3,7 @@ planted joint pair (each weight harmless alone, the pair destructive) found as `
 minimal subset, and the planted single super weight still ``single``."""
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,8 @@ from esa.evaluation import evaluate
 from esa.joint import (ADDITIVE, CHANNEL, GROUP_COLUMNS, JOINT, MASSIVE_CHANNEL, MEMBER_COLUMNS, NEURON,
                        NOT_DESTRUCTIVE, NOT_TAKEN_APART, SINGLE, JointSettings, group_label, massive_channels,
                        structural_groups, take_apart)
-from esa.report import _headline_groups, _joint_section
+from esa.null import NullSettings
+from esa.report import _headline_weights, _joint_section
 from esa.scores import compute_scores
 from esa.targets import find_targets, target_table
 
@@ -45,17 +47,17 @@ def _joint_planted_model():
     return model
 
 
-def _confirmed_with_groups(model, top_n: int, joint: JointSettings):
+def _confirmed_with_groups(model, top_n: int, joint: JointSettings, null: NullSettings | None = None, factor=1.5):
     """Score by activation_magnitude on one text, confirm (singles and groups) on another."""
     calib, evaluation = unigram_text(8, seed=1), unigram_text(8, seed=2)
     baseline = Baseline.of(evaluate(model, evaluation, batch_size=4))
     targets = find_targets(model)
     scores = compute_scores(model, targets, calib, ["activation_magnitude"], batch_size=4, seed=0,
                             progress=False)["activation_magnitude"]
-    candidates = build_candidates(targets, scores.weights, scores.stat, scores.score, m=joint.top_n)
+    candidates = build_candidates(targets, scores.weights, scores.stat, scores.score, m=max(top_n, joint.top_n))
     result = confirm_super_weights(model, {"activation_magnitude": candidates},
                                    {"activation_magnitude": target_table(targets)}, evaluation, batch_size=4,
-                                   baseline=baseline, top_n=top_n, factor=1.5, joint=joint)
+                                   baseline=baseline, top_n=top_n, factor=factor, joint=joint, null=null)
     return result, baseline
 
 
@@ -132,11 +134,15 @@ def test_planted_pair_is_joint_with_both_in_its_minimal_subset():
     assert f"<td>{CHANNEL}</td><td>layers.0.mlp.down_proj row {ROW}</td><td>2</td>" in first
     assert f"<td>{JOINT}</td>" in first
     assert f"layers.0.mlp.down_proj[{ROW}, {COL}], layers.0.mlp.down_proj[{ROW}, {COL2}]" in first
-    assert "1 multiply PPL by >= 1.5 (4 not_destructive, 1 joint)" in page and f"1 {JOINT}" in page
-    line = _headline_groups(groups, members)  # the summary's line
-    assert line.startswith(f"1 of 5 groups destructive (1 joint); the worst: <b>layers.0.mlp.down_proj row {ROW}</b>, "
-                           f"2 weights &times;")
-    assert f"(minimal subset layers.0.mlp.down_proj[{ROW}, {COL}], layers.0.mlp.down_proj[{ROW}, {COL2}]" in line
+    assert "1 multiply PPL by >= 1.5 and by more than their innocent groups (4 not_destructive, 1 joint)" in page
+    assert f"1 {JOINT}" in page
+    # the summary's table: the pair beside the (no) single super weights, with its minimal subset
+    line = _headline_weights(result.super_weights, 1.5, groups, members)
+    assert "<b>0 single super weights</b> of 10 weights tested and 1 of 5 structural groups destructive" in line
+    assert re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td>&mdash;</td><td><b>&times;([^<]*)</b></td>", line) == [
+        (f"layers.0.mlp.down_proj row {ROW}: 2 weights", f"group: {JOINT}", f"{row['ppl_ratio']:.3g}")]
+    assert (f"minimal subset layers.0.mlp.down_proj[{ROW}, {COL}], layers.0.mlp.down_proj[{ROW}, {COL2}] "
+            f"(&times;{row['ppl_ratio']:.3g}), synergy") in line
 
 
 def test_planted_single_super_weight_is_single_with_itself_as_minimal_subset():

@@ -83,7 +83,8 @@ def _super_weights(after=(1250.0, 12.2, 30.0)) -> pd.DataFrame:
         "loss_after": np.log(after)})
     dppl = tested["ppl_after"] - BASELINE["ppl"]
     tested = tested.assign(ppl_ratio=tested["ppl_after"] / BASELINE["ppl"], delta_ppl_lo=dppl * 0.8,
-                           delta_ppl_hi=dppl * 1.25, kl=[6.5, 0.01, 0.2], top1=[0.125, 0.99, 0.9])
+                           delta_ppl_hi=dppl * 1.25, kl=[6.5, 0.01, 0.2], top1=[0.125, 0.99, 0.9],
+                           null_n=[2, 2, 3], null_max=[1.0625, 1.0625, 1.25], null_p95=[1.0625, 1.0625, 1.25])
     tested = tested.assign(confirmed=tested["ppl_ratio"] >= 1.5)[ABLATION_COLUMNS]
     ranks = pd.DataFrame({"metric": ["grad_x_weight", "grad_x_weight", "activation_magnitude", "grad_squared"],
                           "rank": [0, 1, 0, 0], "flat_index": [127, 362, 127, 211]})
@@ -227,15 +228,15 @@ def test_report_is_self_contained_with_every_section(study, tmp_path):
 def test_missing_sections_say_not_run(study, tmp_path):
     page = _build(study, tmp_path / "index.html", full=False)
     assert "<img" not in page
-    # verdicts, experiments, agreement, super weights, joint super weights, super experts,
-    # activations, and beyond the runbook: mechanism, culprits, quantize (published says the
-    # model has no coordinates)
-    assert page.count('<p class="not-run">not run</p>') == 10
-    for section in ("joint-super-weights", "mechanism", "culprits", "quantize"):
+    # verdicts, experiments, agreement, super weights, joint super weights, innocent weights, super
+    # experts, activations, and beyond the runbook: mechanism, culprits, quantize (published says
+    # the model has no coordinates)
+    assert page.count('<p class="not-run">not run</p>') == 11
+    for section in ("joint-super-weights", "innocent-weights", "mechanism", "culprits", "quantize"):
         assert '<p class="not-run">not run</p></section>' in _section(page, section)
     assert '<section id="super-experts"><h2>Super experts</h2><p class="not-run">not run</p></section>' in page
     summary = page[page.index('id="summary"'):page.index('id="verdict-section"')]
-    assert summary.count('<span class="not-run">not run</span>') == 3  # super weights, acting together, verdicts
+    assert summary.count('<span class="not-run">not run</span>') == 2  # super weights (single and joint), verdicts
     assert f"PPL {BASELINE['ppl']:.4g}" in summary
 
 
@@ -294,14 +295,16 @@ def test_report_opens_with_the_summary(study, tmp_path):
     assert f"PPL {BASELINE['ppl']:.4g}, 95% interval {low:.4g} \u2013 {high:.4g}" in text
     assert f"loss {BASELINE['loss']:.4g} \u00b1 {se:.4g}" in text
     # each confirmed super weight once, largest factor first, with the metrics and ranks that found it
-    assert "2 confirmed super weights of 3 tested" in text
-    rows = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td><b>([^<]*)</b></td><td>[^<]*</td>"
-                      r"<td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td></tr>", summary)
+    assert "2 single super weights of 3 weights tested destructive" in text
+    rows = re.findall(r"<tr><td>([^<]*)</td><td>single</td><td>([^<]*)</td><td><b>([^<]*)</b></td><td>([^<]*)</td>"
+                      r"<td>[^<]*</td><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td></tr>", summary)
     dppl = 1250 - BASELINE["ppl"]
-    assert rows == [(f"{TARGETS[1].name}[3, 7]", "-2.75", f"&times;{1250 / BASELINE['ppl']:.3g}",
-                     f"{dppl * 0.8:.4g} &ndash; {dppl * 1.25:.4g}", "6.5", "0.125",
+    short = [t.name.removeprefix("model.").removesuffix(".weight") for t in TARGETS]
+    assert rows == [(f"{short[1]}[3, 7]", "-2.75", f"&times;{1250 / BASELINE['ppl']:.3g}",
+                     "&times;1.0625 (max of 2)", f"{dppl * 0.8:.4g} &ndash; {dppl * 1.25:.4g}", "6.5", "0.125",
                      "grad_x_weight #1, activation_magnitude #1"),
-                    (f"{TARGETS[3].name}[5, 11]", "4.5", f"&times;{30 / BASELINE['ppl']:.3g}",
+                    (f"{short[3]}[5, 11]", "4.5", f"&times;{30 / BASELINE['ppl']:.3g}",
+                     "&times;1.25 (max of 3)",
                      f"{(30 - BASELINE['ppl']) * 0.8:.4g} &ndash; {(30 - BASELINE['ppl']) * 1.25:.4g}", "0.2", "0.9",
                      "grad_squared #1")]
     assert "[9, 2]" not in summary  # tested, not confirmed
@@ -320,8 +323,12 @@ def test_summary_says_plainly_when_no_weight_is_confirmed(study, tmp_path):
                                     None, None, tmp_path / "index.html", baseline_config=files["baseline_config"],
                                     plot_dir=tmp_path / "plots", model=MODEL))
     text = html.unescape(re.sub(r"<[^>]+>", "", summary))
-    assert (f"No super weight confirmed. Of 3 weights tested, the largest PPL factor is "
-            f"\u00d7{16.5 / BASELINE['ppl']:.3g} ({TARGETS[3].name}[5, 11], ranked by grad_squared #1).") in text
+    # the absence as a finding: against the factor, the metrics' top-N and the null's largest factor
+    assert ("No single or joint super weight with factor \u2265 \u00d71.5 among the top-2 of grad_x_weight, "
+            "activation_magnitude, grad_squared; innocent weights of the same magnitude reach at most \u00d71.25 "
+            "(5 drawn).") in text
+    assert (f"The largest single factor: \u00d7{16.5 / BASELINE['ppl']:.3g} ({TARGETS[3].name}[5, 11], "
+            "ranked by grad_squared #1).") in text
     assert "<table class=\"super-weights\">" not in summary
 
 
