@@ -69,14 +69,16 @@ MEMBER_KEY = ["tensor", "flat_index"]
 # groups.parquet: one row per group; tensor "" for a massive channel across projections
 GROUP_COLUMNS = ["group", "kind", "tensor", "layer", "index", "n_members", "tensors", "flat_indices",
                  *DAMAGE_COLUMNS, *NULL_SUMMARY_COLUMNS, "destructive", "label", "synergy", "n_minimal",
-                 "minimal_tensors", "minimal_flat_indices", "minimal_ppl_ratio", "evaluations"]
+                 "minimal_tensors", "minimal_flat_indices", "minimal_loss", "minimal_ppl", "minimal_ppl_ratio",
+                 "evaluations"]
 # group_members.parquet: one row per (group, member), each member's edits' PPL ratio and loss
 MEMBER_COLUMNS = ["group", "tensor", "flat_index", "layer", "row", "col", "weight", "single_ppl_ratio",
                   "single_loss", "left_out_ppl_ratio", "left_out_loss", "minimal"]
 _GROUP_DTYPES = {"group": "int64", "layer": "int64", "index": "int64", "n_members": "int64",
                  **dict.fromkeys(DAMAGE_COLUMNS, "float64"), "finite": "bool", "null_n": "int64",
                  "null_max": "float64", "null_p95": "float64", "destructive": "bool",
-                 "synergy": "float64", "n_minimal": "int64", "minimal_ppl_ratio": "float64", "evaluations": "int64"}
+                 "synergy": "float64", "n_minimal": "int64", "evaluations": "int64",
+                 **dict.fromkeys(["minimal_loss", "minimal_ppl", "minimal_ppl_ratio"], "float64")}
 _MEMBER_DTYPES = {"group": "int64", "flat_index": "int64", "layer": "int64", "row": "int64", "col": "int64",
                   "weight": "float64", "single_ppl_ratio": "float64", "single_loss": "float64",
                   "left_out_ppl_ratio": "float64", "left_out_loss": "float64", "minimal": "bool"}
@@ -239,7 +241,8 @@ def take_apart(model: torch.nn.Module, groups: list[Group], meter: DamageMeter, 
             "destructive": destructive, "label": label, "synergy": synergy, "n_minimal": len(kept),
             "minimal_tensors": kept["tensor"].tolist(),
             "minimal_flat_indices": kept["flat_index"].astype(np.int64).tolist(),
-            "minimal_ppl_ratio": minimal_measured["ppl_ratio"] if len(kept) else np.nan,
+            **{f"minimal_{column}": minimal_measured[column] if len(kept) else np.nan
+               for column in ("loss", "ppl", "ppl_ratio")},
             "evaluations": evaluations})
         for i, member in enumerate(members.itertuples(index=False)):
             member_rows.append({

@@ -53,7 +53,8 @@ CONFIRM_FILES = {"super_weights": "super_weights.parquet", "super_experts": "sup
                  "group_members": "group_members.parquet", "null": "null.parquet"}
 REPORT_FILES = {"verdicts": "verdict.json", "index": "index.html", "plots": "plots", "inputs": "inputs.json"}
 CULPRIT_FILES = {"culprits": "culprits.parquet", "search": "search.parquet", "summary": "summary.json"}
-MECHANISM_FILES = {"sweep": "sweep.parquet", "restore": "restore.parquet", "control": "control.parquet"}
+MECHANISM_FILES = {"sweep": "sweep.parquet", "restore": "restore.parquet", "control": "control.parquet",
+                   "joint_mean": "joint_mean.parquet"}
 PUBLISHED_FILES = {"matches": "matches.parquet"}
 QUANTIZE_FILES = {"results": "results.parquet", "manifest": "experiment_manifest.json"}
 
@@ -346,8 +347,9 @@ class Layout:
         return self.culprit_inputs(experiment)
 
     def _mechanism_inputs(self) -> dict:
+        confirmed = self.confirm_files()
         return {**self._evaluation_inputs(), "calib": self.data_files("calib")["windows"],
-                "super_weights": self.confirm_files()["super_weights"]}
+                **{name: confirmed[name] for name in ("super_weights", "groups", "group_members")}}
 
     def _published_inputs(self) -> dict:
         return self.published_inputs()

@@ -34,6 +34,14 @@ from the weight's own decoder layer on (``DAMAGE_COLUMNS``), and undone bit-exac
 
   1 when w acts as a constant bias, less when its token-dependent part matters (NaN as for
   ``recovered``).
+- The same control for each joint super weight: the minimal subset S of each destructive group
+  of confirm labelled ``joint`` or ``additive`` (:mod:`esa.joint`; the same S once), all of S
+  zeroed while each member's output channel gets its own mean contribution back,
+
+      + sum over W[r, j] in S with row r of  W[r, j] * m_j    on output channel r of its projection,
+
+  against S zeroed (confirm's measurement): ``mean_recovered`` as above. A member of an expert
+  stack has no mean over every position (its input is the tokens routed to it): NaN, a reason.
 - Matched-magnitude control: per tensor holding n confirmed super weights, zero together its
   n largest |w| that are not confirmed super weights (equal |w| by lower flat index, in the
   Linear convention), next to zeroing its n super weights together.
@@ -55,6 +63,7 @@ from .confirm import WEIGHT_KEY, ablation_damage
 from .damage import DAMAGE_COLUMNS, Baseline, Bootstrap, DamageMeter
 from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK, batches, decoder_hidden
+from .joint import ADDITIVE, JOINT
 from .names import MATCHED_CONTROL, SCALE, SUPER_WEIGHTS, ZERO
 from .perturb import first_changed_layer_of, perturbed
 from .targets import find_targets, target_parameter
@@ -67,6 +76,11 @@ RESTORE_NUMBERS = ["loss_baseline", "loss_zeroed", "ppl_zeroed", "kl_zeroed", "l
 RESTORE_COLUMNS = [*CONFIRMED_WEIGHT_COLUMNS, "projection", "positions", "peak", *RESTORE_NUMBERS, "reason"]
 # one row per (tensor, set): the flat indices zeroed together and the range of their |w|
 CONTROL_COLUMNS = ["tensor", "layer", "set", "n_weights", "flat_indices", "abs_min", "abs_max", *DAMAGE_COLUMNS]
+# one row per joint super weight (a group's minimal subset): zeroed, and zeroed with its mean contribution
+JOINT_MEAN_NUMBERS = ["loss_baseline", "loss_zeroed", "ppl_zeroed", "loss_mean", "ppl_mean", "kl_mean",
+                      "mean_recovered"]
+JOINT_MEAN_COLUMNS = ["group", "kind", "label", "n_minimal", "tensors", "flat_indices", "rows", "cols", "mean_inputs",
+                      *JOINT_MEAN_NUMBERS, "reason"]
 _DAMAGE_DTYPES = {**dict.fromkeys(DAMAGE_COLUMNS, "float64"), "finite": "bool"}
 _WEIGHT_DTYPES = {"tensor": "object", "flat_index": "int64", "row": "int64", "col": "int64", "layer": "int64",
                   "module": "object", "weight": "float64"}
@@ -76,27 +90,37 @@ _DTYPES = {
                 **dict.fromkeys(RESTORE_NUMBERS, "float64"), "reason": "object"},
     "control": {"tensor": "object", "layer": "int64", "set": "object", "n_weights": "int64",
                 "flat_indices": "object", "abs_min": "float64", "abs_max": "float64", **_DAMAGE_DTYPES},
+    "joint_mean": {"group": "int64", "kind": "object", "label": "object", "n_minimal": "int64", "tensors": "object",
+                   "flat_indices": "object", "rows": "object", "cols": "object", "mean_inputs": "object",
+                   **dict.fromkeys(JOINT_MEAN_NUMBERS, "float64"),
+                   "reason": "object"},
 }
 NOT_MLP_OUTPUT = "not an MLP output projection"
+EXPERT_MEMBER = "a member of an expert stack: its input is the tokens routed to it, no mean over every position"
 
 
 @dataclass(frozen=True)
 class Mechanism:
-    """The three tables: ``sweep`` (``SWEEP_COLUMNS``, one row per (weight, scale)),
+    """The four tables: ``sweep`` (``SWEEP_COLUMNS``, one row per (weight, scale)),
     ``restore`` (``RESTORE_COLUMNS``, one per weight), ``control`` (``CONTROL_COLUMNS``, one
-    per (tensor, set))."""
+    per (tensor, set)), ``joint_mean`` (``JOINT_MEAN_COLUMNS``, one per joint super weight)."""
 
     sweep: pd.DataFrame
     restore: pd.DataFrame
     control: pd.DataFrame
+    joint_mean: pd.DataFrame
 
     @classmethod
-    def of(cls, sweep: list[dict], restore: list[dict], control: list[dict]) -> Mechanism:
+    def of(cls, sweep: list[dict], restore: list[dict], control: list[dict], joint_mean: list[dict]) -> Mechanism:
         """The tables of the rows, with their columns and dtypes even when empty."""
         def frame(rows: list[dict], columns: list[str], kind: str) -> pd.DataFrame:
             return pd.DataFrame(rows, columns=columns).astype(_DTYPES[kind])
         return cls(frame(sweep, SWEEP_COLUMNS, "sweep"), frame(restore, RESTORE_COLUMNS, "restore"),
-                   frame(control, CONTROL_COLUMNS, "control"))
+                   frame(control, CONTROL_COLUMNS, "control"), frame(joint_mean, JOINT_MEAN_COLUMNS, "joint_mean"))
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The tables by name (``esa.layout.MECHANISM_FILES``'s keys)."""
+        return {"sweep": self.sweep, "restore": self.restore, "control": self.control, "joint_mean": self.joint_mean}
 
 
 def confirmed_weights(super_weights: pd.DataFrame) -> pd.DataFrame:
@@ -104,6 +128,20 @@ def confirmed_weights(super_weights: pd.DataFrame) -> pd.DataFrame:
     columns ``CONFIRMED_WEIGHT_COLUMNS``."""
     confirmed = super_weights[super_weights["confirmed"]].drop_duplicates(WEIGHT_KEY)
     return confirmed[CONFIRMED_WEIGHT_COLUMNS].reset_index(drop=True)
+
+
+def joint_super_weights(groups: pd.DataFrame, group_members: pd.DataFrame) -> list[tuple[pd.Series, pd.DataFrame]]:
+    """The joint super weights of confirm's groups.parquet and group_members.parquet: each
+    destructive group labelled ``joint`` or ``additive`` with the members of its minimal subset
+    (tensor, flat_index, layer, row, col, weight), a subset found by two groups once (the first)."""
+    found, seen = [], set()
+    for group in groups[groups["destructive"] & groups["label"].isin([JOINT, ADDITIVE])].itertuples(index=False):
+        mine = group_members[(group_members["group"] == group.group) & group_members["minimal"]]
+        key = frozenset(mine[WEIGHT_KEY].itertuples(index=False, name=None))
+        if key not in seen:
+            seen.add(key)
+            found.append((pd.Series(group._asdict()), mine.reset_index(drop=True)))
+    return found
 
 
 def _selection(tensor: str, flat_indices) -> pd.DataFrame:
@@ -140,24 +178,28 @@ class _MeanInput:
         return self.total / self.count
 
 
-class _AddToChannel:
-    """Forward hook on a projection: + ``value`` on output channel ``row`` at every position."""
+class _AddToChannels:
+    """Forward hook on a projection: + ``shifts[row]`` on each output channel ``row`` at every
+    position."""
 
-    def __init__(self, row: int, value: float):
-        self.row, self.value = row, value
+    def __init__(self, shifts: dict[int, float]):
+        self.shifts = shifts
 
     def __call__(self, module: torch.nn.Module, args: tuple, output):
         hidden = output[0] if isinstance(output, tuple) else output
         shifted = hidden.clone(memory_format=torch.contiguous_format)
-        shifted[..., self.row] += self.value
+        for row, value in self.shifts.items():
+            shifted[..., row] += value
         return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
 
 
-def mean_inputs(model: torch.nn.Module, taps: dict, calib_windows: torch.Tensor, batch_size: int) -> dict[int, float]:
-    """weight i -> m_j, the mean of its projection's input channel ``col`` over every position of
-    ``calib_windows`` in the unmodified model (``taps``: weight i -> (projection name, module, col))."""
-    means = {i: _MeanInput(col) for i, (_, _, col) in taps.items()}
-    handles = [module.register_forward_pre_hook(means[i]) for i, (_, module, _) in taps.items()]
+def mean_inputs(model: torch.nn.Module, channels: dict[tuple[str, int], torch.nn.Module], calib_windows: torch.Tensor,
+                batch_size: int) -> dict[tuple[str, int], float]:
+    """(projection name, col) -> m_j, the mean of that projection's input channel ``col`` over
+    every position of ``calib_windows`` in the unmodified model (``channels``: the same keys ->
+    the projection module)."""
+    means = {key: _MeanInput(key[1]) for key in channels}
+    handles = [module.register_forward_pre_hook(means[key]) for key, module in channels.items()]
     device = model.get_input_embeddings().weight.device
     try:
         with torch.no_grad():
@@ -166,7 +208,7 @@ def mean_inputs(model: torch.nn.Module, taps: dict, calib_windows: torch.Tensor,
     finally:
         for handle in handles:
             handle.remove()
-    return {i: mean.mean for i, mean in means.items()}
+    return {key: mean.mean for key, mean in means.items()}
 
 
 class _ChannelTap:
@@ -228,36 +270,50 @@ def matched_control(model: torch.nn.Module, weights: pd.DataFrame) -> pd.DataFra
     return pd.concat(parts, ignore_index=True)
 
 
+def _projection_of(model: torch.nn.Module, projections: dict, tensor: str) -> tuple[str, torch.nn.Module] | None:
+    """The MLP output projection (qualified name, module) whose matrix ``tensor`` is (an expert's
+    key: the expert stack), None when it is none."""
+    name, expert = split_expert(tensor)
+    found = projections.get(id(model.get_parameter(name)))
+    return found if found is not None and (expert >= 0) == is_expert_stack(found[1]) else None
+
+
 def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, eval_windows: torch.Tensor,
                            batch_size: int, baseline: Baseline, scales: list[float], massive_fraction: float,
-                           calib_windows: torch.Tensor, chunk_size: int = DEFAULT_CHUNK,
+                           calib_windows: torch.Tensor, groups: pd.DataFrame | None = None,
+                           group_members: pd.DataFrame | None = None, chunk_size: int = DEFAULT_CHUNK,
                            bootstrap: Bootstrap = Bootstrap(), progress: bool = False) -> Mechanism:
     """The scale sweep, the massive-activation restore, the mean-contribution control (means
     over ``calib_windows``) and the matched-magnitude control of every confirmed weight of
-    ``super_weights`` (confirm's table; see the module docstring).
+    ``super_weights`` (confirm's table), and the mean-contribution control of every joint super
+    weight of confirm's ``groups`` and ``group_members`` (None: no groups); see the module
+    docstring.
 
-    No confirmed weight: empty tables, the model untouched.
+    No confirmed weight and no joint one: empty tables, the model untouched.
     """
     if not 0 < massive_fraction <= 1:
         raise ESAError(f"mechanism.massive_fraction={massive_fraction}: must be in (0, 1]")
     weights = confirmed_weights(super_weights)
-    if weights.empty:
-        return Mechanism.of([], [], [])
+    joint = [] if groups is None else joint_super_weights(groups, group_members)
+    if weights.empty and not joint:
+        return Mechanism.of([], [], [], [])
     selections = [_selection(w.tensor, [w.flat_index]) for w in weights.itertuples(index=False)]
     starts = [first_changed_layer_of(model, selection) for selection in selections]
+    joint_starts = [first_changed_layer_of(model, mine[WEIGHT_KEY]) for _, mine in joint]
     projections = _projections(model)
+    every = pd.concat([weights, *(mine for _, mine in joint)], ignore_index=True)
+    located = {tensor: _projection_of(model, projections, tensor) for tensor in every["tensor"].unique()}
     taps: dict[int, tuple[str, torch.nn.Module, _ChannelTap]] = {}  # weight i -> its projection's tap
     for i, w in enumerate(weights.itertuples(index=False)):
-        name, expert = split_expert(w.tensor)
-        found = projections.get(id(model.get_parameter(name)))
-        if found is not None and (expert >= 0) == is_expert_stack(found[1]):
-            taps[i] = (*found, _ChannelTap(int(w.row)))
+        if located[w.tensor] is not None:
+            taps[i] = (*located[w.tensor], _ChannelTap(int(w.row)))
     # an expert's input is the tokens routed to it: no mean over every position to give back
-    dense = {i: (name, module, int(weights["col"].iloc[i])) for i, (name, module, _) in taps.items()
-             if not is_expert_stack(module)}
-    means = mean_inputs(model, dense, calib_windows, batch_size)
+    channels = {(located[w.tensor][0], int(w.col)): located[w.tensor][1] for w in every.itertuples(index=False)
+                if located[w.tensor] is not None and not is_expert_stack(located[w.tensor][1])}
+    means = mean_inputs(model, channels, calib_windows, batch_size)
     with _hooked([(module, tap) for _, module, tap in taps.values()]):  # the reference pass records
-        meter = DamageMeter(model, eval_windows, batch_size, baseline, chunk_size, set(starts), bootstrap)
+        meter = DamageMeter(model, eval_windows, batch_size, baseline, chunk_size, {*starts, *joint_starts},
+                            bootstrap)
 
     # each weight zeroed, (tensor, flat_index) -> its damage: confirm's measurement of that very edit on
     # the same windows (the same bits), which serves as the sweep's scale 0, the restore's zeroed model
@@ -278,12 +334,33 @@ def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, 
                 with perturbed(model, selection, SCALE, scale) as info:
                     measured = meter.measure(start) if info.n_changed else meter.unchanged()
             sweep.append({**key, "scale": float(scale), **measured})
+        given = _mean_given_back(meter, selection, start, weights.iloc[[i]], located, means)
         restore.append({**key, "module": w.module, **_massive_activation_restore(
-            meter, selection, start, taps.get(i), massive_fraction, zeroed),
-            **_mean_contribution(meter, selection, start, taps.get(i) if i in means else None, means.get(i),
-                                 w.weight, zeroed)})
+            meter, selection, start, taps.get(i), massive_fraction, zeroed), **_mean_columns(given, zeroed, baseline)})
 
-    control = []
+    control = _matched_control_damage(meter, weights, zeroed_of) if not weights.empty else []
+    joint_mean = []
+    for (group, mine), start in zip(tqdm(joint, desc="joint mean", disable=not progress), joint_starts):
+        # the minimal subset zeroed: confirm's measurement of that very edit
+        zeroed = {"loss": group["minimal_loss"], "ppl": group["minimal_ppl"]}
+        given = _mean_given_back(meter, mine[WEIGHT_KEY], start, mine, located, means)
+        columns = _mean_columns(given, zeroed, baseline)
+        joint_mean.append({
+            "group": group["group"], "kind": group["kind"], "label": group["label"], "n_minimal": len(mine),
+            "tensors": mine["tensor"].tolist(),
+            **{plural: mine[column].astype(np.int64).tolist()
+               for column, plural in (("flat_index", "flat_indices"), ("row", "rows"), ("col", "cols"))},
+            "mean_inputs": given[0] if given else [], "loss_baseline": baseline.loss, "loss_zeroed": zeroed["loss"],
+            "ppl_zeroed": zeroed["ppl"], **{c: columns[c] for c in ("loss_mean", "ppl_mean", "kl_mean",
+                                                                     "mean_recovered")},
+            "reason": "" if given else EXPERT_MEMBER})
+    return Mechanism.of(sweep, restore, control, joint_mean)
+
+
+def _matched_control_damage(meter: DamageMeter, weights: pd.DataFrame, zeroed_of: dict) -> list[dict]:
+    """The control rows (``CONTROL_COLUMNS``): per tensor of ``weights`` (at least one), its
+    super weights zeroed together, then its matched set; a set of one weight is ``zeroed_of``'s."""
+    model, control = meter.model, []
     matched = matched_control(model, weights)
     for tensor, own in weights.groupby("tensor", sort=False):
         for name, chosen in ((SUPER_WEIGHTS, own), (MATCHED_CONTROL, matched[matched["tensor"] == tensor])):
@@ -296,7 +373,7 @@ def super_weight_mechanism(model: torch.nn.Module, super_weights: pd.DataFrame, 
             control.append({"tensor": tensor, "layer": own["layer"].iloc[0], "set": name, "n_weights": len(edit),
                             "flat_indices": edit["flat_index"].tolist(), "abs_min": magnitude.min(),
                             "abs_max": magnitude.max(), **measured})
-    return Mechanism.of(sweep, restore, control)
+    return control
 
 
 def _recovered(zeroed: dict, loss: float, baseline_loss: float) -> float:
@@ -306,20 +383,36 @@ def _recovered(zeroed: dict, loss: float, baseline_loss: float) -> float:
     return (zeroed["loss"] - loss) / damage if damage else np.nan
 
 
-def _mean_contribution(meter: DamageMeter, selection: pd.DataFrame, start: int,
-                       tap: tuple[str, torch.nn.Module, _ChannelTap] | None, mean: float | None, weight: float,
-                       zeroed: dict) -> dict:
-    """The mean-contribution columns of one weight (module docstring): zeroed, its projection's
-    output channel shifted by ``weight * mean`` at every position; NaN where ``tap`` is None (not
-    an MLP output projection, or an expert's)."""
-    if tap is None:
+def _mean_given_back(meter: DamageMeter, selection: pd.DataFrame, start: int, members: pd.DataFrame,
+                     located: dict, means: dict) -> tuple[list[float], dict] | None:
+    """``selection`` zeroed while each of ``members`` (tensor, row, col, weight) gives back
+    w * m_j on its projection's output channel ``row`` at every position (the shifts of one
+    channel summed): each member's m_j and the damage; None when a member has no mean (not an
+    MLP output projection's weight, or an expert's)."""
+    shifts: dict[str, tuple[torch.nn.Module, dict[int, float]]] = {}
+    inputs = []
+    for member in members.itertuples(index=False):
+        found = located.get(member.tensor)
+        if found is None or (found[0], int(member.col)) not in means:
+            return None
+        name, module = found
+        inputs.append(means[name, int(member.col)])
+        rows = shifts.setdefault(name, (module, {}))[1]
+        rows[int(member.row)] = rows.get(int(member.row), 0.0) + member.weight * inputs[-1]
+    with perturbed(meter.model, selection, ZERO), _hooked([(module, _AddToChannels(rows))
+                                                           for module, rows in shifts.values()]):
+        return inputs, meter.measure(start)
+
+
+def _mean_columns(given: tuple[list[float], dict] | None, zeroed: dict, baseline: Baseline) -> dict:
+    """The mean-contribution columns of one weight (module docstring) from
+    :func:`_mean_given_back`'s result, NaN where it is None."""
+    if given is None:
         return {"mean_input": np.nan, "loss_mean": np.nan, "ppl_mean": np.nan, "kl_mean": np.nan,
                 "mean_recovered": np.nan}
-    _, module, channel = tap
-    with perturbed(meter.model, selection, ZERO), _hooked([(module, _AddToChannel(channel.row, weight * mean))]):
-        measured = meter.measure(start)
-    return {"mean_input": mean, "loss_mean": measured["loss"], "ppl_mean": measured["ppl"], "kl_mean": measured["kl"],
-            "mean_recovered": _recovered(zeroed, measured["loss"], meter.baseline.loss)}
+    inputs, measured = given
+    return {"mean_input": inputs[0], "loss_mean": measured["loss"], "ppl_mean": measured["ppl"],
+            "kl_mean": measured["kl"], "mean_recovered": _recovered(zeroed, measured["loss"], baseline.loss)}
 
 
 def _massive_activation_restore(meter: DamageMeter, selection: pd.DataFrame, start: int,

@@ -233,29 +233,33 @@ def step_confirm(spec: ConfirmSpec, *, model: str, eval: str, baseline: str, bas
 
 
 def step_mechanism(spec: MechanismSpec, *, model: str, eval: str, calib: str, baseline: str, baseline_windows: str,
-                   super_weights: str, sweep: str, restore: str, control: str) -> None:
-    """How each confirmed super weight of confirm's ``super_weights`` acts
-    (:func:`esa.mechanism.super_weight_mechanism`): the scale sweep over ``spec.scales``, the
-    massive-activation restore at ``spec.massive_fraction`` of the peak, the mean contribution
-    over the calibration windows the confirm seed scored on (``spec.calib_samples`` drawn with
-    ``spec.calib_seed`` from ``calib``), the matched-magnitude control. No confirmed super
-    weight: the three tables are written empty, the model not loaded.
+                   super_weights: str, groups: str, group_members: str, sweep: str, restore: str, control: str,
+                   joint_mean: str) -> None:
+    """How each confirmed super weight of confirm's ``super_weights`` and each joint one of its
+    ``groups`` and ``group_members`` acts (:func:`esa.mechanism.super_weight_mechanism`): the
+    scale sweep over ``spec.scales``, the massive-activation restore at
+    ``spec.massive_fraction`` of the peak, the mean contribution over the calibration windows
+    the confirm seed scored on (``spec.calib_samples`` drawn with ``spec.calib_seed`` from
+    ``calib``), the matched-magnitude control. No confirmed super weight, single or joint: the
+    four tables are written empty, the model not loaded.
     """
-    from .mechanism import Mechanism, confirmed_weights, super_weight_mechanism
+    from .mechanism import Mechanism, confirmed_weights, joint_super_weights, super_weight_mechanism
 
-    table = read_parquet(super_weights)
-    if confirmed_weights(table).empty:
-        log.info("mechanism: no confirmed super weight")
-        result = Mechanism.of([], [], [])
+    table, group_table, member_table = (read_parquet(path) for path in (super_weights, groups, group_members))
+    if confirmed_weights(table).empty and not joint_super_weights(group_table, member_table):
+        log.info("mechanism: no confirmed super weight, single or joint")
+        result = Mechanism.of([], [], [], [])
     else:
         pool = data.read_windows(calib)
         calib_windows = torch.from_numpy(pool[data.draw_calibration(len(pool), spec.calib_samples, spec.calib_seed)])
         result = super_weight_mechanism(_load(spec, model), table, torch.from_numpy(data.read_windows(eval)),
                                         spec.batch_size, read_baseline(baseline, baseline_windows),
-                                        spec.scales, spec.massive_fraction, calib_windows, chunk_size=spec.loss_chunk,
-                                        bootstrap=Bootstrap(**spec.bootstrap), progress=True)
-    for frame, path in ((result.sweep, sweep), (result.restore, restore), (result.control, control)):
-        write_parquet_atomic(frame, path)
+                                        spec.scales, spec.massive_fraction, calib_windows, group_table, member_table,
+                                        chunk_size=spec.loss_chunk, bootstrap=Bootstrap(**spec.bootstrap),
+                                        progress=True)
+    outputs = {"sweep": sweep, "restore": restore, "control": control, "joint_mean": joint_mean}
+    for name, frame in result.tables().items():
+        write_parquet_atomic(frame, outputs[name])
 
 
 def step_culprits(spec: CulpritsSpec, *, model: str, eval: str, baseline: str, baseline_windows: str, mask: str,

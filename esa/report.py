@@ -470,14 +470,26 @@ def _published_section(matches: pd.DataFrame | None) -> str:
     return f'<section id="published"><h2>Published super weights</h2>{body}</section>'
 
 
+def _members_with_means(joint_mean: pd.DataFrame) -> list[str]:
+    """Each joint super weight's members by name, with the mean input m_j each gives back."""
+    names = []
+    for g in joint_mean.itertuples(index=False):
+        means = [f" (m {_fmt(m)})" for m in g.mean_inputs] or [""] * len(g.rows)
+        names.append(", ".join(_weight_label(t, r, c) + m for t, r, c, m in zip(g.tensors, g.rows, g.cols, means)))
+    return names
+
+
 def _mechanism_section(paths: Mapping | None, baseline_ppl: float, plot_dir: Path) -> str:
     """How each confirmed super weight acts (``esa.mechanism``): PPL against its scale, its
-    massive activation restored, its tensor's matched-magnitude control, and the three tables."""
+    massive activation restored, its mean contribution given back, its tensor's
+    matched-magnitude control; and each joint super weight's mean contribution given back."""
     if paths is None:
-        body = NOT_RUN
-    else:
-        sweep, restore, control = (read_parquet(paths[name]) for name in ("sweep", "restore", "control"))
-        body = "<p>no confirmed super weight</p>" if restore.empty else (
+        return f'<section id="mechanism"><h2>How each super weight acts</h2>{NOT_RUN}</section>'
+    sweep, restore, control, joint_mean = (read_parquet(paths[name])
+                                           for name in ("sweep", "restore", "control", "joint_mean"))
+    body = "<p>no confirmed super weight, single or joint</p>" if restore.empty and joint_mean.empty else ""
+    if not restore.empty:
+        body += (
             '<p class="note">Scale: each confirmed super weight alone set to s &middot; w (0 zeroes it, -1 flips '
             "its sign). Restored: the weight zeroed while its MLP output projection's output channel (its row) "
             "gets back the unmodified model's values at the massive positions, where |value| is at least "
@@ -499,6 +511,15 @@ def _mechanism_section(paths: Mapping | None, baseline_ppl: float, plot_dir: Pat
                 "tensor", "row", "col", "weight", "mean_input", "ppl_zeroed", "ppl_mean", "kl_mean", "mean_recovered"]])
             + "<h3>Matched-magnitude control</h3>" + _table(control[[
                 "tensor", "set", "n_weights", "flat_indices", "abs_min", "abs_max", "ppl", "ppl_ratio", "kl", "top1"]]))
+    if not joint_mean.empty:
+        body += (
+            "<h3>Joint super weights: mean contribution given back</h3>"
+            '<p class="note">Each joint super weight (the minimal subset of a destructive structural group '
+            "labelled joint or additive) zeroed while every member W[r, j] gives back W[r, j] &middot; m_j on its "
+            "output channel r at every position; mean_recovered as above.</p>"
+            + _table(joint_mean.assign(weights=_members_with_means(joint_mean))[[
+                "group", "kind", "label", "weights", "ppl_zeroed", "ppl_mean", "kl_mean", "mean_recovered",
+                "reason"]]))
     return f'<section id="mechanism"><h2>How each super weight acts</h2>{body}</section>'
 
 

@@ -112,6 +112,7 @@ def test_planted_pair_is_joint_with_both_in_its_minimal_subset():
     deltas = members.loc[members["group"] == row["group"], "single_loss"] - baseline.loss
     assert row["synergy"] == (row["loss"] - baseline.loss) / deltas.sum() and row["synergy"] > 100
     assert sorted(row["minimal_flat_indices"]) == pair and row["minimal_ppl_ratio"] == row["ppl_ratio"]
+    assert (row["minimal_loss"], row["minimal_ppl"]) == (row["loss"], row["ppl"])  # the pair is its minimal subset
     # the pair zeroed by hand, the whole model evaluated
     down = model.model.layers[0].mlp.down_proj.weight
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """How a super weight acts (esa.mechanism) on the tiny Llama with a planted super weight and a
 tiny GPT-2 (Conv1D): the scale sweep against hand-made edits, the massive-activation restore
 against a hand-made hook on a full evaluation, the matched control's weights by hand, the
-step's three files and the workflow wiring."""
+step's four files and the workflow wiring; the joint super weights' mean contribution on the
+planted pair of test_joint."""
 
 import json
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from conftest import assert_bit_identical, confirm_by_activation, snakemake, snapshot, study_layout, unigram_text
 from test_confirm import COL, DOWN, INTERMEDIATE, ROW, _planted_model
+from test_joint import COL2, _confirmed_with_groups, _joint_planted_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from esa.architecture import is_transposed
@@ -21,9 +23,10 @@ from esa.data import windows_frame
 from esa.errors import ESAError
 from esa.evaluation import evaluate
 from esa.io import read_parquet, write_json_atomic, write_parquet_atomic
-from esa.layout import Layout
-from esa.mechanism import (CONTROL_COLUMNS, NOT_MLP_OUTPUT, RESTORE_COLUMNS, SWEEP_COLUMNS, matched_control,
-                           super_weight_mechanism)
+from esa.layout import MECHANISM_FILES, Layout
+from esa.joint import ADDITIVE, JOINT, NOT_DESTRUCTIVE, NOT_TAKEN_APART, SINGLE, JointSettings
+from esa.mechanism import (CONTROL_COLUMNS, JOINT_MEAN_COLUMNS, NOT_MLP_OUTPUT, RESTORE_COLUMNS, SWEEP_COLUMNS,
+                           joint_super_weights, matched_control, super_weight_mechanism)
 from esa.model_steps import step_mechanism
 from esa.models import materialize
 from esa.names import MATCHED_CONTROL, SUPER_WEIGHTS
@@ -229,6 +232,81 @@ def test_mean_contribution_is_the_hand_computed_share():
     assert 0.005 < float(torch.cat(seen).std()) < 0.05
 
 
+def _joint_planted():
+    """The planted pair (test_joint): its confirmation with groups, the evaluation windows, the baseline."""
+    model = _joint_planted_model()
+    result, baseline = _confirmed_with_groups(model, top_n=10, joint=JointSettings(top_n=10, max_members=8))
+    return model, result, unigram_text(8, seed=2), baseline
+
+
+def test_joint_mean_contribution_is_the_hand_computed_share():
+    """The planted pair zeroed together while each half W[ROW, j] gives back 0.5 * m_j on
+    channel ROW (both write into it: one hook adds the sum), by a hand-made hook on the whole
+    model: the loss the control reports, bit for bit, and the share. The pair is confirm's
+    minimal subset, so its zeroed damage is confirm's measurement; no single super weight."""
+    model, result, windows, baseline = _joint_planted()
+    before = snapshot(model)
+
+    mechanism = super_weight_mechanism(model, result.super_weights, windows, 4, baseline, [0], 0.5, CALIB,
+                                       result.groups, result.group_members)
+
+    assert mechanism.sweep.empty and mechanism.restore.empty and mechanism.control.empty
+    assert list(mechanism.joint_mean.columns) == JOINT_MEAN_COLUMNS
+    [row] = mechanism.joint_mean.to_dict("records")
+    pair = result.groups.set_index("group").loc[row["group"]]
+    assert (row["kind"], row["label"], row["n_minimal"]) == ("channel", JOINT, 2) and row["reason"] == ""
+    assert list(row["flat_indices"]) == [ROW * INTERMEDIATE + COL, ROW * INTERMEDIATE + COL2]
+    assert (row["loss_zeroed"], row["ppl_zeroed"]) == (pair["minimal_loss"], pair["minimal_ppl"])
+    down = model.model.layers[0].mlp.down_proj
+    means = [_mean_by_hand(model, down, col, CALIB) for col in (COL, COL2)]
+    assert list(row["mean_inputs"]) == pytest.approx(means, rel=1e-12) and min(means) > 50
+
+    def shifted(module, args, out):
+        out = out.clone()
+        out[..., ROW] += 0.5 * row["mean_inputs"][0] + 0.5 * row["mean_inputs"][1]
+        return out
+
+    with torch.no_grad():
+        down.weight[ROW, [COL, COL2]] = 0.0
+    zeroed = evaluate(model, windows, 4)
+    handle = down.register_forward_hook(shifted)
+    by_hand = evaluate(model, windows, 4)
+    handle.remove()
+    with torch.no_grad():
+        down.weight[ROW, [COL, COL2]] = 0.5
+    assert_bit_identical(model, before)
+    assert row["loss_zeroed"] == zeroed.loss and row["ppl_zeroed"] > 6 * baseline.ppl
+    assert row["loss_mean"] == by_hand.loss and row["ppl_mean"] == by_hand.ppl
+    share = (zeroed.loss - by_hand.loss) / (zeroed.loss - baseline.loss)
+    assert row["mean_recovered"] == share and share == pytest.approx(1.0, abs=1e-6)
+
+
+def _group(group: int, label: str, destructive: bool = True) -> dict:
+    return {"group": group, "kind": "channel", "label": label, "destructive": destructive,
+            "minimal_loss": 3.0, "minimal_ppl": np.exp(3.0)}
+
+
+def _member(group: int, flat_index: int, minimal: bool = True) -> dict:
+    return {"group": group, "tensor": DOWN, "flat_index": flat_index, "layer": 0, "row": flat_index // INTERMEDIATE,
+            "col": flat_index % INTERMEDIATE, "weight": 0.5, "minimal": minimal}
+
+
+def test_joint_super_weights_are_the_minimal_subsets_of_destructive_joint_and_additive_groups():
+    """Groups 0 (joint) and 3 (additive) count with their minimal members; group 1 (a massive
+    channel, the same minimal subset as group 0) once; single, not taken apart and not
+    destructive groups never (a single's member is mechanism's as a confirmed single)."""
+    groups = pd.DataFrame([_group(0, JOINT), _group(1, JOINT), _group(2, SINGLE), _group(3, ADDITIVE),
+                           _group(4, NOT_TAKEN_APART), _group(5, NOT_DESTRUCTIVE, destructive=False)])
+    members = pd.DataFrame([_member(0, 7), _member(0, 21), _member(0, 30, minimal=False), _member(1, 21),
+                            _member(1, 7), _member(2, 7), _member(2, 9, minimal=False), _member(3, 70),
+                            _member(3, 71), _member(3, 72), _member(4, 7), _member(4, 8, minimal=False),
+                            _member(5, 80), _member(5, 81)])
+
+    found = joint_super_weights(groups, members)
+
+    assert [(int(g["group"]), mine["flat_index"].tolist()) for g, mine in found] == [(0, [7, 21]), (3, [70, 71, 72])]
+
+
 def test_confirms_zeroing_is_scale_zero_the_restores_zeroed_model_and_the_controls_set():
     """Confirm measured each super weight zeroed: mechanism evaluates that edit never again. It
     is the sweep's scale 0, the restore's zeroed model and, for a tensor with one confirmed
@@ -331,8 +409,9 @@ def test_gpt2_conv1d_output_channel_is_the_linear_row():
     assert list(result.control["flat_indices"].iloc[1]) == [second]
 
 
-def _step_inputs(tmp_path, model, windows, baseline, super_weights) -> dict:
-    """The files the mechanism step reads, written as the earlier steps write them."""
+def _step_inputs(tmp_path, model, windows, baseline, confirmation, super_weights=None) -> dict:
+    """The files the mechanism step reads, written as the earlier steps write them
+    (``super_weights``: in place of the confirmation's)."""
     model.save_pretrained(tmp_path / "checkpoint")
     materialize(str(tmp_path / "checkpoint"), tmp_path / "model")
     write_parquet_atomic(windows_frame(windows.numpy()), tmp_path / "eval.parquet")
@@ -340,12 +419,16 @@ def _step_inputs(tmp_path, model, windows, baseline, super_weights) -> dict:
     write_json_atomic({"loss": baseline.loss, "ppl": baseline.ppl}, tmp_path / "metrics.json")
     write_parquet_atomic(pd.DataFrame({"window": range(len(baseline.nll)), "nll": baseline.nll,
                                        "tokens": baseline.tokens}), tmp_path / "windows.parquet")
-    write_parquet_atomic(super_weights, tmp_path / "super_weights.parquet")
-    outputs = {name: str(tmp_path / "mechanism" / f"{name}.parquet") for name in ("sweep", "restore", "control")}
+    write_parquet_atomic(confirmation.super_weights if super_weights is None else super_weights,
+                         tmp_path / "super_weights.parquet")
+    write_parquet_atomic(confirmation.groups, tmp_path / "groups.parquet")
+    write_parquet_atomic(confirmation.group_members, tmp_path / "group_members.parquet")
+    outputs = {name: str(tmp_path / "mechanism" / f"{name}.parquet") for name in MECHANISM_FILES}
     return {"model": str(tmp_path / "model/model.json"), "eval": str(tmp_path / "eval.parquet"),
             "calib": str(tmp_path / "calib.parquet"),
             "baseline": str(tmp_path / "metrics.json"), "baseline_windows": str(tmp_path / "windows.parquet"),
-            "super_weights": str(tmp_path / "super_weights.parquet"), **outputs}
+            "super_weights": str(tmp_path / "super_weights.parquet"), "groups": str(tmp_path / "groups.parquet"),
+            "group_members": str(tmp_path / "group_members.parquet"), **outputs}
 
 
 SPEC = typed_spec("mechanism", {
@@ -355,38 +438,58 @@ SPEC = typed_spec("mechanism", {
     "bootstrap": {"resamples": 200, "level": 0.95, "seed": 0}})
 
 
-def test_step_writes_the_three_tables(tmp_path):
+def test_step_writes_the_four_tables(tmp_path):
     model, confirmation, windows, baseline = _planted()
-    paths = _step_inputs(tmp_path, model, windows, baseline, confirmation.super_weights)
+    paths = _step_inputs(tmp_path, model, windows, baseline, confirmation)
 
     step_mechanism(SPEC, **paths)
 
-    sweep, restore, control = (read_parquet(paths[name]) for name in ("sweep", "restore", "control"))
+    sweep, restore, control, joint_mean = (read_parquet(paths[name]) for name in MECHANISM_FILES)
     assert list(sweep.columns) == SWEEP_COLUMNS and list(restore.columns) == RESTORE_COLUMNS
     assert list(control.columns) == CONTROL_COLUMNS and list(control["flat_indices"].iloc[1]) == [1768]
     confirmed = confirmation.super_weights[confirmation.super_weights["confirmed"]].iloc[0]
     assert sweep["ppl"].iloc[0] == confirmed["ppl_after"] and sweep["ppl"].iloc[1] > 1e9
     assert restore["recovered"].tolist() == [1.0] and restore["positions"].tolist() == [256]
+    assert joint_mean.empty and list(joint_mean.columns) == JOINT_MEAN_COLUMNS  # its groups are single
 
     page = _mechanism_section(paths, baseline.ppl, tmp_path / "plots")  # the report's section
     assert page.startswith('<section id="mechanism"><h2>How each super weight acts</h2>')
-    assert page.count('<img alt="') == 2 and page.count("<table>") == 4
+    assert page.count('<img alt="') == 2 and page.count("<table>") == 4 and "Joint super weights" not in page
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"mechanism_scale.png", "mechanism_restore.png"}
     assert _mechanism_section(None, baseline.ppl, tmp_path / "plots").endswith(f"{NOT_RUN}</section>")
+
+
+def test_step_runs_for_a_joint_super_weight_alone(tmp_path):
+    """No single super weight, the planted pair joint: the model is loaded for its control only."""
+    model, result, windows, baseline = _joint_planted()
+    paths = _step_inputs(tmp_path, model, windows, baseline, result)
+
+    step_mechanism(SPEC, **paths)
+
+    sweep, restore, control, joint_mean = (read_parquet(paths[name]) for name in MECHANISM_FILES)
+    assert sweep.empty and restore.empty and control.empty
+    assert joint_mean["label"].tolist() == [JOINT]
+    assert joint_mean["mean_recovered"].iloc[0] == pytest.approx(1, abs=1e-6)
+    page = _mechanism_section(paths, baseline.ppl, tmp_path / "plots")
+    assert page.count("<table>") == 1 and "<h3>Joint super weights: mean contribution given back</h3>" in page
+    assert (f"layers.0.mlp.down_proj[{ROW}, {COL}] (m {joint_mean['mean_inputs'].iloc[0][0]:.4g}), "
+            f"layers.0.mlp.down_proj[{ROW}, {COL2}] (m ") in page
 
 
 def test_step_without_a_confirmed_weight_writes_empty_tables(tmp_path):
     model, confirmation, windows, baseline = _planted()
     unconfirmed = confirmation.super_weights.assign(confirmed=False)
-    paths = {**_step_inputs(tmp_path, model, windows, baseline, unconfirmed), "model": "never/loaded.json"}
+    paths = {**_step_inputs(tmp_path, model, windows, baseline, confirmation, unconfirmed),
+             "model": "never/loaded.json"}
 
     step_mechanism(SPEC, **paths)
 
-    for name, columns in (("sweep", SWEEP_COLUMNS), ("restore", RESTORE_COLUMNS), ("control", CONTROL_COLUMNS)):
+    for name, columns in zip(MECHANISM_FILES, (SWEEP_COLUMNS, RESTORE_COLUMNS, CONTROL_COLUMNS, JOINT_MEAN_COLUMNS)):
         table = read_parquet(paths[name])
         assert table.empty and list(table.columns) == columns, name
     assert str(read_parquet(paths["sweep"])["scale"].dtype) == "float64"
-    assert "<p>no confirmed super weight</p>" in _mechanism_section(paths, baseline.ppl, tmp_path / "plots")
+    page = _mechanism_section(paths, baseline.ppl, tmp_path / "plots")
+    assert "<p>no confirmed super weight, single or joint</p>" in page
 
 
 def _config(**extra) -> dict:
@@ -407,9 +510,9 @@ def test_config_and_layout():
         validate_config(_config(mechanism={"scales": []}))
     enabled = validate_config(_config(experiments=[EXPERIMENT], mechanism={"enabled": True}))
     layout = Layout(enabled).of("tiny")
-    files = layout.mechanism_files()  # the three tables in the mechanism step's keyed directory
+    files = layout.mechanism_files()  # the four tables in the mechanism step's keyed directory
     directory = f"{layout.root}/mechanism/{layout.key('mechanism')}"
-    assert files == {name: f"{directory}/{name}.parquet" for name in ("sweep", "restore", "control")}
+    assert files == {name: f"{directory}/{name}.parquet" for name in ("sweep", "restore", "control", "joint_mean")}
     assert layout.report_inputs()["mechanism"] == files and set(files.values()) <= set(layout.model_files())
     no_experiments = Layout(validate_config(_config(mechanism={"enabled": True}))).of("tiny")
     assert "mechanism" not in no_experiments.report_inputs()  # no confirm, nothing to study
@@ -424,6 +527,8 @@ def test_workflow_plans_the_mechanism_step(tmp_path):
     spec = json.loads(command.split("--spec '")[1].split("' ")[0])
     assert (spec["scales"], spec["massive_fraction"], spec["batch_size"]) == ([0, 2], 0.5, 4)
     layout = study_layout(config)
-    assert f"super_weights={layout.confirm_files()['super_weights']}" in command
+    for name in ("super_weights", "groups", "group_members"):
+        assert f"{name}={layout.confirm_files()[name]}" in command
     assert f"control={layout.mechanism_files()['control']}" in command
+    assert f"joint_mean={layout.mechanism_files()['joint_mean']}" in command
     assert "rule confirm:" in planned.stdout and "rule report:" in planned.stdout
