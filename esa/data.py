@@ -134,11 +134,11 @@ def _read_file(path: Path, field: str) -> tuple[list[str], str]:
     return _column(frame[field].tolist()), "one document per row"
 
 
-def _hub_split(name: str, hf_config: str | None, split: str, field: str) -> list[str]:
+def _hub_split(name: str, hf_config: str | None, split: str, field: str, revision: str | None) -> list[str]:
     import datasets
 
     try:
-        dataset = datasets.load_dataset(name, hf_config, split=split)
+        dataset = datasets.load_dataset(name, hf_config, split=split, revision=revision)
     except Exception as err:  # datasets raises many types; all mean "cannot read this source"
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ESAError(f"cannot load dataset hf:{name} (config {hf_config}, split {split}): {first}") from err
@@ -181,15 +181,17 @@ def _split_by_tokens(doc: str, tokenizer, eval_fraction: float) -> tuple[list[st
 
 def load_documents(source: str, *, text_field: str = "text", hf_config: str | None = None,
                    calib_split: str = "train", eval_split: str = "test",
-                   eval_fraction: float = 0.2, tokenizer=None) -> tuple[list[str], list[str]]:
+                   eval_fraction: float = 0.2, tokenizer=None,
+                   revision: str | None = None) -> tuple[list[str], list[str]]:
     """``(calibration_documents, evaluation_documents)`` of a text source, disjoint by construction.
 
-    ``tokenizer`` (the model's) is needed only to split a single-document source by tokens.
+    ``tokenizer`` (the model's) is needed only to split a single-document source by tokens;
+    ``revision``: an ``hf:`` hub dataset's commit (:mod:`esa.revisions`; None: main).
     """
     if source.startswith("hf:"):
         name = source[3:]
-        calib = _clean(_hub_split(name, hf_config, calib_split, text_field))
-        evaluation = _clean(_hub_split(name, hf_config, eval_split, text_field))
+        calib = _clean(_hub_split(name, hf_config, calib_split, text_field, revision))
+        evaluation = _clean(_hub_split(name, hf_config, eval_split, text_field, revision))
         rule = f"hub splits {calib_split!r} and {eval_split!r}"
     else:
         docs, rule = _source_documents(source, text_field)

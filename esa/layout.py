@@ -33,6 +33,8 @@ from .errors import ESAError
 from .metrics import METRICS, REGISTRY, SCORE_JOBS, TRACE_METRIC
 from .names import COMPARISON, GAUSSIAN, RELATIVE
 from .precision import resolve_mixed_precision
+from .revisions import resolve_revision
+from .sources import is_hub_id
 from .specs import spec_json, step_spec
 
 KEY_SEP = "/"
@@ -122,6 +124,7 @@ class Layout:
         self.config = config
         self.model = model
         self.sources = {m["name"]: m["source"] for m in study_models(config)}
+        self.wanted_revisions = {m["name"]: m.get("revision") for m in study_models(config)}
         self.models = list(self.sources)
         self.root = f"results/{model}"
         self.logs = f"logs/{model}"
@@ -140,6 +143,17 @@ class Layout:
     def source(self) -> str:
         """The model's source (call on ``of(model)``)."""
         return self.sources[self.model]
+
+    def revisions(self) -> dict[str, str]:
+        """The commits the model's and the data's hub revisions name now (``esa.revisions``):
+        ``model_revision`` for a hub model, ``data_revision`` for an ``hf:`` hub dataset, neither
+        for a local or builtin source (call on ``of(model)``)."""
+        found, source, data = {}, self.source(), self.config["data"]
+        if is_hub_id(source):
+            found["model_revision"] = resolve_revision(source, self.wanted_revisions[self.model], "model")
+        if data["source"].startswith("hf:") and is_hub_id(data["source"][3:]):
+            found["data_revision"] = resolve_revision(data["source"][3:], data.get("revision"), "dataset")
+        return found
 
     # ---- keys ----------------------------------------------------------------------------
     def key(self, step: str, **wildcards) -> str:

@@ -69,6 +69,9 @@ class RunRecord:
             "device_name": device_name(self.device),
             "dtype": self.dtype,
             "git_commit": git_commit(),
+            # the hub commits of the model and the data (esa.revisions); None: a local or builtin source
+            "model_revision": self.config.get("model_revision"),
+            "data_revision": self.config.get("data_revision"),
             "config_hash": config_hash(self.config),
             "start": self.started,
             "end": _now(),

@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 
 
 def step_model(spec: ModelSpec, *, ref: str) -> None:
-    """Materialise the model source once (GGUF -> safetensors) and write its reference file."""
-    models.materialize(spec.source, Path(ref).parent)
+    """Materialise the model source once (GGUF -> safetensors) and write its reference file (a
+    hub model at its pinned ``spec.revision``)."""
+    models.materialize(spec.source, Path(ref).parent, spec.revision)
 
 
 def step_data(spec: DataSpec, *, model: str, windows: str, summary: str) -> None:
@@ -67,7 +68,7 @@ def step_data(spec: DataSpec, *, model: str, windows: str, summary: str) -> None
     calib_docs, eval_docs = data.load_documents(
         spec.source, text_field=spec.text_field, hf_config=spec.hf_config,
         calib_split=spec.calib_split, eval_split=spec.eval_split,
-        eval_fraction=spec.eval_fraction, tokenizer=tokenizer)
+        eval_fraction=spec.eval_fraction, tokenizer=tokenizer, revision=spec.revision)
     docs = calib_docs if part == "calib" else eval_docs
     cut = data.make_windows(tokenizer, docs, seq_len)
     name = {"calib": "calibration", "eval": "evaluation"}[part]

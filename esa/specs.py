@@ -26,7 +26,9 @@ def spec_json(spec: dict) -> str:
 
 
 def model_spec(layout) -> dict:
-    return {"source": layout.source()}
+    """The source and, for a hub model, the commit its revision names now (a moved main: a new key)."""
+    pinned = layout.revisions()
+    return {"source": layout.source(), **({"revision": pinned["model_revision"]} if "model_revision" in pinned else {})}
 
 
 def data_settings(layout, part: str) -> dict:
@@ -34,7 +36,9 @@ def data_settings(layout, part: str) -> dict:
     data = {key: layout.config["data"][key] for key in DATA_KEYS[part]}
     data.setdefault("calib_split", None)
     data.setdefault("eval_split", None)
-    return {"model": layout.source(), "part": part, **data}
+    pinned = layout.revisions()  # a hub dataset's commit; sent only then, so local text keeps its keys
+    revision = {"revision": pinned["data_revision"]} if "data_revision" in pinned else {}
+    return {"model": layout.source(), "part": part, **data, **revision}
 
 
 def data_spec(layout, part) -> dict:
@@ -43,14 +47,15 @@ def data_spec(layout, part) -> dict:
 
 def runtime_spec(layout, **params) -> dict:
     """Parameters of a step that runs the model: where (``auto`` resolved), in which precision
-    (``mixed_precision: auto`` resolved), how the loss is chunked."""
+    (``mixed_precision: auto`` resolved), how the loss is chunked, and the hub commits of the
+    model and the data (recorded in each step's manifest)."""
     config = layout.config
     # deterministic only when on: turning it on reruns the model steps, off keeps existing results
     deterministic = {"deterministic": True} if config["deterministic"] else {}
     # likewise mixed precision (resolved: auto enters no key): "no" keeps the results made before it existed
     mixed = {"mixed_precision": layout.mixed_precision} if layout.mixed_precision != "no" else {}
     return {"model": layout.source(), **{k: config[k] for k in RUNTIME_KEYS}, "device": layout.device,
-            **deterministic, **mixed, **params}
+            **deterministic, **mixed, **layout.revisions(), **params}
 
 
 def evaluation_spec(layout, **params) -> dict:

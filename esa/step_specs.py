@@ -43,6 +43,9 @@ class ModelRun(Spec):
     # sent only when on, so that turning it off keeps the results made before it existed
     deterministic: bool = False
     mixed_precision: str = "no"  # esa.precision, resolved; likewise sent only when not "no"
+    # the hub commits (esa.revisions), sent only for a hub model or dataset
+    model_revision: str | None = None
+    data_revision: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +58,7 @@ class Evaluation(ModelRun):
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec(Spec):
     source: str
+    revision: str | None = None  # a hub model's pinned commit (esa.revisions)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +73,7 @@ class DataSpec(Spec):
     eval_fraction: float
     seq_len: int
     eval_windows: int | None = None  # sent for the evaluation part only
+    revision: str | None = None  # an hf: hub dataset's pinned commit (esa.revisions)
 
 
 @dataclass(frozen=True, kw_only=True)

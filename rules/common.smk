@@ -88,6 +88,13 @@ envvars:
 LAYOUT = Layout(
     config, device=DEVICE, mixed_precision=MIXED_PRECISION
 )  # paths with {model} and {key} wildcards
+# each hub model's and dataset's revision pinned to the commit it names now (esa/revisions.py),
+# here, once: one that cannot be resolved stops the planning on its one line
+try:
+    for name in LAYOUT.models:
+        LAYOUT.of(name).revisions()
+except ESAError as err:
+    raise WorkflowError(str(err))
 EXPERIMENTS = LAYOUT.experiments
 SPLIT = LAYOUT.split
 

@@ -150,6 +150,30 @@ def confirm_by_activation(model, top_n: int = 5):
 
 
 @pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty hub cache under ``tmp_path``, offline (esa.revisions resolves every hub revision
+    from it, in this process and in the Snakemake runs it starts): ``pin(repo_id, commit,
+    repo_type="model", revision="main")`` records that ``revision`` names ``commit``."""
+    from esa.revisions import resolve_revision
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    resolve_revision.cache_clear()
+
+    def pin(repo_id: str, commit: str, repo_type: str = "model", revision: str = "main") -> None:
+        refs = cache / f"{repo_type}s--{repo_id.replace('/', '--')}" / "refs"
+        refs.mkdir(parents=True, exist_ok=True)
+        (refs / revision).write_text(commit)
+        resolve_revision.cache_clear()
+
+    pin.cache = cache
+    yield pin
+    resolve_revision.cache_clear()
+
+
+@pytest.fixture
 def one_thread():
     """Tiny tensors: a second thread only adds overhead, and spins when the machine is busy."""
     threads = torch.get_num_threads()

@@ -350,7 +350,7 @@ def test_step_writes_the_three_files_and_the_report_shows_them(tmp_path):
 
 
 def test_workflow_schedules_one_search_per_experiment_and_rejects_a_bad_one(tmp_path):
-    config = {"model": {"name": "tiny", "source": "unused"}, "data": {"source": "builtin:pydoc"}, "seeds": [0, 1],
+    config = {"model": {"name": "tiny", "source": "/unused"}, "data": {"source": "builtin:pydoc"}, "seeds": [0, 1],
               "experiments": [{"name": "flip", "metric": "grad_x_weight", "mode": "global", "topk": 8,
                                "perturb": "sign_flip", "scale": 2.0}],
               "culprits": {"experiments": ["flip"], "seed": 1}}

@@ -47,12 +47,13 @@ def test_runbook_command_resolves_to_its_dag_targets(argv, tmp_path):
     assert not {"quantize", "culprits", "mechanism"} & set(scheduled(result))  # the default's, not the phase's
 
 
-def test_runbook_commands_share_one_evaluation_and_baseline(tmp_path):
+def test_runbook_commands_share_one_evaluation_and_baseline(tmp_path, offline_hub):
     """The runbook's nine Phase 2-3 commands on one model name one set of evaluation windows and
     one baseline (they differ in metric, k, seeds and calibration windows only), and the
     commands that agree on a metric's scoring settings name the same scores (device cpu: no GPU here)."""
     from esa.runbook import phase_config, phase_parser
 
+    _pin_runbook_sources(offline_hub)
     layouts, scores = [], {}
     for argv in runbook_commands():
         argv = list(argv)
@@ -70,10 +71,24 @@ def test_runbook_commands_share_one_evaluation_and_baseline(tmp_path):
     assert all(len(paths) == 1 for paths in scores.values())
 
 
-def test_llama_runbook_config_resolves(tmp_path):
-    """The 8B config validates and plans every runbook experiment (dry run, no download)."""
+def _pin_runbook_sources(offline_hub) -> None:
+    """The runbook's hub model and dataset, as a hub cache that downloaded them would know them."""
+    offline_hub("meta-llama/Llama-3.1-8B", "d04e592bb4f6aa9cfee91e2e20afa771667e1d4b")
+    offline_hub("wikitext", "b08601e04326c79dfdd32d625aee71d232d685c3", "dataset")
+
+
+def test_llama_runbook_config_resolves(tmp_path, offline_hub):
+    """The 8B config validates and plans every runbook experiment (dry run, no download),
+    offline against a hub cache that knows which commits main names (esa.revisions); with an
+    empty cache, planning stops on the one line naming the model's revision."""
     config = yaml.safe_load((REPO / "config/runbook-llama31-8b.yaml").read_text())
-    result = snakemake(tmp_path, config, "-n", "--quiet", "rules")
+    work = tmp_path / "work"
+    work.mkdir()
+    unknown = snakemake(work, config, "-n", "--quiet", "rules")
+    assert unknown.returncode != 0
+    assert "model 'meta-llama/Llama-3.1-8B' revision 'main': cannot resolve it to a commit" in unknown.stdout
+    _pin_runbook_sources(offline_hub)
+    result = snakemake(work, config, "-n", "--quiet", "rules")
     assert result.returncode == 0, result.stdout[-3000:]
     for rule in ("model", "data", "baseline", "scores_gradients", "scores_hutchinson", "scores_activations",
                  "topk", "perturb", "stability", "agreement", "plots"):

@@ -124,13 +124,14 @@ def _every_step_config(workdir) -> dict:
 
 
 @pytest.mark.parametrize("study", ["default", "every step"])
-def test_every_spec_a_dry_run_prints_parses(tmp_path, study):
+def test_every_spec_a_dry_run_prints_parses(tmp_path, offline_hub, study):
     """The embedded default config (no --configfile), and a tiny study that runs every step
     (protect_mask asked for by name): each spec parses and records as it was sent."""
     if study == "default":
         specs = _dry_run_specs(tmp_path)
     else:
         config = tmp_path / "config.yaml"
+        offline_hub("tiny", "c" * 40)  # its source is a hub id: the specs carry its pinned commit
         every_step = _every_step_config(tmp_path)
         config.write_text(yaml.safe_dump(every_step))
         protect = study_layout(every_step, "tiny").protect_mask_files("grad_x_weight", 5)["mask"]
