@@ -96,14 +96,14 @@ def _schema_error(text: str) -> str:
 
 def _description(key: str) -> str:
     """The schema's description of the dotted ``key`` (list indices and ``$ref`` followed)."""
-    node = _schema()
+    node = load_schema()
     for part in key.split("."):
         if part.isdigit():
             node = node.get("items", {})
         else:
             node = node.get("properties", {}).get(part, {})
         if "$ref" in node:
-            node = _schema()["$defs"][node["$ref"].rsplit("/", 1)[1]]
+            node = load_schema()["$defs"][node["$ref"].rsplit("/", 1)[1]]
     return node.get("description", "")
 
 
@@ -138,14 +138,15 @@ def study_models(config: dict) -> list[dict]:
 
 
 @functools.cache
-def _schema() -> dict:
+def load_schema() -> dict:
+    """``config/schema.yaml``, parsed once."""
     return yaml.safe_load(SCHEMA.read_text())
 
 
 def schema_defaults(section: str) -> dict:
     """``{key: default}`` of the top-level config ``section`` (an object of the schema), in
     schema order: the one place such defaults are written down."""
-    properties = _schema()["properties"]
+    properties = load_schema()["properties"]
     if section not in properties or "properties" not in properties[section]:
         raise ESAError(f"unknown config section {section!r}; allowed: "
                        f"{', '.join(k for k, v in properties.items() if 'properties' in v)}")
