@@ -55,6 +55,7 @@ CONFIRM_FILES = {"super_weights": "super_weights.parquet", "super_experts": "sup
                  "group_members": "group_members.parquet", "null": "null.parquet"}
 REPORT_FILES = {"verdicts": "verdict.json", "index": "index.html", "plots": "plots", "inputs": "inputs.json"}
 CULPRIT_FILES = {"culprits": "culprits.parquet", "search": "search.parquet", "summary": "summary.json"}
+BEHAVIOUR_FILES = {"generation": "generation.parquet", "sinks": "sinks.parquet"}
 MECHANISM_FILES = {"sweep": "sweep.parquet", "restore": "restore.parquet", "control": "control.parquet",
                    "joint_mean": "joint_mean.parquet"}
 PUBLISHED_FILES = {"matches": "matches.parquet"}
@@ -264,6 +265,13 @@ class Layout:
         """Whether the study runs the super weights' mechanism: enabled, and confirm runs (any experiment)."""
         return bool(self.experiments) and self.config["mechanism"]["enabled"]
 
+    def behaviour_files(self) -> dict[str, str]:
+        return _in(self._dir("behaviour", "behaviour"), BEHAVIOUR_FILES)
+
+    def behaviour(self) -> bool:
+        """Whether the study reads behaviour beside perplexity: enabled, and confirm runs (any experiment)."""
+        return bool(self.experiments) and self.config["behaviour"]["enabled"]
+
     def published_files(self) -> dict[str, str]:
         return _in(self._dir("published", "published"), PUBLISHED_FILES)
 
@@ -291,6 +299,7 @@ class Layout:
             "perturb": self.perturb_files, "stability": self.stability_files,
             "agreement": lambda mode, k: {"agreement": self.agreement(mode, k)},
             "confirm": self.confirm_files, "culprits": self.culprit_files, "mechanism": self.mechanism_files,
+            "behaviour": self.behaviour_files,
             "published": self.published_files, "quantize": self.quantize_files,
             "protect_mask": self.protect_mask_files, "report": self.report_files,
             "comparison": lambda: {"index": self.comparison()},
@@ -363,6 +372,11 @@ class Layout:
     def _mechanism_inputs(self) -> dict:
         confirmed = self.confirm_files()
         return {**self._evaluation_inputs(), "calib": self.data_files("calib")["windows"],
+                **{name: confirmed[name] for name in ("super_weights", "groups", "group_members")}}
+
+    def _behaviour_inputs(self) -> dict:
+        confirmed = self.confirm_files()
+        return {"model": self.model_ref, "eval": self.data_files("eval")["windows"],
                 **{name: confirmed[name] for name in ("super_weights", "groups", "group_members")}}
 
     def _published_inputs(self) -> dict:
@@ -531,6 +545,8 @@ class Layout:
         inputs["culprits"] = {name: self.culprit_files(name) for name in self.culprit_experiments()}
         if self.mechanism():
             inputs["mechanism"] = self.mechanism_files()
+        if self.behaviour():
+            inputs["behaviour"] = self.behaviour_files()
         if self.published():
             inputs["published"] = self.published_files()["matches"]
         if self.quantize():
@@ -544,6 +560,8 @@ class Layout:
         files += [self.culprit_files(name)["summary"] for name in self.culprit_experiments()]
         if self.mechanism():
             files += list(self.mechanism_files().values())
+        if self.behaviour():
+            files += list(self.behaviour_files().values())
         if self.published():
             files.append(self.published_files()["matches"])
         if self.quantize():

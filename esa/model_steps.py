@@ -32,6 +32,7 @@ from .score_stats import build_stats
 from .scores import compute_scores
 from .step_specs import (
     BaselineSpec,
+    BehaviourSpec,
     ConfirmSpec,
     CulpritsSpec,
     DataSpec,
@@ -261,6 +262,23 @@ def step_mechanism(spec: MechanismSpec, *, model: str, eval: str, calib: str, ba
     outputs = {"sweep": sweep, "restore": restore, "control": control, "joint_mean": joint_mean}
     for name, frame in result.tables().items():
         write_parquet_atomic(frame, outputs[name])
+
+
+def step_behaviour(spec: BehaviourSpec, *, model: str, eval: str, super_weights: str, groups: str,
+                   group_members: str, generation: str, sinks: str) -> None:
+    """Behaviour beside perplexity (:mod:`esa.behaviour`): the greedy continuations of
+    ``spec.prompts`` (``spec.max_new_tokens`` each) and the attention-sink mass per layer over
+    the evaluation windows, for the unmodified model and with each confirmed single and joint
+    super weight of confirm's tables zeroed."""
+    from .behaviour import behaviour_readouts, conditions
+
+    found = conditions(*(read_parquet(path) for path in (super_weights, groups, group_members)))
+    source = models.source_from_ref(model)
+    lm, tokenizer = _load(spec, model), models.load_tokenizer(source)
+    text, sink = behaviour_readouts(lm, tokenizer, found, torch.from_numpy(data.read_windows(eval)), spec.batch_size,
+                                    spec.prompts, spec.max_new_tokens, progress=True)
+    write_parquet_atomic(text, generation)
+    write_parquet_atomic(sink, sinks)
 
 
 def step_culprits(spec: CulpritsSpec, *, model: str, eval: str, baseline: str, baseline_windows: str, mask: str,

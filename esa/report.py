@@ -523,6 +523,30 @@ def _mechanism_section(paths: Mapping | None, baseline_ppl: float, plot_dir: Pat
     return f'<section id="mechanism"><h2>How each super weight acts</h2>{body}</section>'
 
 
+def _behaviour_section(paths: Mapping | None, plot_dir: Path) -> str:
+    """Behaviour beside perplexity (``esa.behaviour``): the attention-sink mass per layer and
+    the greedy continuations side by side, per condition."""
+    head = '<section id="behaviour"><h2>Behaviour beside perplexity</h2>'
+    if paths is None:
+        return f"{head}{NOT_RUN}</section>"
+    generation, sinks = read_parquet(paths["generation"]), read_parquet(paths["sinks"])
+    order = list(dict.fromkeys(generation["condition"]))
+    numbers = generation.groupby("condition", sort=False).agg(
+        repeated_4gram_share=("repeated_4gram_share", "mean"), distinct_2=("distinct_2", "mean")).reset_index()
+    numbers = numbers.merge(sinks.groupby("condition", sort=False)["sink_mass"].agg(
+        sink_mass_mean="mean", sink_mass_max="max").reset_index(), on="condition")
+    texts = generation.pivot(index="prompt_index", columns="condition", values="text")[order]
+    texts.insert(0, "prompt", generation.drop_duplicates("prompt_index").set_index("prompt_index")["prompt"])
+    return (f'{head}<p class="note">For the unmodified model and with each confirmed super weight (single, or a '
+            "joint one's minimal subset) zeroed: the greedy continuation of each prompt, the share of its 4-grams "
+            "that repeat one before (0: none) and its distinct bigrams over all bigrams; and per decoder layer the "
+            "mean attention probability on the first position over the evaluation windows and heads (queries "
+            "after the first), from the model's eager attention.</p>"
+            + _figure(plot_dir / "behaviour_sinks.png", "attention-sink mass per layer",
+                      lambda path: report_plots.plot_sink_mass(sinks, path))
+            + _table(numbers) + "<h3>Greedy continuations</h3>" + _table(texts) + "</section>")
+
+
 def _quantize_headline(part: pd.DataFrame) -> str:
     """One scheme in a sentence: PPL with none kept, with the super weights kept, and the metric
     whose top-k helped most at its k, against random_k at that k."""
@@ -614,7 +638,7 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
                  out_html="index.html", *, baseline_config, plot_dir, model: str,
                  factor: float = 1.5, title: str = "ESA report", super_experts_path=None,
                  published_path=None, mechanism_paths=None, culprit_paths=None, quantize_path=None,
-                 groups_path=None, group_members_path=None, null_path=None) -> str:
+                 groups_path=None, group_members_path=None, null_path=None, behaviour_paths=None) -> str:
     """Write the self-contained report to ``out_html`` (its figures to ``plot_dir``) and
     return its HTML.
 
@@ -633,7 +657,8 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
     ``search`` and ``summary`` (``esa.culprits``); ``quantize_path``: the quantize step's
     results (``esa.quantize.RESULT_COLUMNS``; group_size -1 = per output channel);
     ``groups_path`` and ``group_members_path``: confirm's joint groups (``esa.joint``);
-    ``null_path``: its calibrated null's draws (``esa.null.NULL_COLUMNS``).
+    ``null_path``: its calibrated null's draws (``esa.null.NULL_COLUMNS``);
+    ``behaviour_paths``: the behaviour step's ``generation`` and ``sinks`` (``esa.behaviour``).
     """
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -655,6 +680,7 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
         _activation_section(read_optional(activations_path, read_parquet), plot_dir),
         # beyond the runbook
         _mechanism_section(mechanism_paths, read_json(baseline_path)["ppl"], plot_dir),
+        _behaviour_section(behaviour_paths, plot_dir),
         _published_section(read_optional(published_path, read_parquet)),
         _culprit_section(culprit_paths, plot_dir),
         _quantize_section(read_optional(quantize_path, read_parquet), read_json(baseline_path)["ppl"], plot_dir),

@@ -147,6 +147,17 @@ def plot_scale_sweep(sweep: pd.DataFrame, baseline_ppl: float, path: str | Path)
     save_figure(fig, path)
 
 
+def plot_sink_mass(sinks: pd.DataFrame, path: str | Path) -> None:
+    """Attention-sink mass per decoder layer, one line per condition (esa.behaviour)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sns.lineplot(data=sinks, x="layer", y="sink_mass", hue="condition", marker="o", ax=ax)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("mean attention on the first position")
+    ax.legend(fontsize=8)
+    ax.set_title("attention sink per layer")
+    save_figure(fig, path)
+
+
 def plot_mechanism_bars(restore: pd.DataFrame, control: pd.DataFrame, baseline_ppl: float,
                         path: str | Path) -> None:
     """Per super weight: PPL of the baseline, with the weight zeroed, zeroed with its massive

@@ -103,6 +103,12 @@ def confirm_spec(layout) -> dict:
                            innocent=confirm["innocent"])
 
 
+def behaviour_spec(layout) -> dict:
+    behaviour = layout.config["behaviour"]
+    return runtime_spec(layout, batch_size=layout.config["baseline"]["batch_size"], prompts=behaviour["prompts"],
+                        max_new_tokens=behaviour["max_new_tokens"])
+
+
 def mechanism_spec(layout) -> dict:
     mechanism = layout.config["mechanism"]
     return evaluation_spec(layout, scales=mechanism["scales"], massive_fraction=mechanism["massive_fraction"],
@@ -170,7 +176,7 @@ def comparison_spec(layout) -> dict:
 SPEC_FUNCTIONS = {
     "model": model_spec, "data": data_spec, "baseline": baseline_spec, "scores": scores_spec,
     "merge_scores": merge_scores_spec, "perturb": perturb_spec, "confirm": confirm_spec,
-    "mechanism": mechanism_spec, "culprits": culprits_spec, "quantize": quantize_spec,
+    "mechanism": mechanism_spec, "behaviour": behaviour_spec, "culprits": culprits_spec, "quantize": quantize_spec,
     "protect_mask": protect_mask_spec, "topk": topk_spec, "plots": plots_spec,
     "activation_plot": activation_plot_spec, "stability": stability_spec, "agreement": agreement_spec,
     "published": published_spec, "report": report_spec, "comparison": comparison_spec,

@@ -126,6 +126,13 @@ class MechanismSpec(Evaluation):
 
 
 @dataclass(frozen=True, kw_only=True)
+class BehaviourSpec(ModelRun):
+    batch_size: int
+    prompts: list[str]
+    max_new_tokens: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class CulpritsSpec(Evaluation):
     experiment: str
     seed: int
@@ -222,6 +229,7 @@ SPECS: dict[str, type[Spec]] = {
     "perturb": PerturbSpec,
     "confirm": ConfirmSpec,
     "mechanism": MechanismSpec,
+    "behaviour": BehaviourSpec,
     "culprits": CulpritsSpec,
     "quantize": QuantizeSpec,
     "merge_scores": MergeScoresSpec,

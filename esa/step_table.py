@@ -32,6 +32,7 @@ STEPS = {step.name: step for step in (
     Step("perturb", torch=True, gpu=True),
     Step("confirm", torch=True, gpu=True),
     Step("mechanism", torch=True, gpu=True),
+    Step("behaviour", torch=True, gpu=True),
     Step("culprits", torch=True, gpu=True),
     Step("quantize", torch=True, gpu=True),
     Step("merge_scores", torch=False),

@@ -106,7 +106,8 @@ def step_report(spec: ReportSpec, *, verdicts: str, index: str, plots: str, inpu
                 super_weights: str | None = None, super_experts: str | None = None,
                 activations: str | None = None, rerun: str | None = None, published: str | None = None,
                 mechanism: dict | None = None, culprits: dict | None = None, quantize: str | None = None,
-                groups: str | None = None, group_members: str | None = None, null: str | None = None) -> None:
+                groups: str | None = None, group_members: str | None = None, null: str | None = None,
+                behaviour: dict | None = None) -> None:
     """verdict.json and the self-contained index.html (figures in ``plots``) of the whole study.
 
     ``spec.experiments``: name, metric, mode, k, seeds of each experiment; ``stats`` and
@@ -115,6 +116,7 @@ def step_report(spec: ReportSpec, *, verdicts: str, index: str, plots: str, inpu
     -> path; ``baseline_config``: the baseline step's config.json; the confirm files when any
     experiment ran; ``published``: the published step's matches, when the model has published
     super weights; ``mechanism``: the mechanism step's sweep, restore and control, when enabled;
+    ``behaviour``: the behaviour step's generation and sinks, when enabled;
     ``culprits``: experiment -> its culprit search's culprits, search and summary, when enabled;
     ``quantize``: the quantize step's results, when enabled. ``inputs``: every file read, by
     name, relative to the model's results directory (``esa summary`` finds them there).
@@ -133,12 +135,14 @@ def step_report(spec: ReportSpec, *, verdicts: str, index: str, plots: str, inpu
                  baseline_config=baseline_config, plot_dir=plots, model=spec.model,
                  factor=spec.factor, title=f"ESA report: {spec.model}", super_experts_path=super_experts,
                  published_path=published, mechanism_paths=mechanism, culprit_paths=culprits,
-                 quantize_path=quantize, groups_path=groups, group_members_path=group_members, null_path=null)
+                 quantize_path=quantize, groups_path=groups, group_members_path=group_members, null_path=null,
+                 behaviour_paths=behaviour)
     read = {"baseline": baseline, "baseline_config": baseline_config, "stats": stats, "masks": masks,
             "results": results, "stability": stability, "stability_pairs": stability_pairs, "agreement": agreement,
             "super_weights": super_weights, "super_experts": super_experts, "activations": activations,
             "rerun": rerun, "published": published, "mechanism": mechanism, "culprits": culprits,
-            "quantize": quantize, "groups": groups, "group_members": group_members, "null": null}
+            "quantize": quantize, "groups": groups, "group_members": group_members, "null": null,
+            "behaviour": behaviour}
     write_json_atomic(_relative(read, Path(index).parents[2]), inputs)
 
 

@@ -229,10 +229,10 @@ def test_missing_sections_say_not_run(study, tmp_path):
     page = _build(study, tmp_path / "index.html", full=False)
     assert "<img" not in page
     # verdicts, experiments, agreement, super weights, joint super weights, innocent weights, super
-    # experts, activations, and beyond the runbook: mechanism, culprits, quantize (published says
-    # the model has no coordinates)
-    assert page.count('<p class="not-run">not run</p>') == 11
-    for section in ("joint-super-weights", "innocent-weights", "mechanism", "culprits", "quantize"):
+    # experts, activations, and beyond the runbook: mechanism, behaviour, culprits, quantize (published
+    # says the model has no coordinates)
+    assert page.count('<p class="not-run">not run</p>') == 12
+    for section in ("joint-super-weights", "innocent-weights", "mechanism", "behaviour", "culprits", "quantize"):
         assert '<p class="not-run">not run</p></section>' in _section(page, section)
     assert '<section id="super-experts"><h2>Super experts</h2><p class="not-run">not run</p></section>' in page
     summary = page[page.index('id="summary"'):page.index('id="verdict-section"')]

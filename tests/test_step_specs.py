@@ -119,6 +119,7 @@ def _every_step_config(workdir) -> dict:
         "quantize": {"schemes": [{"bits": 3, "group_size": 16}, {"bits": 4}], "protect": [1, "0.1%"]},
         "culprits": {"experiments": ["hutch"]},
         "mechanism": {"enabled": True},
+        "behaviour": {"enabled": True},
         "confirm": {"factor": 2},
     }
 

@@ -15,7 +15,7 @@ def test_each_step_is_defined_in_its_module():
     for name, step in STEPS.items():
         assert f"step_{name}" in provenance._index(step.module).definitions, name
     assert set(TABLE_STEPS) == {name for name, step in STEPS.items() if step.module == "esa.steps"}
-    assert GPU_STEPS == ("baseline", "scores", "perturb", "confirm", "mechanism", "culprits", "quantize")
+    assert GPU_STEPS == ("baseline", "scores", "perturb", "confirm", "mechanism", "behaviour", "culprits", "quantize")
 
 
 def test_every_step_has_its_own_resources_key_in_the_schema():

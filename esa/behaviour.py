@@ -1,0 +1,153 @@
+"""Behaviour beside perplexity: greedy continuations and attention-sink mass, for the unmodified
+model and with each confirmed super weight zeroed.
+
+Conditions: ``baseline``; one per confirmed single super weight (confirm's super_weights.parquet,
+:func:`esa.mechanism.confirmed_weights`) and one per joint super weight (a destructive group's
+minimal subset, :func:`esa.mechanism.joint_super_weights`), its weights zeroed
+(:func:`esa.perturb.perturbed`, undone bit-exactly after the condition).
+
+*Generation.* For each prompt, the greedy continuation of exactly ``max_new_tokens`` new tokens
+(``generate`` with ``do_sample=False``, end-of-sequence suppressed until then, so that every
+condition is read over the same length), decoded. Of its new token ids t_1..t_n:
+
+    repeated_4gram_share = 1 - |distinct 4-grams| / (n - 3)    (0: no 4-gram repeats; NaN for n < 4)
+    distinct_2           = |distinct bigrams| / (n - 1)        (NaN for n < 2)
+
+*Attention-sink mass* (Xiao et al. 2023; Sun et al. 2024 trace sinks to massive activations,
+Yu et al. 2024 to super weights). Per decoder layer l, with A^l[b, h, t, s] the attention
+probability of window b, head h, query position t on key position s,
+
+    sink_l = mean over windows b, heads h and queries t = 1..T-1 of A^l[b, h, t, 0]
+
+(query 0 can attend only to itself and is left out). The probabilities are the model's own:
+for this pass the model runs its eager attention (SDPA and flash kernels never form them) and is
+switched back after; a forward hook on each decoder layer's attention module (the child whose
+output's second element is a (B, H, T, T) tensor) reduces them as they are made, so one layer's
+probabilities are alive at a time.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .architecture import decoder_layers
+from .evaluation import batches
+from .mechanism import confirmed_weights, joint_super_weights
+from .names import ZERO
+from .perturb import perturbed
+
+BASELINE = "baseline"
+GENERATION_COLUMNS = ["condition", "kind", "tensors", "flat_indices", "prompt_index", "prompt", "text",
+                      "new_tokens", "repeated_4gram_share", "distinct_2"]
+SINK_COLUMNS = ["condition", "kind", "layer", "sink_mass"]
+
+
+def repeated_ngram_share(tokens: list[int], n: int = 4) -> float:
+    """1 - |distinct n-grams| / |n-grams| of ``tokens``; NaN when there is no n-gram."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else np.nan
+
+
+def distinct_n(tokens: list[int], n: int = 2) -> float:
+    """|distinct n-grams| / |n-grams| of ``tokens``; NaN when there is no n-gram."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else np.nan
+
+
+def conditions(super_weights: pd.DataFrame, groups: pd.DataFrame, group_members: pd.DataFrame) -> list[dict]:
+    """``baseline`` and each confirmed single and joint super weight: name, kind and the
+    weights (tensor, flat_index) zeroed."""
+    found = [{"condition": BASELINE, "kind": BASELINE, "weights": pd.DataFrame(columns=["tensor", "flat_index"])}]
+    for w in confirmed_weights(super_weights).itertuples(index=False):
+        name = f"{w.tensor.removeprefix('model.')}[{w.row}, {w.col}] zeroed"
+        found.append({"condition": name, "kind": "single",
+                      "weights": pd.DataFrame({"tensor": [w.tensor], "flat_index": [w.flat_index]})})
+    for group, mine in joint_super_weights(groups, group_members):
+        found.append({"condition": f"group {int(group['group'])} ({len(mine)} weights, {group['label']}) zeroed",
+                      "kind": "joint", "weights": mine[["tensor", "flat_index"]]})
+    return found
+
+
+class _SinkMass:
+    """Forward hook on one attention module: sums A[b, h, t, 0] over b, h and t >= 1."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output):
+        probabilities = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if torch.is_tensor(probabilities) and probabilities.dim() == 4:
+            on_first = probabilities.detach()[:, :, 1:, 0].double()
+            self.total += float(on_first.sum())
+            self.count += on_first.numel()
+        return None
+
+    @property
+    def mass(self) -> float:
+        return self.total / self.count if self.count else np.nan
+
+
+@contextmanager
+def _eager_attention(model: torch.nn.Module):
+    """The model on its eager attention within, on the attention it had after."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+def attention_sink_mass(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> list[float]:
+    """sink_l of every decoder layer l over ``windows`` (module docstring)."""
+    layers = decoder_layers(model)
+    sinks = [_SinkMass() for _ in layers]
+    handles = [child.register_forward_hook(sink) for layer, sink in zip(layers, sinks) for child in layer.children()]
+    device = model.get_input_embeddings().weight.device
+    try:
+        with _eager_attention(model), torch.no_grad():
+            for batch in batches(windows, batch_size):
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [sink.mass for sink in sinks]
+
+
+def greedy_continuation(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    """The new token ids of ``prompt``'s greedy continuation, exactly ``max_new_tokens`` of them."""
+    device = model.get_input_embeddings().weight.device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
+                             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id or 0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def behaviour_readouts(model: torch.nn.Module, tokenizer, found: list[dict], windows: torch.Tensor, batch_size: int,
+                       prompts: list[str], max_new_tokens: int,
+                       progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(generation GENERATION_COLUMNS, sinks SINK_COLUMNS)`` of every condition of ``found``
+    (:func:`conditions`)."""
+    generation, sinks = [], []
+    for condition in tqdm(found, desc="behaviour", disable=not progress):
+        weights = condition["weights"]
+        head = {"condition": condition["condition"], "kind": condition["kind"]}
+        with perturbed(model, weights, ZERO):
+            for layer, mass in enumerate(attention_sink_mass(model, windows, batch_size)):
+                sinks.append({**head, "layer": layer, "sink_mass": mass})
+            for i, prompt in enumerate(prompts):
+                new = greedy_continuation(model, tokenizer, prompt, max_new_tokens)
+                generation.append({**head, "tensors": weights["tensor"].tolist(),
+                                   "flat_indices": weights["flat_index"].astype(np.int64).tolist(),
+                                   "prompt_index": i, "prompt": prompt,
+                                   "text": tokenizer.decode(new, skip_special_tokens=False), "new_tokens": len(new),
+                                   "repeated_4gram_share": repeated_ngram_share(new), "distinct_2": distinct_n(new)})
+    return (pd.DataFrame(generation, columns=GENERATION_COLUMNS),
+            pd.DataFrame(sinks, columns=SINK_COLUMNS).astype({"layer": "int64", "sink_mass": "float64"}))
