@@ -39,6 +39,9 @@ SEVERITY = {"bad": 0, "warn": 1, "good": 2}
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 2px solid #ddd; padding-top: 0.6em; }
+nav#contents { font-size: 0.9em; } nav#contents h2 { display: none; }
+nav#contents ol { display: flex; flex-wrap: wrap; gap: 0.15em 1.4em; padding: 0; margin: 0.4em 0; }
+nav#contents li { list-style-position: inside; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertical-align: top; }
 table.verdicts { width: 100%; table-layout: fixed; } td.nums { overflow-wrap: anywhere; font-size: 0.9em; }
@@ -74,11 +77,20 @@ def _e(value) -> str:
     return html.escape(str(value))
 
 
+def contents(sections: list[str]) -> str:
+    """A contents list linking each section that has an id, by its heading."""
+    found = [re.match(r'<section[^>]*\bid="([^"]+)"[^>]*><h2>(.*?)</h2>', section, re.S) for section in sections]
+    items = "".join(f'<li><a href="#{m.group(1)}">{m.group(2)}</a></li>' for m in found if m)
+    return f'<nav id="contents"><h2>Contents</h2><ol>{items}</ol></nav>' if items else ""
+
+
 def write_page(out_html, title: str, sections: list[str]) -> str:
-    """Write one self-contained page (``CSS`` inline, ``title`` as its heading, then ``sections``)
-    to ``out_html`` and return its HTML: the study's report and the comparison page."""
+    """Write one self-contained page (``CSS`` inline, ``title`` as its heading, a contents list,
+    then ``sections``) to ``out_html`` and return its HTML: the study's report and the
+    comparison page."""
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-            f"<style>{CSS}</style></head><body><h1>{_e(title)}</h1>{''.join(sections)}</body></html>\n")
+            f"<style>{CSS}</style></head><body><h1>{_e(title)}</h1>{contents(sections)}{''.join(sections)}"
+            "</body></html>\n")
     write_atomic(out_html, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     return page
 
@@ -266,11 +278,43 @@ def _baseline_facts(baseline: Mapping) -> str:
             f"per-window loss, {baseline['windows']} windows)</span>")
 
 
+def headline_points(experiments: list[ExperimentData], weights: pd.DataFrame | None, groups: pd.DataFrame | None,
+                    baseline_ppl: float) -> pd.DataFrame:
+    """The headline figure's points (label, kind, ratio, lo, hi): every perturbed set's PPL ratio
+    per seed with its interval, 1 + dPPL_lo / PPL and 1 + dPPL_hi / PPL, then every confirmed
+    single super weight and every joint super weight (a destructive joint or additive group)."""
+    rows = []
+    for exp in experiments:
+        for r in (exp.results.itertuples(index=False) if exp.results is not None else ()):
+            rows.append((exp.name, r.set, r.ppl_ratio, r.delta_ppl_lo, r.delta_ppl_hi))
+    for r in (weights[weights["confirmed"]].itertuples(index=False) if weights is not None else ()):
+        rows.append((_weight_label(r.tensor, r.row, r.col), "single super weight", r.ppl_ratio, r.delta_ppl_lo,
+                     r.delta_ppl_hi))
+    joint = (groups[groups["destructive"] & groups["label"].isin(["joint", "additive"])]
+             if groups is not None else pd.DataFrame(columns=["tensor", "kind", "index"]))
+    for r in joint.itertuples(index=False):
+        rows.append((_group_place(r.tensor, r.kind, r.index), "joint super weight", r.ppl_ratio, r.delta_ppl_lo,
+                     r.delta_ppl_hi))
+    frame = pd.DataFrame(rows, columns=["label", "kind", "ratio", "lo", "hi"])
+    frame["lo"] = 1 + frame["lo"] / baseline_ppl
+    frame["hi"] = 1 + frame["hi"] / baseline_ppl
+    return frame
+
+
+def _headline_figure(points: pd.DataFrame, plot_dir: Path) -> str:
+    if points.empty:
+        return ""
+    return ('<div class="headline-figure">' + _figure(plot_dir / "headline.png", "every perturbed set and every "
+            "confirmed super weight on one log axis", lambda path: report_plots.plot_headline(points, path))
+            + "</div>")
+
+
 def _summary_section(model: str, run: Mapping, baseline: Mapping, super_weights: pd.DataFrame | None,
                      verdicts: list[dict] | None, factor: float, groups: pd.DataFrame | None = None,
-                     members: pd.DataFrame | None = None) -> str:
+                     members: pd.DataFrame | None = None, figure: str = "") -> str:
     """What a reader takes in at a glance: model, data, baseline, the single and joint super
-    weights (confirm's ``super_weights``, ``groups`` and ``members``), verdict counts.
+    weights (confirm's ``super_weights``, ``groups`` and ``members``), verdict counts, and the
+    headline ``figure``.
 
     ``run`` is the baseline step's spec (its ``config.json``): model source, dtype, data settings.
     """
@@ -287,7 +331,7 @@ def _summary_section(model: str, run: Mapping, baseline: Mapping, super_weights:
                      else '<span class="not-run">not run</span>'),
     }
     rows = "".join(f"<tr><th>{_e(name)}</th><td>{value}</td></tr>" for name, value in facts.items())
-    return f'<section id="summary"><h2>Summary</h2><table class="facts">{rows}</table></section>'
+    return f'<section id="summary"><h2>Summary</h2><table class="facts">{rows}</table>{figure}</section>'
 
 
 def _experiment_section(exp: ExperimentData, plot_dir: Path) -> str:
@@ -667,11 +711,14 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
     verdicts = read_optional(verdicts_path, read_json)
     groups = read_optional(groups_path, read_parquet)
     members = read_optional(group_members_path, read_parquet)
+    loaded = [load_experiment(entry) for entry in experiments]
+    baseline = read_json(baseline_path)
+    figure = _headline_figure(headline_points(loaded, weights, groups, baseline["ppl"]), plot_dir)
     sections = [
-        _summary_section(model, read_json(baseline_config),
-                         read_json(baseline_path), super_weights, verdicts, factor, groups, members),
+        _summary_section(model, read_json(baseline_config), baseline, super_weights, verdicts, factor, groups,
+                         members, figure),
         _verdict_section(verdicts),
-        *(_experiment_section(load_experiment(entry), plot_dir) for entry in experiments),
+        *(_experiment_section(exp, plot_dir) for exp in loaded),
         _agreement_section(read_agreement(agreement_paths), plot_dir),
         _super_weight_section(weights, plot_dir, factor),
         _joint_section(groups, members, factor),
@@ -679,11 +726,11 @@ def build_report(baseline_path, experiments: list[Mapping], agreement_paths=None
         _super_expert_section(read_optional(super_experts_path, read_parquet), factor),
         _activation_section(read_optional(activations_path, read_parquet), plot_dir),
         # beyond the runbook
-        _mechanism_section(mechanism_paths, read_json(baseline_path)["ppl"], plot_dir),
+        _mechanism_section(mechanism_paths, baseline["ppl"], plot_dir),
         _behaviour_section(behaviour_paths, plot_dir),
         _published_section(read_optional(published_path, read_parquet)),
         _culprit_section(culprit_paths, plot_dir),
-        _quantize_section(read_optional(quantize_path, read_parquet), read_json(baseline_path)["ppl"], plot_dir),
+        _quantize_section(read_optional(quantize_path, read_parquet), baseline["ppl"], plot_dir),
     ]
     if not experiments:
         sections.insert(2, f"<section><h2>Experiments</h2>{NOT_RUN}</section>")

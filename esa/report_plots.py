@@ -147,6 +147,35 @@ def plot_scale_sweep(sweep: pd.DataFrame, baseline_ppl: float, path: str | Path)
     save_figure(fig, path)
 
 
+HEADLINE_ORDER = ("top", "random_k", "bottom_k", "single super weight", "joint super weight")
+
+
+def plot_headline(points: pd.DataFrame, path: str | Path) -> None:
+    """The study on one log axis: PPL ratio (1 + dPPL / baseline PPL) with its bootstrap interval
+    of each experiment's top set and controls (one point per seed) and of each confirmed single
+    and joint super weight (``points``: label, kind, ratio, lo, hi; a non-finite ratio drawn at a
+    dotted ceiling)."""
+    data = points.copy()
+    data["ratio"], ceiling = _capped(data["ratio"])
+    kinds = [kind for kind in HEADLINE_ORDER if kind in set(data["kind"])]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * data["label"].nunique() + 1.6))
+    sns.stripplot(data=data, x="ratio", y="label", hue="kind", hue_order=kinds, dodge=False, jitter=False,
+                  size=7, ax=ax)
+    rows = {label: i for i, label in enumerate(dict.fromkeys(data["label"]))}
+    for r in data.itertuples(index=False):
+        if np.isfinite(r.lo) and np.isfinite(r.hi):
+            ax.plot([max(r.lo, 1e-3), max(r.hi, 1e-3)], [rows[r.label]] * 2, color="grey", lw=1.2, zorder=0)
+    ax.axvline(1.0, color="black", ls="--", lw=1)
+    if np.isinf(points["ratio"]).any():
+        ax.axvline(ceiling, color="crimson", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("PPL ratio to the baseline (1 + dPPL / PPL; bars: 95% bootstrap interval)")
+    ax.set_ylabel("")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("every perturbed set and every confirmed super weight")
+    save_figure(fig, path)
+
+
 def plot_sink_mass(sinks: pd.DataFrame, path: str | Path) -> None:
     """Attention-sink mass per decoder layer, one line per condition (esa.behaviour)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -203,11 +203,17 @@ def _build(study, out: Path, full: bool = True) -> str:
 def test_report_is_self_contained_with_every_section(study, tmp_path):
     page = _build(study, tmp_path / "report/index.html")
     assert (tmp_path / "report/index.html").read_text(encoding="utf-8") == page
-    # 4 figures of the full experiment, 1 of the scored-only one, agreement, super weights, trace
+    # the headline, 4 figures of the full experiment, 1 of the scored-only one, agreement, super weights, trace
     sources = re.findall(r'<img alt="[^"]*" src="([^"]*)"', page)
-    assert len(sources) == 8 and all(s.startswith("data:image/png;base64,iVBORw0KGgo") for s in sources)
-    assert not re.search(r"https?:|<link|<script|\bhref=|url\(", page)  # nothing to fetch
-    assert len(list((tmp_path / "report/plots").glob("*.png"))) == 8
+    assert len(sources) == 9 and all(s.startswith("data:image/png;base64,iVBORw0KGgo") for s in sources)
+    assert not re.search(r'https?:|<link|<script|\bhref="[^#]|url\(', page)  # nothing to fetch, links in-page
+    assert len(list((tmp_path / "report/plots").glob("*.png"))) == 9
+    # the contents list links every section with an id, each to a section that is there
+    links = re.findall(r'<li><a href="#([^"]+)">', page[:page.index('<section id="summary"')])
+    assert links[:3] == ["summary", "verdict-section", "exp-gradxw_global_k20"] and len(links) >= 12
+    assert all(f'<section id="{name}"' in page or f'id="{name}">' in page for name in links)
+    summary = page[page.index('id="summary"'):page.index('id="verdict-section"')]
+    assert '<img alt="every perturbed set and every confirmed super weight on one log axis"' in summary
     # the summary, then the verdicts, then the figures
     assert page.index('id="summary"') < page.index('id="verdict-section"') < page.index('class="experiment"')
     assert 'id="baseline"' not in page  # its numbers are in the summary
@@ -277,7 +283,8 @@ def test_a_dense_model_says_it_has_no_experts(study, tmp_path):
 
 def _summary(page: str) -> str:
     """The summary section, asserted to be the body's first section."""
-    opening = re.search(r'<body><h1>[^<]*</h1><section id="summary">.*?</section>', page, re.S)
+    opening = re.search(r'<body><h1>[^<]*</h1>(?:<nav id="contents">.*?</nav>)?<section id="summary">.*?</section>',
+                        page, re.S)
     assert opening, page[page.index("<body>"):][:300]
     return opening.group(0)
 
@@ -359,7 +366,8 @@ window.addEventListener('load', () => {
   const shown = el => el.checkVisibility();  // false inside a closed <details>
   const images = [...document.images];
   const summary = document.getElementById('summary');
-  const box = summary ? summary.getBoundingClientRect() : null;
+  const facts = summary ? summary.querySelector('table.facts') : null;  // the words; the figure follows
+  const box = facts ? facts.getBoundingClientRect() : null;
   const style = summary ? getComputedStyle(summary) : null;
   const rows = [...document.querySelectorAll('table.verdicts tbody tr')];
   const visible = rows.filter(shown);
@@ -399,9 +407,9 @@ def _png_size(path: Path) -> tuple[int, int]:
 def test_report_renders_in_headless_chromium(study, tmp_path, chromium):
     page = _build(study, tmp_path / "report/index.html")
     result = _probe(chromium, page, tmp_path)
-    assert len(result["widths"]) == 8 and min(result["widths"]) > 0, result  # every image decodes
+    assert len(result["widths"]) == 9 and min(result["widths"]) > 0, result  # every image decodes
     assert result["summary"] and result["first"] and result["visible"]
-    assert 0 <= result["summaryTop"] < result["summaryBottom"] < result["viewport"]  # all on the first screen
+    assert 0 <= result["summaryTop"] < result["summaryBottom"] < result["viewport"]  # its facts on the first screen
     # 9 verdicts; the all-good group (1 verdict) folded to its one-line summary, the rest open
     assert result["rows"] == 9 and result["visibleRows"] == 8
     assert [(status, is_open) for status, is_open, _ in result["groups"]] == [
@@ -478,3 +486,30 @@ def test_the_delta_ppl_figure_is_the_same_bytes_on_every_run(tmp_path):
     assert np.random.uniform() == expected_next
     plot_delta_ppl(results, tmp_path / "b.png", "t")
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_headline_points_and_the_contents_list():
+    """Each perturbed set per seed, each confirmed single and each joint super weight: its PPL
+    ratio, and its interval as 1 + dPPL / baseline PPL; the contents list links sections by id."""
+    from esa.report import contents, headline_points
+    from esa.results import ExperimentData
+
+    results = pd.DataFrame({"set": ["top", "random_k"], "ppl_ratio": [3.0, 1.01], "delta_ppl_lo": [10.0, -0.5],
+                            "delta_ppl_hi": [30.0, 0.7]})
+    weights = pd.DataFrame({"tensor": ["model.layers.1.mlp.down_proj.weight"] * 2, "row": [5, 6], "col": [7, 8],
+                            "confirmed": [True, False], "ppl_ratio": [6.0, 1.1], "delta_ppl_lo": [40.0, 0.0],
+                            "delta_ppl_hi": [60.0, 2.0]})
+    groups = pd.DataFrame({"tensor": ["model.layers.2.mlp.down_proj.weight", ""], "kind": ["channel", "neuron"],
+                           "index": [260, 9], "destructive": [True, True], "label": ["joint", "single"],
+                           "ppl_ratio": [1.5, 9.0], "delta_ppl_lo": [4.0, 1.0], "delta_ppl_hi": [6.0, 2.0]})
+
+    points = headline_points([ExperimentData("e", "grad_x_weight", "global", 5, results=results),
+                              ExperimentData("scored only", "grad_x_weight", "global", 5)], weights, groups, 10.0)
+
+    assert points.values.tolist() == [["e", "top", 3.0, 2.0, 4.0], ["e", "random_k", 1.01, 0.95, 1.07],
+                                      ["layers.1.mlp.down_proj[5, 7]", "single super weight", 6.0, 5.0, 7.0],
+                                      ["layers.2.mlp.down_proj row 260", "joint super weight", 1.5, 1.4, 1.6]]
+    assert contents(['<section id="a"><h2>A &amp; B</h2></section>', "<section><h2>no id</h2></section>",
+                     '<section class="x" id="c"><h2>C</h2>']) == (
+        '<nav id="contents"><h2>Contents</h2><ol><li><a href="#a">A &amp; B</a></li><li><a href="#c">C</a></li>'
+        "</ol></nav>")
