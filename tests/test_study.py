@@ -356,3 +356,32 @@ def test_changing_esa_code_reruns_the_rules_that_run_it(study, tmp_path):
         "stability": 4, "report": 1}
     assert dry_run_edited("esa/layout.py", 'f"perturb/{metric}', 'f"perturb-moved/{metric}') == {
         "perturb": 2, "report": 1}
+
+
+def test_the_notebook_runs_on_the_study(study, monkeypatch):
+    """notebooks/explore.ipynb, executed on this study (nbclient, the suite's Python as its
+    kernel), ends on the numbers the study's files hold."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    workdir, config, _ = study
+    layout = study_layout(config)
+    monkeypatch.setenv("ESA_STUDY", str(workdir / layout.root))
+    notebook = nbformat.read(REPO / "notebooks" / "explore.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(workdir)}}).execute()
+
+    errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert errors == []
+    last = "".join(o.get("text", "") for o in notebook.cells[-1].outputs)
+    first = layout.experiment_files(config["experiments"][0]["name"])  # the notebook's: the first, seed 0
+    stats = pd.read_parquet(workdir / first["scores"][0]["stats"])
+    mask = pd.read_parquet(workdir / first["masks"][0])
+    results = [pd.read_parquet(workdir / layout.experiment_files(e["name"])["perturb"]["results"])
+               for e in config["experiments"] if e.get("perturb")]
+    weights = pd.read_parquet(workdir / layout.confirm_files()["super_weights"]).drop_duplicates(
+        ["tensor", "flat_index"])
+    groups = pd.read_parquet(workdir / layout.confirm_files()["groups"])
+    assert json.loads(last) == {"tensors": len(stats), "top_weights": int((mask["set"] == "top").sum()),
+                                "results": sum(len(r) for r in results), "confirmed": int(weights["confirmed"].sum()),
+                                "groups": len(groups), "max_delta_ppl": float(pd.concat(results)["delta_ppl"].max())}
