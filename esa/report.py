@@ -42,6 +42,7 @@ h1 { margin-bottom: 0.2em; } h2 { border-bottom: 2px solid #ddd; padding-top: 0.
 nav#contents { font-size: 0.9em; } nav#contents h2 { display: none; }
 nav#contents ol { display: flex; flex-wrap: wrap; gap: 0.15em 1.4em; padding: 0; margin: 0.4em 0; }
 nav#contents li { list-style-position: inside; }
+.continuations td { white-space: pre-wrap; vertical-align: top; font-family: ui-monospace, monospace; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertical-align: top; }
 table.verdicts { width: 100%; table-layout: fixed; } td.nums { overflow-wrap: anywhere; font-size: 0.9em; }
@@ -588,7 +589,8 @@ def _behaviour_section(paths: Mapping | None, plot_dir: Path) -> str:
             "after the first), from the model's eager attention.</p>"
             + _figure(plot_dir / "behaviour_sinks.png", "attention-sink mass per layer",
                       lambda path: report_plots.plot_sink_mass(sinks, path))
-            + _table(numbers) + "<h3>Greedy continuations</h3>" + _table(texts) + "</section>")
+            + _table(numbers) + '<h3>Greedy continuations</h3><div class="continuations">' + _table(texts)
+            + "</div></section>")
 
 
 def _quantize_headline(part: pd.DataFrame) -> str:
