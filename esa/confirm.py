@@ -36,6 +36,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -49,7 +50,7 @@ from .joint import JointSettings, no_groups, structural_groups, take_apart
 from .null import (NULL_SUMMARY_COLUMNS, MagnitudeBands, NullSettings, beats_null, group_null, null_summary,
                    null_table, single_null)
 from .names import GLOBAL, ZERO
-from .perturb import first_changed_layer_of, perturbed
+from .perturb import first_changed_layer_of, perturbed, zeroed_damage
 from .replay import first_changed_layer
 from .activation_trace import massive_activation_trace, traced
 from .selection import select_topk
@@ -207,11 +208,7 @@ def _null_and_groups(model: torch.nn.Module, meter: DamageMeter, trace: pd.DataF
                      null: NullSettings | None, considered: pd.DataFrame, take_groups):
     """:func:`zero_each`'s null (``NULL_SUMMARY_COLUMNS`` added to ``table`` and ``confirmed``
     tested against them) and groups: ``(table, null draws, groups, members)``."""
-
-    def zeroed(selection: pd.DataFrame) -> dict:
-        with perturbed(model, selection, ZERO):
-            return meter.measure(first_changed_layer_of(model, selection))
-
+    zeroed = partial(zeroed_damage, meter)
     drawn, innocents = [], None
     if null is not None and null.samples > 0:
         bands = MagnitudeBands(model, considered, null.band)

@@ -57,9 +57,8 @@ import torch
 
 from .architecture import is_expert_stack, mlp_output_projections, split_expert
 from .damage import DAMAGE_COLUMNS, DamageMeter
-from .names import ZERO
 from .null import NULL_SUMMARY_COLUMNS, beats_null, null_summary
-from .perturb import first_changed_layer_of, perturbed
+from .perturb import zeroed_damage
 
 NEURON, CHANNEL, MASSIVE_CHANNEL = "neuron", "channel", "massive_channel"
 GROUP_KINDS = (NEURON, CHANNEL, MASSIVE_CHANNEL)
@@ -201,9 +200,7 @@ def take_apart(model: torch.nn.Module, groups: list[Group], meter: DamageMeter, 
         def zeroed(rows: pd.DataFrame) -> dict:
             nonlocal evaluations
             evaluations += 1
-            selection = rows[MEMBER_KEY]
-            with perturbed(model, selection, ZERO):
-                return meter.measure(first_changed_layer_of(model, selection))
+            return zeroed_damage(meter, rows[MEMBER_KEY])
 
         whole = zeroed(members)
         reaches = _destructive(whole, factor)

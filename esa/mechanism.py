@@ -65,7 +65,7 @@ from .errors import ESAError
 from .evaluation import DEFAULT_CHUNK, batches, decoder_hidden
 from .joint import ADDITIVE, JOINT
 from .names import MATCHED_CONTROL, SCALE, SUPER_WEIGHTS, ZERO
-from .perturb import first_changed_layer_of, perturbed
+from .perturb import first_changed_layer_of, perturbed, zeroed_damage
 from .targets import find_targets, target_parameter
 
 CONFIRMED_WEIGHT_COLUMNS = ["tensor", "flat_index", "row", "col", "layer", "module", "weight"]
@@ -367,8 +367,7 @@ def _matched_control_damage(meter: DamageMeter, weights: pd.DataFrame, zeroed_of
             edit = _selection(tensor, chosen["flat_index"])
             measured = zeroed_of.get((tensor, edit["flat_index"].iloc[0])) if len(edit) == 1 else None
             if measured is None:
-                with perturbed(model, edit, ZERO):
-                    measured = meter.measure(first_changed_layer_of(model, edit))
+                measured = zeroed_damage(meter, edit)
             magnitude = chosen["weight"].abs()
             control.append({"tensor": tensor, "layer": own["layer"].iloc[0], "set": name, "n_weights": len(edit),
                             "flat_indices": edit["flat_index"].tolist(), "abs_min": magnitude.min(),

@@ -197,6 +197,13 @@ def first_changed_layer_of(model: torch.nn.Module, selection: pd.DataFrame) -> i
     return min(first_changed_layer(model, tensor) for tensor in selection["tensor"].unique())
 
 
+def zeroed_damage(meter: DamageMeter, selection: pd.DataFrame) -> dict:
+    """The damage (``DAMAGE_COLUMNS``) of ``selection``'s weights (tensor, flat_index) zeroed
+    together, measured by ``meter`` from the first layer the edit changes; restored bit-exactly."""
+    with perturbed(meter.model, selection, ZERO):
+        return meter.measure(first_changed_layer_of(meter.model, selection))
+
+
 def run_perturbations(model: torch.nn.Module, mask_by_seed: dict[int, pd.DataFrame],
                       eval_windows: torch.Tensor, batch_size: int, baseline: Baseline,
                       perturb: str, scale: float = 1.0, noise: str = RELATIVE,
