@@ -1,10 +1,15 @@
-"""Behaviour beside perplexity: greedy continuations and attention-sink mass, for the unmodified
-model and with each confirmed super weight zeroed.
+"""Behaviour beside perplexity: lm-eval-harness accuracy, greedy continuations and
+attention-sink mass, for the unmodified model and under each edit ESA found.
 
-Conditions: ``baseline``; one per confirmed single super weight (confirm's super_weights.parquet,
-:func:`esa.mechanism.confirmed_weights`) and one per joint super weight (a destructive group's
-minimal subset, :func:`esa.mechanism.joint_super_weights`), its weights zeroed
-(:func:`esa.perturb.perturbed`, undone bit-exactly after the condition).
+Conditions (:func:`conditions`): ``baseline``; one per confirmed single super weight (confirm's
+super_weights.parquet, :func:`esa.mechanism.confirmed_weights`) and one per joint super weight (a
+destructive group's minimal subset, :func:`esa.mechanism.joint_super_weights`), zeroed; and for
+each experiment of ``behaviour.experiments``, its top set and its random_k control of one seed,
+perturbed as the experiment perturbs them. Each edit is :func:`esa.perturb.perturbed`, undone
+bit-exactly after the condition's readouts; ``conditions.parquet`` lists the weights of each.
+
+*lm-eval accuracy* (:mod:`esa.lm_eval_readout`): the harness on the in-memory model while the
+edit is in place; offline, the task ``esa_cloze`` built from the evaluation text (:mod:`esa.cloze`).
 
 *Generation.* For each prompt, the greedy continuation of exactly ``max_new_tokens`` new tokens
 (``generate`` with ``do_sample=False``, end-of-sequence suppressed until then, so that every
@@ -29,6 +34,7 @@ probabilities are alive at a time.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -36,15 +42,43 @@ import torch
 from tqdm.auto import tqdm
 
 from .architecture import decoder_layers
+from .errors import ESAError
 from .evaluation import batches
+from .lm_eval_readout import LM_EVAL_COLUMNS
 from .mechanism import confirmed_weights, joint_super_weights
-from .names import ZERO
+from .names import RANDOM_K, RELATIVE, TOP, ZERO
 from .perturb import perturbed
 
 BASELINE = "baseline"
-GENERATION_COLUMNS = ["condition", "kind", "tensors", "flat_indices", "prompt_index", "prompt", "text",
-                      "new_tokens", "repeated_4gram_share", "distinct_2"]
+CONDITION_COLUMNS = ["condition", "kind", "experiment", "perturb", "scale", "noise", "seed", "n_weights", "tensors",
+                     "flat_indices"]
+GENERATION_COLUMNS = ["condition", "kind", "prompt_index", "prompt", "text", "new_tokens", "repeated_4gram_share",
+                      "distinct_2"]
 SINK_COLUMNS = ["condition", "kind", "layer", "sink_mass"]
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One edit the readouts are taken under: ``weights`` (tensor, flat_index) perturbed by
+    :func:`esa.perturb.perturbed` with ``perturb``, ``scale``, ``noise`` and ``seed``."""
+
+    name: str
+    kind: str  # baseline, single, joint, or an experiment's set (top, random_k)
+    weights: pd.DataFrame
+    perturb: str = ZERO
+    scale: float = 1.0
+    noise: str = RELATIVE
+    seed: int = 0
+    experiment: str | None = None
+
+    def edited(self, model: torch.nn.Module):
+        return perturbed(model, self.weights, self.perturb, self.scale, self.noise, self.seed)
+
+    def row(self) -> dict:
+        return {"condition": self.name, "kind": self.kind, "experiment": self.experiment, "perturb": self.perturb,
+                "scale": float(self.scale), "noise": self.noise, "seed": int(self.seed),
+                "n_weights": len(self.weights), "tensors": self.weights["tensor"].tolist(),
+                "flat_indices": self.weights["flat_index"].astype(np.int64).tolist()}
 
 
 def repeated_ngram_share(tokens: list[int], n: int = 4) -> float:
@@ -59,17 +93,27 @@ def distinct_n(tokens: list[int], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else np.nan
 
 
-def conditions(super_weights: pd.DataFrame, groups: pd.DataFrame, group_members: pd.DataFrame) -> list[dict]:
-    """``baseline`` and each confirmed single and joint super weight: name, kind and the
-    weights (tensor, flat_index) zeroed."""
-    found = [{"condition": BASELINE, "kind": BASELINE, "weights": pd.DataFrame(columns=["tensor", "flat_index"])}]
+def conditions(super_weights: pd.DataFrame, groups: pd.DataFrame, group_members: pd.DataFrame,
+               experiments: list[dict] = ()) -> list[Condition]:
+    """``baseline``; each confirmed single and joint super weight, zeroed; for each of
+    ``experiments`` (name, perturb, scale, noise, seed and its ``mask`` of that seed) its top set
+    and its random_k control, perturbed as the experiment perturbs them."""
+    found = [Condition(BASELINE, BASELINE, pd.DataFrame({"tensor": [], "flat_index": np.array([], np.int64)}))]
     for w in confirmed_weights(super_weights).itertuples(index=False):
-        name = f"{w.tensor.removeprefix('model.')}[{w.row}, {w.col}] zeroed"
-        found.append({"condition": name, "kind": "single",
-                      "weights": pd.DataFrame({"tensor": [w.tensor], "flat_index": [w.flat_index]})})
+        found.append(Condition(f"{w.tensor.removeprefix('model.')}[{w.row}, {w.col}] zeroed", "single",
+                               pd.DataFrame({"tensor": [w.tensor], "flat_index": [w.flat_index]})))
     for group, mine in joint_super_weights(groups, group_members):
-        found.append({"condition": f"group {int(group['group'])} ({len(mine)} weights, {group['label']}) zeroed",
-                      "kind": "joint", "weights": mine[["tensor", "flat_index"]]})
+        found.append(Condition(f"group {int(group['group'])} ({len(mine)} weights, {group['label']}) zeroed", "joint",
+                               mine[["tensor", "flat_index"]].reset_index(drop=True)))
+    for e in experiments:
+        mask = e["mask"]
+        for name in (TOP, RANDOM_K):
+            rows = mask.loc[mask["set"] == name, ["tensor", "flat_index"]].reset_index(drop=True)
+            if rows.empty:  # a missing control must not pass silently as "no effect"
+                raise ESAError(f"behaviour.experiments: the mask of experiment {e['name']!r} (seed {e['seed']}) "
+                               f"has no rows of set {name!r}")
+            found.append(Condition(f"{e['name']} {name} ({e['perturb']})", name, rows, e["perturb"], e["scale"],
+                                   e["noise"], e["seed"], e["name"]))
     return found
 
 
@@ -130,24 +174,28 @@ def greedy_continuation(model: torch.nn.Module, tokenizer, prompt: str, max_new_
     return out[0, ids.shape[1]:].tolist()
 
 
-def behaviour_readouts(model: torch.nn.Module, tokenizer, found: list[dict], windows: torch.Tensor, batch_size: int,
-                       prompts: list[str], max_new_tokens: int,
-                       progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(generation GENERATION_COLUMNS, sinks SINK_COLUMNS)`` of every condition of ``found``
-    (:func:`conditions`)."""
-    generation, sinks = [], []
+def behaviour_readouts(model: torch.nn.Module, tokenizer, found: list[Condition], windows: torch.Tensor,
+                       batch_size: int, prompts: list[str], max_new_tokens: int, harness=None,
+                       progress: bool = False) -> dict[str, pd.DataFrame]:
+    """The tables ``conditions`` (CONDITION_COLUMNS), ``generation`` (GENERATION_COLUMNS),
+    ``sinks`` (SINK_COLUMNS) and ``lm_eval`` (:data:`esa.lm_eval_readout.LM_EVAL_COLUMNS`; empty
+    without a ``harness``) of every condition of ``found`` (:func:`conditions`), each read while
+    its edit is in place."""
+    generation, sinks, scores = [], [], []
     for condition in tqdm(found, desc="behaviour", disable=not progress):
-        weights = condition["weights"]
-        head = {"condition": condition["condition"], "kind": condition["kind"]}
-        with perturbed(model, weights, ZERO):
+        head = {"condition": condition.name, "kind": condition.kind}
+        with condition.edited(model):
             for layer, mass in enumerate(attention_sink_mass(model, windows, batch_size)):
                 sinks.append({**head, "layer": layer, "sink_mass": mass})
             for i, prompt in enumerate(prompts):
                 new = greedy_continuation(model, tokenizer, prompt, max_new_tokens)
-                generation.append({**head, "tensors": weights["tensor"].tolist(),
-                                   "flat_indices": weights["flat_index"].astype(np.int64).tolist(),
-                                   "prompt_index": i, "prompt": prompt,
+                generation.append({**head, "prompt_index": i, "prompt": prompt,
                                    "text": tokenizer.decode(new, skip_special_tokens=False), "new_tokens": len(new),
                                    "repeated_4gram_share": repeated_ngram_share(new), "distinct_2": distinct_n(new)})
-    return (pd.DataFrame(generation, columns=GENERATION_COLUMNS),
-            pd.DataFrame(sinks, columns=SINK_COLUMNS).astype({"layer": "int64", "sink_mass": "float64"}))
+            if harness is not None:
+                scores.append(harness.accuracy().assign(**head))
+    return {"conditions": pd.DataFrame([c.row() for c in found], columns=CONDITION_COLUMNS),
+            "generation": pd.DataFrame(generation, columns=GENERATION_COLUMNS),
+            "sinks": pd.DataFrame(sinks, columns=SINK_COLUMNS).astype({"layer": "int64", "sink_mass": "float64"}),
+            "lm_eval": (pd.concat(scores, ignore_index=True) if scores else pd.DataFrame(columns=LM_EVAL_COLUMNS))
+            [LM_EVAL_COLUMNS].astype({"value": "float64", "stderr": "float64", "n": "int64"})}

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ESAError
-from .names import COMPARISON, CULPRIT_PERTURBATIONS
+from .names import COMPARISON, CONTROLS, CULPRIT_PERTURBATIONS, RANDOM_K
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "config" / "schema.yaml"
@@ -71,6 +71,7 @@ def _validate(config: dict) -> dict:
         raise ESAError(f"invalid config at models: {COMPARISON!r} is the comparison page's directory "
                        f"under results/; name the model otherwise")
     _check_culprits(config)
+    _check_behaviour(config)
     return config
 
 
@@ -129,6 +130,20 @@ def _check_culprits(config: dict) -> None:
         if seed is not None and seed not in allowed[name]:
             raise ESAError(f"invalid config at culprits.seed: {seed} is not a seed of experiment {name!r} "
                            f"(seeds {allowed[name]})")
+
+
+def _check_behaviour(config: dict) -> None:
+    """Each ``behaviour.experiments`` name is an experiment with a perturbation and a random_k
+    control (the top set is read against it); ``behaviour.lm_eval.include_path`` is a directory."""
+    allowed = [e["name"] for e in config["experiments"]
+               if e["perturb"] is not None and RANDOM_K in e.get("controls", CONTROLS)]
+    for name in config["behaviour"]["experiments"]:
+        if name not in allowed:
+            raise ESAError(f"invalid config at behaviour.experiments: {name!r} is not an experiment with a "
+                           f"perturbation and a random_k control; allowed: {', '.join(allowed) or 'none'}")
+    include = config["behaviour"]["lm_eval"]["include_path"]
+    if include is not None and not Path(include).is_dir():
+        raise ESAError(f"invalid config at behaviour.lm_eval.include_path: {include!r} is not a directory")
 
 
 def study_models(config: dict) -> list[dict]:

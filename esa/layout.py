@@ -55,7 +55,8 @@ CONFIRM_FILES = {"super_weights": "super_weights.parquet", "super_experts": "sup
                  "group_members": "group_members.parquet", "null": "null.parquet"}
 REPORT_FILES = {"verdicts": "verdict.json", "index": "index.html", "plots": "plots", "inputs": "inputs.json"}
 CULPRIT_FILES = {"culprits": "culprits.parquet", "search": "search.parquet", "summary": "summary.json"}
-BEHAVIOUR_FILES = {"generation": "generation.parquet", "sinks": "sinks.parquet"}
+BEHAVIOUR_FILES = {"conditions": "conditions.parquet", "generation": "generation.parquet", "sinks": "sinks.parquet",
+                   "lm_eval": "lm_eval.parquet", "cloze": "cloze.parquet"}
 MECHANISM_FILES = {"sweep": "sweep.parquet", "restore": "restore.parquet", "control": "control.parquet",
                    "joint_mean": "joint_mean.parquet"}
 PUBLISHED_FILES = {"matches": "matches.parquet"}
@@ -272,6 +273,11 @@ class Layout:
         """Whether the study reads behaviour beside perplexity: enabled, and confirm runs (any experiment)."""
         return bool(self.experiments) and self.config["behaviour"]["enabled"]
 
+    def behaviour_experiments(self) -> dict[str, int]:
+        """The experiments whose top set and random_k control the behaviour step reads: name ->
+        the seed of the mask read (the experiment's first)."""
+        return {name: self.experiments[name]["seeds"][0] for name in self.config["behaviour"]["experiments"]}
+
     def published_files(self) -> dict[str, str]:
         return _in(self._dir("published", "published"), PUBLISHED_FILES)
 
@@ -376,8 +382,11 @@ class Layout:
 
     def _behaviour_inputs(self) -> dict:
         confirmed = self.confirm_files()
+        masks = {name: self.mask(**self._key(self.experiments[name]), seed=seed)
+                 for name, seed in self.behaviour_experiments().items()}
         return {"model": self.model_ref, "eval": self.data_files("eval")["windows"],
-                **{name: confirmed[name] for name in ("super_weights", "groups", "group_members")}}
+                **{name: confirmed[name] for name in ("super_weights", "groups", "group_members")},
+                **({"masks": masks} if masks else {})}
 
     def _published_inputs(self) -> dict:
         return self.published_inputs()

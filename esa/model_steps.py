@@ -265,20 +265,42 @@ def step_mechanism(spec: MechanismSpec, *, model: str, eval: str, calib: str, ba
 
 
 def step_behaviour(spec: BehaviourSpec, *, model: str, eval: str, super_weights: str, groups: str,
-                   group_members: str, generation: str, sinks: str) -> None:
-    """Behaviour beside perplexity (:mod:`esa.behaviour`): the greedy continuations of
-    ``spec.prompts`` (``spec.max_new_tokens`` each) and the attention-sink mass per layer over
-    the evaluation windows, for the unmodified model and with each confirmed single and joint
-    super weight of confirm's tables zeroed."""
-    from .behaviour import behaviour_readouts, conditions
+                   group_members: str, conditions: str, generation: str, sinks: str, lm_eval: str,
+                   cloze: str, masks: dict[str, str] | None = None) -> None:
+    """Behaviour beside perplexity (:mod:`esa.behaviour`) under every condition: the lm-eval
+    tasks of ``spec.lm_eval`` on the in-memory model (``esa_cloze`` built from the evaluation
+    windows, its items written to ``cloze``), the greedy continuations of ``spec.prompts``
+    (``spec.max_new_tokens`` each) and the attention-sink mass per layer over the first
+    ``spec.sink_windows`` evaluation windows. The conditions: the unmodified model, each confirmed
+    single and joint super weight of confirm's tables zeroed, and the top set and random_k control
+    of each of ``spec.experiments`` (its mask of that seed in ``masks``), perturbed."""
+    import tempfile
 
-    found = conditions(*(read_parquet(path) for path in (super_weights, groups, group_members)))
+    from .behaviour import behaviour_readouts, conditions as conditions_of
+    from .cloze import CLOZE_COLUMNS, TASK, cloze_items, write_cloze_task
+    from .lm_eval_readout import Harness, task_manager
+
+    experiments = [e | {"mask": read_parquet((masks or {})[e["name"]])} for e in spec.experiments]
+    found = conditions_of(*(read_parquet(path) for path in (super_weights, groups, group_members)), experiments)
+    windows = data.read_windows(eval)
     source = models.source_from_ref(model)
-    lm, tokenizer = _load(spec, model), models.load_tokenizer(source)
-    text, sink = behaviour_readouts(lm, tokenizer, found, torch.from_numpy(data.read_windows(eval)), spec.batch_size,
-                                    spec.prompts, spec.max_new_tokens, progress=True)
-    write_parquet_atomic(text, generation)
-    write_parquet_atomic(sink, sinks)
+    tokenizer = models.load_tokenizer(source)
+    settings = spec.lm_eval
+    tasks = settings["tasks"]
+    items = (cloze_items(windows, tokenizer, **settings["cloze"]) if TASK in tasks else [])
+    with tempfile.TemporaryDirectory(prefix="esa-tasks-") as built:
+        manager = task_manager(tasks, [write_cloze_task(built, items)] + settings["include_path"]) if tasks else None
+        lm = _load(spec, model)
+        harness = (Harness(lm, tokenizer, tasks, manager, settings["limit"], settings["num_fewshot"],
+                           settings["batch_size"]) if tasks else None)
+        sink_windows = windows[:spec.sink_windows] if spec.sink_windows is not None else windows
+        tables = behaviour_readouts(lm, tokenizer, found, torch.from_numpy(sink_windows), spec.batch_size,
+                                    spec.prompts, spec.max_new_tokens, harness, progress=True)
+    tables["cloze"] = pd.DataFrame(items, columns=CLOZE_COLUMNS)
+    outputs = {"conditions": conditions, "generation": generation, "sinks": sinks, "lm_eval": lm_eval,
+               "cloze": cloze}
+    for name, frame in tables.items():
+        write_parquet_atomic(frame, outputs[name])
 
 
 def step_culprits(spec: CulpritsSpec, *, model: str, eval: str, baseline: str, baseline_windows: str, mask: str,

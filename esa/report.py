@@ -569,24 +569,41 @@ def _mechanism_section(paths: Mapping | None, baseline_ppl: float, plot_dir: Pat
 
 
 def _behaviour_section(paths: Mapping | None, plot_dir: Path) -> str:
-    """Behaviour beside perplexity (``esa.behaviour``): the attention-sink mass per layer and
-    the greedy continuations side by side, per condition."""
+    """Behaviour beside perplexity (``esa.behaviour``): the conditions, lm-eval accuracy, the
+    attention-sink mass per layer and the greedy continuations side by side, per condition."""
     head = '<section id="behaviour"><h2>Behaviour beside perplexity</h2>'
     if paths is None:
         return f"{head}{NOT_RUN}</section>"
-    generation, sinks = read_parquet(paths["generation"]), read_parquet(paths["sinks"])
-    order = list(dict.fromkeys(generation["condition"]))
+    found, generation, sinks, scores = (read_parquet(paths[name])
+                                        for name in ("conditions", "generation", "sinks", "lm_eval"))
+    order = list(found["condition"])
     numbers = generation.groupby("condition", sort=False).agg(
         repeated_4gram_share=("repeated_4gram_share", "mean"), distinct_2=("distinct_2", "mean")).reset_index()
     numbers = numbers.merge(sinks.groupby("condition", sort=False)["sink_mass"].agg(
         sink_mass_mean="mean", sink_mass_max="max").reset_index(), on="condition")
     texts = generation.pivot(index="prompt_index", columns="condition", values="text")[order]
     texts.insert(0, "prompt", generation.drop_duplicates("prompt_index").set_index("prompt_index")["prompt"])
-    return (f'{head}<p class="note">For the unmodified model and with each confirmed super weight (single, or a '
-            "joint one's minimal subset) zeroed: the greedy continuation of each prompt, the share of its 4-grams "
-            "that repeat one before (0: none) and its distinct bigrams over all bigrams; and per decoder layer the "
-            "mean attention probability on the first position over the evaluation windows and heads (queries "
-            "after the first), from the model's eager attention.</p>"
+    listed = found[["condition", "kind", "experiment", "perturb", "scale", "n_weights"]]
+    if scores.empty:
+        accuracy = f"<h3>lm-eval accuracy</h3>{NOT_RUN}"
+    else:
+        accuracy = ("<h3>lm-eval accuracy</h3>"
+                    + _figure(plot_dir / "behaviour_lm_eval.png", "lm-eval accuracy per condition",
+                              lambda path: report_plots.plot_lm_eval(scores, path))
+                    + _table(scores.assign(column=scores["task"] + " " + scores["metric"],
+                                           shown=[f"{_fmt(v)} ± {_fmt(e)}" for v, e in zip(scores["value"],
+                                                                                          scores["stderr"])])
+                             .pivot(index="condition", columns="column", values="shown").reindex(order)
+                             .reset_index()))
+    return (f'{head}<p class="note">Under each condition: the unmodified model, each confirmed super weight '
+            "(single, or a joint one's minimal subset) zeroed, and each named experiment's top set and its "
+            "random_k control perturbed as the experiment perturbs them. lm-eval-harness runs on the in-memory "
+            "edited model (esa_cloze: the next word of the evaluation text among 4, chance 0.25; error bars "
+            "&plusmn;1 stderr). Then the greedy continuation of each prompt, the share of its 4-grams that repeat "
+            "one before (0: none) and its distinct bigrams over all bigrams; and per decoder layer the mean "
+            "attention probability on the first position over the evaluation windows and heads (queries after "
+            "the first), from the model's eager attention.</p>"
+            + _table(listed) + accuracy + "<h3>Generation and attention sinks</h3>"
             + _figure(plot_dir / "behaviour_sinks.png", "attention-sink mass per layer",
                       lambda path: report_plots.plot_sink_mass(sinks, path))
             + _table(numbers) + '<h3>Greedy continuations</h3><div class="continuations">' + _table(texts)

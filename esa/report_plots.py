@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .cloze import CHOICES as CLOZE_CHOICES, TASK as CLOZE_TASK
 from .names import MATCHED_CONTROL, PER_CHANNEL, PROTECT_METRIC, PROTECT_NONE, RANDOM_K, SETS, SUPER_WEIGHTS
 from .plots import plt, save_figure, sns  # one Agg backend setup and one saver for every figure
 
@@ -184,6 +185,29 @@ def plot_sink_mass(sinks: pd.DataFrame, path: str | Path) -> None:
     ax.set_ylabel("mean attention on the first position")
     ax.legend(fontsize=8)
     ax.set_title("attention sink per layer")
+    save_figure(fig, path)
+
+
+def plot_lm_eval(scores: pd.DataFrame, path: str | Path) -> None:
+    """lm-eval accuracy per condition, one panel per task and metric, error bars +-1 stderr, and
+    chance (1/choices) where the task is ESA's 4-choice cloze (esa.behaviour)."""
+    panels = list(scores.groupby(["task", "metric"], sort=False))
+    conditions = list(dict.fromkeys(scores["condition"]))
+    width = max(5.0, 0.8 * len(conditions) + 2)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4.5), squeeze=False)
+    colours = dict(zip(conditions, sns.color_palette(n_colors=len(conditions))))
+    for ax, ((task, metric), part) in zip(axes[0], panels):
+        part = part.set_index("condition").reindex([c for c in conditions if c in set(part["condition"])])
+        x = np.arange(len(part))
+        ax.bar(x, part["value"], color=[colours[c] for c in part.index],
+               yerr=part["stderr"].fillna(0).to_numpy(), capsize=3)
+        if task == CLOZE_TASK:
+            ax.axhline(1 / CLOZE_CHOICES, color="grey", linestyle="--", linewidth=1, label="chance")
+            ax.legend(fontsize=8)
+        ax.set_xticks(x, part.index, rotation=30, ha="right", fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{task} (n {int(part['n'].max())})")
     save_figure(fig, path)
 
 

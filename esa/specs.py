@@ -9,7 +9,9 @@ results directory, so two configs that differ in a step's spec write different d
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 from .metrics import REGISTRY, SCORE_JOBS
 
@@ -23,6 +25,16 @@ RUNTIME_KEYS = ("device", "dtype", "attn_implementation", "loss_chunk", "device_
 def spec_json(spec: dict) -> str:
     """A spec as the JSON string handed to ``esa run`` and hashed into keys (sorted keys)."""
     return json.dumps(spec, sort_keys=True)
+
+
+def directory_digest(path: str) -> str:
+    """sha256 of every file under ``path``: its relative path and bytes, in path order."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(root).as_posix()}\0".encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def model_spec(layout) -> dict:
@@ -104,9 +116,18 @@ def confirm_spec(layout) -> dict:
 
 
 def behaviour_spec(layout) -> dict:
+    """The readouts' settings; each experiment read with the perturbation it runs; the lm-eval
+    ``include_path`` as an absolute path and the digest of its files, so that an edited task
+    is a new key."""
     behaviour = layout.config["behaviour"]
+    lm_eval = dict(behaviour["lm_eval"])
+    include = [str(Path(lm_eval["include_path"]).resolve())] if lm_eval["include_path"] else []
+    lm_eval.update(include_path=include, include_digest=[directory_digest(path) for path in include])
+    experiments = [{"name": name, **{key: layout.experiments[name][key] for key in ("perturb", "scale", "noise")},
+                    "seed": seed} for name, seed in layout.behaviour_experiments().items()]
     return runtime_spec(layout, batch_size=layout.config["baseline"]["batch_size"], prompts=behaviour["prompts"],
-                        max_new_tokens=behaviour["max_new_tokens"])
+                        max_new_tokens=behaviour["max_new_tokens"], sink_windows=behaviour["sink_windows"],
+                        experiments=experiments, lm_eval=lm_eval)
 
 
 def mechanism_spec(layout) -> dict:

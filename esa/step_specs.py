@@ -130,6 +130,9 @@ class BehaviourSpec(ModelRun):
     batch_size: int
     prompts: list[str]
     max_new_tokens: int
+    sink_windows: int | None
+    experiments: list[dict]  # name, perturb, scale, noise, seed
+    lm_eval: dict  # the config's behaviour.lm_eval, include_path absolute ([] or one), include_digest
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -116,7 +116,7 @@ def step_report(spec: ReportSpec, *, verdicts: str, index: str, plots: str, inpu
     -> path; ``baseline_config``: the baseline step's config.json; the confirm files when any
     experiment ran; ``published``: the published step's matches, when the model has published
     super weights; ``mechanism``: the mechanism step's sweep, restore and control, when enabled;
-    ``behaviour``: the behaviour step's generation and sinks, when enabled;
+    ``behaviour``: the behaviour step's conditions, generation, sinks, lm_eval and cloze, when enabled;
     ``culprits``: experiment -> its culprit search's culprits, search and summary, when enabled;
     ``quantize``: the quantize step's results, when enabled. ``inputs``: every file read, by
     name, relative to the model's results directory (``esa summary`` finds them there).

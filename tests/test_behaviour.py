@@ -5,19 +5,27 @@ argmax loop, the conditions of the planted single and joint super weights, and t
 step with its report section."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import assert_bit_identical, make_tiny_llama, snakemake, snapshot, study_layout, unigram_text
 from test_joint import _confirmed_with_groups, _joint_planted_model
 from test_mechanism import _planted
 
-from esa.behaviour import (BASELINE, GENERATION_COLUMNS, SINK_COLUMNS, attention_sink_mass, conditions, distinct_n,
-                           greedy_continuation, repeated_ngram_share)
+from esa.cloze import write_cloze_task
+from esa.behaviour import (BASELINE, CONDITION_COLUMNS, GENERATION_COLUMNS, SINK_COLUMNS, attention_sink_mass,
+                           conditions, distinct_n, greedy_continuation, repeated_ngram_share)
+from esa.config import validate_config
+from esa.errors import ESAError
 from esa.io import read_parquet
 from esa.joint import JointSettings
 from esa.models import load_model, load_tokenizer, resolve_source
+from esa.names import BOTTOM_K, RANDOM_K, TOP, ZERO
+from esa.specs import behaviour_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,44 +89,116 @@ def test_greedy_continuation_is_the_argmax_loop(tiny_model_dir):
 def test_conditions_of_the_planted_single_and_joint_super_weights():
     _, confirmation, _, _ = _planted()
     single = conditions(confirmation.super_weights, confirmation.groups, confirmation.group_members)
-    assert [(c["condition"], c["kind"]) for c in single] == [
+    assert [(c.name, c.kind) for c in single] == [
         (BASELINE, BASELINE), ("layers.0.mlp.down_proj.weight[5, 7] zeroed", "single")]
-    assert single[0]["weights"].empty and single[1]["weights"].values.tolist() == [
+    assert single[0].weights.empty and single[1].weights.values.tolist() == [
         ["model.layers.0.mlp.down_proj.weight", 5 * 64 + 7]]
+    assert (single[1].perturb, single[1].scale) == (ZERO, 1.0)
     joint, _ = _confirmed_with_groups(_joint_planted_model(), top_n=10, joint=JointSettings(top_n=10))
     pair = conditions(joint.super_weights, joint.groups, joint.group_members)
-    assert [c["kind"] for c in pair] == [BASELINE, "joint"]
-    assert sorted(pair[1]["weights"]["flat_index"]) == [5 * 64 + 7, 5 * 64 + 21]
-    assert pair[1]["condition"].endswith("(2 weights, joint) zeroed")
+    assert [c.kind for c in pair] == [BASELINE, "joint"]
+    assert sorted(pair[1].weights["flat_index"]) == [5 * 64 + 7, 5 * 64 + 21]
+    assert pair[1].name.endswith("(2 weights, joint) zeroed")
 
 
-def test_the_workflow_reads_behaviour_for_the_baseline_and_each_super_weight(tmp_path, tiny_model_dir):
-    """A tiny study with behaviour enabled: generation.parquet holds each prompt's continuation
-    under every condition (the baseline, and one per confirmed weight), sinks.parquet one mass
-    per layer and condition; the baseline's continuation is the model's own; the report shows
-    the section with its figure."""
+def test_an_experiments_top_set_and_random_k_are_conditions_perturbed_as_it_perturbs():
+    _, confirmation, _, _ = _planted()
+    mask = pd.DataFrame({"tensor": ["a", "a", "b", "c"], "flat_index": [3, 9, 1, 4],
+                         "set": [TOP, TOP, RANDOM_K, BOTTOM_K]})
+    found = conditions(confirmation.super_weights, confirmation.groups, confirmation.group_members,
+                       [{"name": "flip", "perturb": "sign_flip", "scale": 2.0, "noise": "relative", "seed": 3,
+                         "mask": mask}])
+    top, control = found[-2:]
+    assert (top.name, top.kind, top.experiment, top.perturb, top.scale, top.seed) == (
+        "flip top (sign_flip)", TOP, "flip", "sign_flip", 2.0, 3)
+    assert top.weights.values.tolist() == [["a", 3], ["a", 9]] and control.weights.values.tolist() == [["b", 1]]
+    with pytest.raises(ESAError, match="experiment 'flip' \\(seed 3\\) has no rows of set 'random_k'"):
+        conditions(confirmation.super_weights, confirmation.groups, confirmation.group_members,
+                   [{"name": "flip", "perturb": "zero", "scale": 1.0, "noise": "relative", "seed": 3,
+                     "mask": mask[mask["set"] != RANDOM_K]}])
+
+
+def test_the_workflow_reads_behaviour_for_the_baseline_each_super_weight_and_an_experiment(tmp_path, tiny_model_dir):
+    """A tiny study with behaviour enabled and one experiment named: the conditions are the
+    baseline, one per confirmed weight and the experiment's top set and random_k (its mask's
+    rows); generation.parquet holds each prompt's continuation under every condition,
+    sinks.parquet one mass per layer and condition over the first sink_windows windows; the
+    baseline's continuation is the model's own; lm_eval.parquet's baseline accuracy on the
+    esa_cloze items the step wrote equals lm-eval's own command line run on the same task and
+    model directory; the report shows the section with its figures."""
     config = {"model": {"name": "tiny", "source": str(tiny_model_dir)}, "device": "cpu", "seeds": [0],
               "data": {"source": "builtin:pydoc", "seq_len": 32, "eval_windows": 4},
               "scoring": {"max_samples": 4, "batch_size": 2, "candidates": 20},
-              "experiments": [{"name": "gxw", "metric": "grad_x_weight", "mode": "global", "topk": 10}],
+              "experiments": [{"name": "gxw", "metric": "grad_x_weight", "mode": "global", "topk": 10,
+                               "perturb": "zero", "controls": ["random_k"]}],
               "confirm": {"top_n": 2, "factor": 1.0001, "innocent": {"samples": 0}, "joint": {"top_n": 0}},
-              "behaviour": {"enabled": True, "prompts": ["def main():", "The"], "max_new_tokens": 6}}
+              "behaviour": {"enabled": True, "prompts": ["def main():", "The"], "max_new_tokens": 6,
+                            "sink_windows": 2, "experiments": ["gxw"],
+                            "lm_eval": {"batch_size": 4, "cloze": {"n_items": 8, "context_tokens": 8}}}}
     result = snakemake(tmp_path, config)
     assert result.returncode == 0, result.stdout[-3000:]
     layout = study_layout(config)
     files = layout.behaviour_files()
-    generation, sinks = read_parquet(tmp_path / files["generation"]), read_parquet(tmp_path / files["sinks"])
+    found, generation, sinks, scores, items = (read_parquet(tmp_path / files[name])
+                                               for name in ("conditions", "generation", "sinks", "lm_eval", "cloze"))
     super_weights = read_parquet(tmp_path / layout.confirm_files()["super_weights"])
     confirmed = super_weights[super_weights["confirmed"]].drop_duplicates(["tensor", "flat_index"])
+    mask = read_parquet(tmp_path / layout.mask("grad_x_weight", "global", 10, 0))
+    n = 1 + len(confirmed) + 2
+    assert list(found.columns) == CONDITION_COLUMNS and found["kind"].tolist() == (
+        [BASELINE] + ["single"] * len(confirmed) + [TOP, RANDOM_K])
+    for name, row in zip((TOP, RANDOM_K), found.iloc[-2:].itertuples()):
+        assert (row.experiment, row.perturb) == ("gxw", ZERO)
+        assert list(zip(row.tensors, row.flat_indices)) == list(
+            mask.loc[mask["set"] == name, ["tensor", "flat_index"]].itertuples(index=False, name=None))
     assert list(generation.columns) == GENERATION_COLUMNS and list(sinks.columns) == SINK_COLUMNS
-    assert len(generation) == 2 * (1 + len(confirmed)) and len(sinks) == 2 * (1 + len(confirmed))
+    assert len(generation) == 2 * n and len(sinks) == 2 * n and len(scores) == n and len(items) == 8
     assert (generation["new_tokens"] == 6).all() and sinks["sink_mass"].between(0, 1).all()
     model = load_model(resolve_source(str(tiny_model_dir)), "cpu", "fp32", "eager")
     tokenizer = load_tokenizer(resolve_source(str(tiny_model_dir)))
     first = generation[(generation["condition"] == BASELINE) & (generation["prompt_index"] == 0)].iloc[0]
     assert first["text"] == tokenizer.decode(greedy_continuation(model, tokenizer, "def main():", 6))
+    assert sinks[sinks["condition"] == BASELINE]["sink_mass"].tolist() == pytest.approx(
+        attention_sink_mass(model, torch.from_numpy(np.stack(read_parquet(
+            tmp_path / layout.data_files("eval")["windows"])["tokens"])[:2]).long(), 2), rel=1e-9)
+
+    tasks = write_cloze_task(tmp_path / "tasks", items.to_dict("records"))
+    cli = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                          f"pretrained={tiny_model_dir},dtype=float32", "--device", "cpu", "--tasks", "esa_cloze",
+                          "--include_path", str(tasks), "--batch_size", "4", "--output_path", str(tmp_path / "cli")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stdout[-3000:]
+    (written,) = (tmp_path / "cli").rglob("results_*.json")
+    theirs = json.loads(written.read_text())["results"]["esa_cloze"]
+    ours = scores[scores["condition"] == BASELINE].iloc[0]
+    assert (ours["task"], ours["metric"], ours["n"]) == ("esa_cloze", "acc", 8)
+    assert ours["value"] == theirs["acc,none"] and ours["stderr"] == theirs["acc_stderr,none"]
+
     page = (tmp_path / layout.report_files()["index"]).read_text()
     assert '<section id="behaviour"><h2>Behaviour beside perplexity</h2>' in page
-    assert '<img alt="attention-sink mass per layer"' in page
+    assert '<img alt="attention-sink mass per layer"' in page and '<img alt="lm-eval accuracy per condition"' in page
     inputs = json.loads((tmp_path / layout.report_files()["inputs"]).read_text())
-    assert set(inputs["behaviour"]) == {"generation", "sinks"}
+    assert set(inputs["behaviour"]) == {"conditions", "generation", "sinks", "lm_eval", "cloze"}
+
+
+@pytest.mark.parametrize("name", ["missing", "scored", "no_control"])
+def test_behaviour_experiments_must_perturb_with_a_random_k_control(name):
+    """The seed read is the experiment's first; the spec carries its perturbation."""
+    config = {"model": {"name": "m", "source": "builtin:smollm2-135m"}, "data": {"source": "builtin:pydoc"},
+              "seeds": [0, 1],
+              "experiments": [{"name": "scored", "metric": "grad_x_weight", "mode": "global", "topk": 5},
+                              {"name": "noisy", "metric": "grad_x_weight", "mode": "global", "topk": 5,
+                               "perturb": "gaussian", "scale": 0.5, "seeds": [4, 2]},
+                              {"name": "no_control", "metric": "grad_x_weight", "mode": "global", "topk": 5,
+                               "perturb": "zero", "controls": ["bottom_k"]}],
+              "behaviour": {"enabled": True, "experiments": ["noisy", name]}}
+    with pytest.raises(ESAError) as err:
+        validate_config(config)
+    assert str(err.value) == (f"invalid config at behaviour.experiments: {name!r} is not an experiment with a "
+                              "perturbation and a random_k control; allowed: noisy")
+    config["behaviour"]["experiments"] = ["noisy"]
+    layout = study_layout(config)
+    assert layout.behaviour_experiments() == {"noisy": 4}
+    assert behaviour_spec(layout)["experiments"] == [
+        {"name": "noisy", "perturb": "gaussian", "scale": 0.5, "noise": "relative", "seed": 4}]
+    assert layout.inputs("behaviour")["masks"] == {"noisy": layout.mask("grad_x_weight", "global", 5, 4)}
