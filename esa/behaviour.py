@@ -12,8 +12,9 @@ bit-exactly after the condition's readouts; ``conditions.parquet`` lists the wei
 edit is in place; offline, the task ``esa_cloze`` built from the evaluation text (:mod:`esa.cloze`).
 
 *Generation.* For each prompt, the greedy continuation of exactly ``max_new_tokens`` new tokens
-(``generate`` with ``do_sample=False``, end-of-sequence suppressed until then, so that every
-condition is read over the same length), decoded. Of its new token ids t_1..t_n:
+(one ``generate`` call with ``do_sample=False`` for all prompts, left-padded and masked;
+end-of-sequence suppressed until then, so that every condition is read over the same length),
+decoded. Of its new token ids t_1..t_n:
 
     repeated_4gram_share = 1 - |distinct 4-grams| / (n - 3)    (0: no 4-gram repeats; NaN for n < 4)
     distinct_2           = |distinct bigrams| / (n - 1)        (NaN for n < 2)
@@ -163,15 +164,20 @@ def attention_sink_mass(model: torch.nn.Module, windows: torch.Tensor, batch_siz
     return [sink.mass for sink in sinks]
 
 
-def greedy_continuation(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
-    """The new token ids of ``prompt``'s greedy continuation, exactly ``max_new_tokens`` of them."""
+def greedy_continuations(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """The new token ids of each prompt's greedy continuation, exactly ``max_new_tokens`` of
+    them: one ``generate`` call for all prompts, padded on the left and masked, so a prompt's
+    continuation is the one it has alone."""
     device = model.get_input_embeddings().weight.device
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    encoded = [tokenizer(prompt).input_ids for prompt in prompts]
+    width = max(len(ids) for ids in encoded)
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
-                             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id or 0)
-    return out[0, ids.shape[1]:].tolist()
+        out = model.generate(ids, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, pad_token_id=pad)
+    return out[:, width:].tolist()
 
 
 def behaviour_readouts(model: torch.nn.Module, tokenizer, found: list[Condition], windows: torch.Tensor,
@@ -187,8 +193,8 @@ def behaviour_readouts(model: torch.nn.Module, tokenizer, found: list[Condition]
         with condition.edited(model):
             for layer, mass in enumerate(attention_sink_mass(model, windows, batch_size)):
                 sinks.append({**head, "layer": layer, "sink_mass": mass})
-            for i, prompt in enumerate(prompts):
-                new = greedy_continuation(model, tokenizer, prompt, max_new_tokens)
+            for i, (prompt, new) in enumerate(zip(prompts, greedy_continuations(model, tokenizer, prompts,
+                                                                                max_new_tokens))):
                 generation.append({**head, "prompt_index": i, "prompt": prompt,
                                    "text": tokenizer.decode(new, skip_special_tokens=False), "new_tokens": len(new),
                                    "repeated_4gram_share": repeated_ngram_share(new), "distinct_2": distinct_n(new)})

@@ -18,7 +18,7 @@ from test_mechanism import _planted
 
 from esa.cloze import write_cloze_task
 from esa.behaviour import (BASELINE, CONDITION_COLUMNS, GENERATION_COLUMNS, SINK_COLUMNS, attention_sink_mass,
-                           conditions, distinct_n, greedy_continuation, repeated_ngram_share)
+                           conditions, distinct_n, greedy_continuations, repeated_ngram_share)
 from esa.config import validate_config
 from esa.errors import ESAError
 from esa.io import read_parquet
@@ -71,19 +71,24 @@ def test_sink_mass_is_transformers_attention_probabilities_reduced_and_sdpa_come
     assert_bit_identical(model, before)
 
 
-def test_greedy_continuation_is_the_argmax_loop(tiny_model_dir):
-    """generate's greedy tokens are a hand-made loop's: the argmax of the whole sequence's last
-    logits, appended, max_new_tokens times (end of sequence never stops it early)."""
+def test_greedy_continuations_are_each_prompts_own_argmax_loop(tiny_model_dir):
+    """generate's greedy tokens for prompts of different lengths in one padded batch are each
+    prompt's own hand-made loop: the argmax of its sequence's last logits, appended,
+    max_new_tokens times (end of sequence never stops it early)."""
     model = load_model(resolve_source(str(tiny_model_dir)), "cpu", "fp32", "eager")
     tokenizer = load_tokenizer(resolve_source(str(tiny_model_dir)))
-    ids = tokenizer("The Python standard library", return_tensors="pt").input_ids
-    by_hand = ids
+    prompts = ["The Python standard library", "def main():", "In this tutorial, we will see"]
+    by_hand = []
     with torch.no_grad():
-        for _ in range(12):
-            by_hand = torch.cat([by_hand, model(by_hand).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            grown = ids
+            for _ in range(12):
+                grown = torch.cat([grown, model(grown).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            by_hand.append(grown[0, ids.shape[1]:].tolist())
 
-    new = by_hand[0, ids.shape[1]:].tolist()
-    assert greedy_continuation(model, tokenizer, "The Python standard library", 12) == new
+    assert len({len(tokenizer(p).input_ids) for p in prompts}) == 3
+    assert greedy_continuations(model, tokenizer, prompts, 12) == by_hand
 
 
 def test_conditions_of_the_planted_single_and_joint_super_weights():
@@ -157,7 +162,7 @@ def test_the_workflow_reads_behaviour_for_the_baseline_each_super_weight_and_an_
     model = load_model(resolve_source(str(tiny_model_dir)), "cpu", "fp32", "eager")
     tokenizer = load_tokenizer(resolve_source(str(tiny_model_dir)))
     first = generation[(generation["condition"] == BASELINE) & (generation["prompt_index"] == 0)].iloc[0]
-    assert first["text"] == tokenizer.decode(greedy_continuation(model, tokenizer, "def main():", 6))
+    assert first["text"] == tokenizer.decode(greedy_continuations(model, tokenizer, ["def main():"], 6)[0])
     assert sinks[sinks["condition"] == BASELINE]["sink_mass"].tolist() == pytest.approx(
         attention_sink_mass(model, torch.from_numpy(np.stack(read_parquet(
             tmp_path / layout.data_files("eval")["windows"])["tokens"])[:2]).long(), 2), rel=1e-9)
