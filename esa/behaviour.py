@@ -76,8 +76,10 @@ class Condition:
         return perturbed(model, self.weights, self.perturb, self.scale, self.noise, self.seed)
 
     def row(self) -> dict:
-        return {"condition": self.name, "kind": self.kind, "experiment": self.experiment, "perturb": self.perturb,
-                "scale": float(self.scale), "noise": self.noise, "seed": int(self.seed),
+        edits = not self.weights.empty  # the baseline's row names no perturbation
+        return {"condition": self.name, "kind": self.kind, "experiment": self.experiment,
+                "perturb": self.perturb if edits else None, "scale": float(self.scale) if edits else np.nan,
+                "noise": self.noise if edits else None, "seed": int(self.seed),
                 "n_weights": len(self.weights), "tensors": self.weights["tensor"].tolist(),
                 "flat_indices": self.weights["flat_index"].astype(np.int64).tolist()}
 

@@ -98,7 +98,8 @@ def test_conditions_of_the_planted_single_and_joint_super_weights():
         (BASELINE, BASELINE), ("layers.0.mlp.down_proj.weight[5, 7] zeroed", "single")]
     assert single[0].weights.empty and single[1].weights.values.tolist() == [
         ["model.layers.0.mlp.down_proj.weight", 5 * 64 + 7]]
-    assert (single[1].perturb, single[1].scale) == (ZERO, 1.0)
+    assert (single[1].perturb, single[1].scale) == (ZERO, 1.0) and single[1].row()["perturb"] == ZERO
+    assert single[0].row()["perturb"] is None and single[0].row()["n_weights"] == 0
     joint, _ = _confirmed_with_groups(_joint_planted_model(), top_n=10, joint=JointSettings(top_n=10))
     pair = conditions(joint.super_weights, joint.groups, joint.group_members)
     assert [c.kind for c in pair] == [BASELINE, "joint"]
