@@ -5,8 +5,6 @@ argmax loop, the conditions of the planted single and joint super weights, and t
 step with its report section."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -130,8 +128,8 @@ def test_the_workflow_reads_behaviour_for_the_baseline_each_super_weight_and_an_
     rows); generation.parquet holds each prompt's continuation under every condition,
     sinks.parquet one mass per layer and condition over the first sink_windows windows; the
     baseline's continuation is the model's own; lm_eval.parquet's baseline accuracy on the
-    esa_cloze items the step wrote equals lm-eval's own command line run on the same task and
-    model directory; the report shows the section with its figures."""
+    esa_cloze items the step wrote equals lm-eval's own run of the same task on the model
+    directory (what its command line runs); the report shows the section with its figures."""
     config = {"model": {"name": "tiny", "source": str(tiny_model_dir)}, "device": "cpu", "seeds": [0],
               "data": {"source": "builtin:pydoc", "seq_len": 32, "eval_windows": 4},
               "scoring": {"max_samples": 4, "batch_size": 2, "candidates": 20},
@@ -168,14 +166,17 @@ def test_the_workflow_reads_behaviour_for_the_baseline_each_super_weight_and_an_
         attention_sink_mass(model, torch.from_numpy(np.stack(read_parquet(
             tmp_path / layout.data_files("eval")["windows"])["tokens"])[:2]).long(), 2), rel=1e-9)
 
+    # lm-eval's own run from the model directory, as its command line makes it (`lm_eval --model hf
+    # --model_args pretrained=DIR,dtype=float32 --tasks esa_cloze --include_path TASKS --batch_size 4`),
+    # in this process: lm-eval loads the model itself
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
     tasks = write_cloze_task(tmp_path / "tasks", items.to_dict("records"))
-    cli = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                          f"pretrained={tiny_model_dir},dtype=float32", "--device", "cpu", "--tasks", "esa_cloze",
-                          "--include_path", str(tasks), "--batch_size", "4", "--output_path", str(tmp_path / "cli")],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-    assert cli.returncode == 0, cli.stdout[-3000:]
-    (written,) = (tmp_path / "cli").rglob("results_*.json")
-    theirs = json.loads(written.read_text())["results"]["esa_cloze"]
+    theirs = simple_evaluate(model="hf", model_args=f"pretrained={tiny_model_dir},dtype=float32", device="cpu",
+                             tasks=["esa_cloze"], batch_size=4,
+                             task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+    theirs = theirs["results"]["esa_cloze"]
     ours = scores[scores["condition"] == BASELINE].iloc[0]
     assert (ours["task"], ours["metric"], ours["n"]) == ("esa_cloze", "acc", 8)
     assert ours["value"] == theirs["acc,none"] and ours["stderr"] == theirs["acc_stderr,none"]
