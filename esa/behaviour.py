@@ -43,12 +43,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .architecture import decoder_layers
-from .errors import ESAError
 from .evaluation import batches
 from .lm_eval_readout import LM_EVAL_COLUMNS
 from .mechanism import confirmed_weights, joint_super_weights
 from .names import RANDOM_K, RELATIVE, TOP, ZERO
-from .perturb import perturbed
+from .perturb import perturbed, set_rows
 
 BASELINE = "baseline"
 CONDITION_COLUMNS = ["condition", "kind", "experiment", "perturb", "scale", "noise", "seed", "n_weights", "tensors",
@@ -111,10 +110,8 @@ def conditions(super_weights: pd.DataFrame, groups: pd.DataFrame, group_members:
     for e in experiments:
         mask = e["mask"]
         for name in (TOP, RANDOM_K):
-            rows = mask.loc[mask["set"] == name, ["tensor", "flat_index"]].reset_index(drop=True)
-            if rows.empty:  # a missing control must not pass silently as "no effect"
-                raise ESAError(f"behaviour.experiments: the mask of experiment {e['name']!r} (seed {e['seed']}) "
-                               f"has no rows of set {name!r}")
+            rows = set_rows(mask, name, f"behaviour.experiments: the mask of experiment {e['name']!r} "
+                                        f"(seed {e['seed']})")[["tensor", "flat_index"]].reset_index(drop=True)
             found.append(Condition(f"{e['name']} {name} ({e['perturb']})", name, rows, e["perturb"], e["scale"],
                                    e["noise"], e["seed"], e["name"]))
     return found

@@ -14,14 +14,11 @@ takes ~10 s to build, so the offline default does without it).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pandas as pd
 
 from .errors import ESAError
-
-log = logging.getLogger(__name__)
 
 LM_EVAL_COLUMNS = ["condition", "kind", "task", "metric", "value", "stderr", "n"]
 REGISTRY = "lm-eval's own task registry (lm_eval/tasks)"

@@ -204,6 +204,15 @@ def zeroed_damage(meter: DamageMeter, selection: pd.DataFrame) -> dict:
         return meter.measure(first_changed_layer_of(meter.model, selection))
 
 
+def set_rows(mask: pd.DataFrame, name: str, what: str) -> pd.DataFrame:
+    """The rows of set ``name`` of ``mask`` (``what`` names the mask); ESAError when there are
+    none: a missing control must not pass silently as "no damage"."""
+    rows = mask[mask["set"] == name]
+    if rows.empty:
+        raise ESAError(f"{what} has no rows of set {name!r}")
+    return rows
+
+
 def run_perturbations(model: torch.nn.Module, mask_by_seed: dict[int, pd.DataFrame],
                       eval_windows: torch.Tensor, batch_size: int, baseline: Baseline,
                       perturb: str, scale: float = 1.0, noise: str = RELATIVE,
@@ -230,9 +239,7 @@ def run_perturbations(model: torch.nn.Module, mask_by_seed: dict[int, pd.DataFra
     for seed in sorted(mask_by_seed):
         mask = mask_by_seed[seed]
         for name in sets:
-            rows = mask[mask["set"] == name]
-            if rows.empty:  # a missing control must not pass silently as "no damage"
-                raise ESAError(f"mask of seed {seed} has no rows of set {name!r}")
+            rows = set_rows(mask, name, f"mask of seed {seed}")
             jobs.append((seed, name, rows, first_changed_layer_of(model, rows)))
     meter = DamageMeter(model, eval_windows, batch_size, baseline, chunk_size, {job[3] for job in jobs},
                         bootstrap, progress)
